@@ -1,0 +1,593 @@
+//! The static configuration file (DESIGN.md "Static configuration", a contract).
+//!
+//! Parsed into typed values at the edge; the rest of the gateway never re-checks. Unknown keys
+//! are errors, every error names its key, and all errors are reported in one pass, so an
+//! operator fixes a file in one round.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::clienthello::DEFAULT_MAX_HELLO_BYTES;
+use crate::routes::{Pattern, RouteSpec, RouteTable};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub workers: Workers,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub routes: Vec<RouteSpec>,
+    /// Endpoints for a valid ClientHello without server_name; without it such hellos are
+    /// closed and counted.
+    pub default_route: Option<Vec<SocketAddr>>,
+    pub access_log: AccessLog,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// The `listener` label in metrics and logs.
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workers {
+    /// `None`: one per CPU in the process's affinity mask.
+    pub count: Option<usize>,
+    pub pin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Absolute deadline from accept to a complete ClientHello (slowloris defence).
+    pub client_hello: Duration,
+    pub connect: Duration,
+    /// A proxied connection with no bytes either way for this long is closed.
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `None`: derived from the file-descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// Cap on bytes buffered while waiting for a whole ClientHello.
+    pub client_hello_max_bytes: usize,
+    /// How long an endpoint that failed to connect is held out of round robin.
+    pub endpoint_backoff: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(std::path::PathBuf),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| vec![format!("{}: {error}", path.display())])?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        let table: Table = text.parse().map_err(|error: toml::de::Error| {
+            vec![error.to_string().trim_end().replace('\n', " ")]
+        })?;
+        let mut errors = Errors::default();
+        let config = Config::from_table(&table, &mut errors);
+        if let Some(config) = config.filter(|_| errors.0.is_empty()) {
+            // Build the table once so that duplicate routes are reported by `validate` too.
+            if let Err(error) = config.route_table() {
+                errors.push("route", error);
+            } else {
+                return Ok(config);
+            }
+        }
+        Err(errors.0)
+    }
+
+    pub fn route_table(&self) -> Result<RouteTable, String> {
+        RouteTable::build(self.routes.clone(), self.default_route.clone())
+    }
+
+    fn from_table(table: &Table, errors: &mut Errors) -> Option<Config> {
+        errors.unknown_keys(
+            "",
+            table,
+            &[
+                "listener",
+                "admin",
+                "workers",
+                "timeouts",
+                "limits",
+                "route",
+                "default_route",
+                "access_log",
+            ],
+        );
+        let listeners = array_of_tables(table, "listener", errors)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, (key, item))| {
+                errors.unknown_keys(&key, item, &["name", "address"]);
+                let name = item
+                    .contains_key("name")
+                    .then(|| required_string(item, &key, "name", errors))
+                    .flatten();
+                let address = required_address(item, &key, "address", errors);
+                Some(Listener {
+                    name: name.unwrap_or_else(|| format!("listener{index}")),
+                    address: address?,
+                })
+            })
+            .collect::<Vec<_>>();
+        if listeners.is_empty() && table.get("listener").is_none() {
+            errors.push("listener", "at least one [[listener]] is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for listener in &listeners {
+            if !names.insert(listener.name.clone()) {
+                errors.push(
+                    "listener.name",
+                    format!("`{}` is used by two listeners", listener.name),
+                );
+            }
+        }
+
+        let admin = sub_table(table, "admin", errors).and_then(|admin| {
+            errors.unknown_keys("admin", admin, &["address"]);
+            required_address(admin, "admin", "address", errors)
+        });
+
+        let mut workers = Workers {
+            count: None,
+            pin: false,
+        };
+        if let Some(section) = sub_table(table, "workers", errors) {
+            errors.unknown_keys("workers", section, &["count", "pin"]);
+            workers.count = optional_integer(section, "workers", "count", 1, 1024, errors);
+            workers.pin = optional_bool(section, "workers", "pin", errors).unwrap_or(false);
+        }
+
+        let mut timeouts = Timeouts {
+            client_hello: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(3600),
+        };
+        if let Some(section) = sub_table(table, "timeouts", errors) {
+            errors.unknown_keys("timeouts", section, &["client_hello", "connect", "idle"]);
+            for (key, slot) in [
+                ("client_hello", &mut timeouts.client_hello),
+                ("connect", &mut timeouts.connect),
+                ("idle", &mut timeouts.idle),
+            ] {
+                if let Some(value) = optional_duration(section, "timeouts", key, errors) {
+                    *slot = value;
+                }
+            }
+        }
+
+        let mut limits = Limits {
+            max_connections: None,
+            client_hello_max_bytes: DEFAULT_MAX_HELLO_BYTES,
+            endpoint_backoff: Duration::from_secs(5),
+        };
+        if let Some(section) = sub_table(table, "limits", errors) {
+            errors.unknown_keys(
+                "limits",
+                section,
+                &[
+                    "max_connections",
+                    "client_hello_max_bytes",
+                    "endpoint_backoff",
+                ],
+            );
+            limits.max_connections =
+                optional_integer(section, "limits", "max_connections", 1, 10_000_000, errors);
+            // The floor fits the smallest real hello (~250 B) with room; the ceiling keeps one
+            // connection's buffer bounded (1 MiB).
+            if let Some(bytes) = optional_integer(
+                section,
+                "limits",
+                "client_hello_max_bytes",
+                512,
+                1 << 20,
+                errors,
+            ) {
+                limits.client_hello_max_bytes = bytes;
+            }
+            if let Some(backoff) = optional_duration(section, "limits", "endpoint_backoff", errors)
+            {
+                limits.endpoint_backoff = backoff;
+            }
+        }
+
+        let routes = array_of_tables(table, "route", errors)
+            .into_iter()
+            .filter_map(|(key, item)| {
+                errors.unknown_keys(&key, item, &["sni", "endpoints"]);
+                let pattern = required_string(item, &key, "sni", errors).and_then(|text| {
+                    Pattern::parse(&text)
+                        .map_err(|error| errors.push(&format!("{key}.sni"), error))
+                        .ok()
+                });
+                let endpoints = endpoint_list(item, &key, errors);
+                Some(RouteSpec {
+                    pattern: pattern?,
+                    endpoints: endpoints?,
+                })
+            })
+            .collect();
+
+        let default_route = sub_table(table, "default_route", errors).and_then(|section| {
+            errors.unknown_keys("default_route", section, &["endpoints"]);
+            endpoint_list(section, "default_route", errors)
+        });
+
+        let mut access_log = AccessLog::Off;
+        if let Some(section) = sub_table(table, "access_log", errors) {
+            errors.unknown_keys("access_log", section, &["path"]);
+            if let Some(path) = required_string(section, "access_log", "path", errors) {
+                access_log = match path.as_str() {
+                    "off" => AccessLog::Off,
+                    "stdout" | "-" => AccessLog::Stdout,
+                    _ => AccessLog::File(path.into()),
+                };
+            }
+        }
+
+        Some(Config {
+            listeners,
+            admin,
+            workers,
+            timeouts,
+            limits,
+            routes,
+            default_route,
+            access_log,
+        })
+    }
+}
+
+/// Parse "10s", "250ms", "5m", "1h" (a whole number and a unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` needs a unit: ms, s, m or h"))?;
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number followed by a unit"))?;
+    let millis = match unit {
+        "ms" => Some(value),
+        "s" => value.checked_mul(1000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    match millis {
+        Some(0) => Err(format!("`{text}` must be greater than zero")),
+        Some(millis) => Ok(Duration::from_millis(millis)),
+        None => Err(format!("`{text}` is too long")),
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, key: &str, message: String) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    fn unknown_keys(&mut self, prefix: &str, table: &Table, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let full = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                self.push(
+                    &full,
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+fn sub_table<'a>(table: &'a Table, key: &str, errors: &mut Errors) -> Option<&'a Table> {
+    match table.get(key)? {
+        Value::Table(inner) => Some(inner),
+        other => {
+            errors.push(key, format!("expected a table, found {}", other.type_str()));
+            None
+        }
+    }
+}
+
+fn array_of_tables<'a>(
+    table: &'a Table,
+    key: &str,
+    errors: &mut Errors,
+) -> Vec<(String, &'a Table)> {
+    match table.get(key) {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(index, item)| {
+                let item_key = format!("{key}[{index}]");
+                match item {
+                    Value::Table(inner) => Some((item_key, inner)),
+                    other => {
+                        errors.push(
+                            &item_key,
+                            format!("expected a table, found {}", other.type_str()),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect(),
+        Some(other) => {
+            errors.push(
+                key,
+                format!("expected [[{key}]] tables, found {}", other.type_str()),
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn required_string(table: &Table, prefix: &str, key: &str, errors: &mut Errors) -> Option<String> {
+    match table.get(key) {
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(other) => {
+            errors.push(
+                &format!("{prefix}.{key}"),
+                format!("expected a string, found {}", other.type_str()),
+            );
+            None
+        }
+        None => {
+            errors.push(&format!("{prefix}.{key}"), "is required".into());
+            None
+        }
+    }
+}
+
+fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an IP address and port like 127.0.0.1:8443"))
+}
+
+fn required_address(
+    table: &Table,
+    prefix: &str,
+    key: &str,
+    errors: &mut Errors,
+) -> Option<SocketAddr> {
+    let text = required_string(table, prefix, key, errors)?;
+    parse_address(&text)
+        .map_err(|error| errors.push(&format!("{prefix}.{key}"), error))
+        .ok()
+}
+
+fn endpoint_list(table: &Table, prefix: &str, errors: &mut Errors) -> Option<Vec<SocketAddr>> {
+    let key = format!("{prefix}.endpoints");
+    match table.get("endpoints") {
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut endpoints = Vec::with_capacity(items.len());
+            let mut ok = true;
+            for (index, item) in items.iter().enumerate() {
+                let parsed = match item {
+                    Value::String(text) => parse_address(text),
+                    other => Err(format!("expected a string, found {}", other.type_str())),
+                };
+                match parsed {
+                    Ok(address) => endpoints.push(address),
+                    Err(error) => {
+                        errors.push(&format!("{key}[{index}]"), error);
+                        ok = false;
+                    }
+                }
+            }
+            ok.then_some(endpoints)
+        }
+        Some(Value::Array(_)) => {
+            errors.push(&key, "needs at least one endpoint".into());
+            None
+        }
+        Some(other) => {
+            errors.push(
+                &key,
+                format!("expected an array of strings, found {}", other.type_str()),
+            );
+            None
+        }
+        None => {
+            errors.push(&key, "is required".into());
+            None
+        }
+    }
+}
+
+fn optional_integer(
+    table: &Table,
+    prefix: &str,
+    key: &str,
+    min: i64,
+    max: i64,
+    errors: &mut Errors,
+) -> Option<usize> {
+    match table.get(key)? {
+        Value::Integer(value) if (min..=max).contains(value) => usize::try_from(*value).ok(),
+        Value::Integer(value) => {
+            errors.push(
+                &format!("{prefix}.{key}"),
+                format!("{value} is out of range {min}..={max}"),
+            );
+            None
+        }
+        other => {
+            errors.push(
+                &format!("{prefix}.{key}"),
+                format!("expected an integer, found {}", other.type_str()),
+            );
+            None
+        }
+    }
+}
+
+fn optional_bool(table: &Table, prefix: &str, key: &str, errors: &mut Errors) -> Option<bool> {
+    match table.get(key)? {
+        Value::Boolean(value) => Some(*value),
+        other => {
+            errors.push(
+                &format!("{prefix}.{key}"),
+                format!("expected true or false, found {}", other.type_str()),
+            );
+            None
+        }
+    }
+}
+
+fn optional_duration(
+    table: &Table,
+    prefix: &str,
+    key: &str,
+    errors: &mut Errors,
+) -> Option<Duration> {
+    match table.get(key)? {
+        Value::String(text) => parse_duration(text)
+            .map_err(|error| errors.push(&format!("{prefix}.{key}"), error))
+            .ok(),
+        other => {
+            errors.push(
+                &format!("{prefix}.{key}"),
+                format!(
+                    "expected a duration string like \"10s\", found {}",
+                    other.type_str()
+                ),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = r#"
+[[listener]]
+name = "wan"
+address = "127.0.0.1:8443"
+
+[admin]
+address = "127.0.0.1:19000"
+
+[workers]
+count = 2
+pin = true
+
+[timeouts]
+client_hello = "10s"
+connect = "5s"
+idle = "1h"
+
+[[route]]
+sni = "socat.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul"
+endpoints = ["127.0.0.1:21000", "127.0.0.1:21001"]
+
+[[route]]
+sni = "*.dc2.internal.11111111-2222-3333-4444-555555555555.consul"
+endpoints = ["127.0.0.1:9444"]
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let config = Config::parse(DESIGN_EXAMPLE).expect("valid");
+        assert_eq!(config.listeners[0].name, "wan");
+        assert_eq!(config.workers.count, Some(2));
+        assert!(config.workers.pin);
+        assert_eq!(config.timeouts.idle, Duration::from_secs(3600));
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.routes[0].endpoints.len(), 2);
+        assert_eq!(
+            config.admin,
+            Some("127.0.0.1:19000".parse().expect("address"))
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let text = r#"
+colour = "blue"
+[[listener]]
+name = "wan"
+address = "localhost"
+[workers]
+count = 0
+pinned = true
+[timeouts]
+connect = "5 seconds"
+[[route]]
+sni = "bad name"
+endpoints = []
+[[route]]
+endpoints = ["127.0.0.1:1"]
+"#;
+        let errors = Config::parse(text).expect_err("invalid");
+        let joined = errors.join("\n");
+        for key in [
+            "colour:",
+            "listener[0].address:",
+            "workers.count:",
+            "workers.pinned:",
+            "timeouts.connect:",
+            "route[0].sni:",
+            "route[0].endpoints:",
+            "route[1].sni: is required",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+        assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn duplicate_routes_fail_validation() {
+        let text = r#"
+[[listener]]
+address = "127.0.0.1:1"
+[[route]]
+sni = "a.test"
+endpoints = ["127.0.0.1:2"]
+[[route]]
+sni = "A.TEST."
+endpoints = ["127.0.0.1:3"]
+"#;
+        let errors = Config::parse(text).expect_err("duplicate");
+        assert!(errors[0].contains("listed twice"), "{errors:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "10", "s", "1.5s", "0s", "-1s", "10 s", "3d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One downstream connection, from accept to close: read the ClientHello under a deadline,
+//! route it, connect upstream (trying the next endpoint on failure), replay the buffered
+//! bytes, relay both ways, count, log.
+//!
+//! Every decision comes from the pure cores (`clienthello::parse`, `RouteTable::lookup`,
+//! `EndpointPicker`); this file only does the IO around them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use crate::clienthello::{self, ClientHello, Verdict};
+use crate::metrics::{self, CloseReason, ConnectFailure, DestinationStats, HelloOutcome};
+use crate::relay::{self, Direction, End};
+use crate::routes::Lookup;
+use crate::sys;
+use crate::worker::{Worker, WorkerSnapshot};
+
+/// The bytes to replay upstream and what the parser found in them.
+struct FirstFlight {
+    bytes: Vec<u8>,
+    hello: ClientHello,
+}
+
+/// Facts gathered for the access log.
+struct Record<'a> {
+    listener: &'a str,
+    worker: usize,
+    client: SocketAddr,
+    local: Option<SocketAddr>,
+    started: Instant,
+    started_wall: std::time::SystemTime,
+    server_name: Option<String>,
+    route: Option<String>,
+    upstream: Option<SocketAddr>,
+    upstream_connect: Option<Duration>,
+    bytes_received: u64,
+    bytes_sent: u64,
+    termination: &'static str,
+    flags: &'static str,
+}
+
+pub async fn serve(worker: Rc<Worker>, listener_index: usize, client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let stats = worker.stats();
+    let listener_stats = &stats.listeners[listener_index];
+    let _active = ActiveGuard::new(&[&listener_stats.active, &stats.connections_active]);
+    let snapshot = worker.snapshot();
+    let mut record = Record {
+        listener: worker.listener_name(listener_index),
+        worker: worker.id,
+        client: peer,
+        local: client.local_addr().ok(),
+        started,
+        started_wall: std::time::SystemTime::now(),
+        server_name: None,
+        route: None,
+        upstream: None,
+        upstream_connect: None,
+        bytes_received: 0,
+        bytes_sent: 0,
+        termination: "",
+        flags: "-",
+    };
+
+    // 1. The ClientHello, under an absolute deadline.
+    let deadline = started + snapshot.snapshot.timeouts.client_hello;
+    let max_bytes = snapshot.snapshot.limits.client_hello_max_bytes;
+    let flight = match read_first_flight(&worker, &client, max_bytes, deadline).await {
+        Ok(flight) => flight,
+        Err(outcome) => {
+            listener_stats.hello(outcome);
+            record.termination = hello_failure_name(outcome);
+            record.flags = "NR";
+            worker.log_access(&record);
+            tracing::debug!(client = %peer, reason = record.termination, "closed before routing");
+            return;
+        }
+    };
+    stats.hello_wait[listener_index].observe(started.elapsed());
+    let server_name = flight.hello.server_name.as_ref().map(|name| name.as_str());
+    listener_stats.hello(if server_name.is_some() {
+        HelloOutcome::SniFound
+    } else {
+        HelloOutcome::SniMissing
+    });
+    record.bytes_received = flight.bytes.len() as u64;
+    if worker.access_log_enabled() {
+        record.server_name = server_name.map(str::to_owned);
+    }
+
+    // 2. The route, from this connection's one snapshot.
+    let cluster_index = match snapshot.snapshot.table.lookup(server_name) {
+        Lookup::Matched(index) => index,
+        Lookup::NoRoute => {
+            metrics::add(&listener_stats.route_no_route, 1);
+            record.termination = "no_route";
+            record.flags = "NR";
+            worker.log_access(&record);
+            // Never the raw name at info level: it is client-controlled.
+            tracing::debug!(client = %peer, server_name = ?server_name, "no route");
+            return;
+        }
+    };
+    metrics::add(&listener_stats.route_matched, 1);
+    let cluster = snapshot.snapshot.table.cluster(cluster_index);
+    let destination = &stats.destinations[snapshot.snapshot.slots[cluster_index]];
+    if worker.access_log_enabled() {
+        record.route = Some(cluster.pattern.to_string());
+    }
+    metrics::add(&destination.connections, 1);
+
+    // 3. Connect, trying the next endpoint while nothing has been sent.
+    let connect_started = Instant::now();
+    let Some((upstream, address)) = connect(&worker, &snapshot, cluster_index, destination).await
+    else {
+        destination.connect_failure(ConnectFailure::NoHealthyEndpoint);
+        record.termination = "upstream_connect_failure";
+        record.flags = "UF";
+        worker.log_access(&record);
+        return;
+    };
+    let connect_time = connect_started.elapsed();
+    stats.connect_duration[snapshot.snapshot.slots[cluster_index]].observe(connect_time);
+    record.upstream = Some(address);
+    record.upstream_connect = Some(connect_time);
+    let _ = upstream.set_nodelay(true);
+    let _pair = ActiveGuard::new(&[&destination.active]);
+
+    // 4. Replay the first flight, then relay both ways.
+    let shared = relay::Shared::new(snapshot.snapshot.timeouts.idle, &client, &upstream);
+    let reason = match relay::flush(&upstream, &shared, &flight.bytes).await {
+        Err(end) => close_reason(end, End::Aborted, &shared),
+        Ok(()) => {
+            drop(flight);
+            metrics::add(&destination.bytes_to_upstream, record.bytes_received);
+            let (to_upstream, to_downstream) = monoio::join!(
+                relay::pump(
+                    &worker,
+                    &client,
+                    &upstream,
+                    &shared,
+                    Direction::ToUpstream,
+                    destination
+                ),
+                relay::pump(
+                    &worker,
+                    &upstream,
+                    &client,
+                    &shared,
+                    Direction::ToDownstream,
+                    destination
+                ),
+            );
+            close_reason(to_upstream, to_downstream, &shared)
+        }
+    };
+    destination.closed(reason);
+    stats.connection_duration[listener_index].observe(started.elapsed());
+    record.bytes_received += shared.bytes_to_upstream.get();
+    record.bytes_sent = shared.bytes_to_downstream.get();
+    (record.termination, record.flags) = match reason {
+        CloseReason::DownstreamClose => ("downstream_close", "DC"),
+        CloseReason::UpstreamClose => ("upstream_close", "UC"),
+        CloseReason::IdleTimeout => ("idle_timeout", "SI"),
+        CloseReason::Error => ("error", "-"),
+    };
+    worker.log_access(&record);
+}
+
+fn close_reason(a: End, b: End, shared: &relay::Shared) -> CloseReason {
+    if a == End::Error || b == End::Error {
+        CloseReason::Error
+    } else if a == End::Idle || b == End::Idle {
+        CloseReason::IdleTimeout
+    } else if shared.first_eof.get() == Some(Direction::ToDownstream) {
+        CloseReason::UpstreamClose
+    } else {
+        CloseReason::DownstreamClose
+    }
+}
+
+fn hello_failure_name(outcome: HelloOutcome) -> &'static str {
+    match outcome {
+        HelloOutcome::Rejected(reason) => reason.as_str(),
+        HelloOutcome::Timeout => "client_hello_timeout",
+        HelloOutcome::Eof => "client_hello_eof",
+        HelloOutcome::ReadError => "client_hello_read_error",
+        HelloOutcome::SniFound | HelloOutcome::SniMissing => "",
+    }
+}
+
+/// Read until the parser has a verdict. The first read goes into the worker's scratch buffer;
+/// only a ClientHello split over several reads is accumulated in a buffer of its own.
+async fn read_first_flight(
+    worker: &Worker,
+    client: &TcpStream,
+    max_bytes: usize,
+    deadline: Instant,
+) -> Result<FirstFlight, HelloOutcome> {
+    let fd = client.as_raw_fd();
+    let mut buffered: Vec<u8> = Vec::new();
+    loop {
+        match monoio::time::timeout_at(
+            monoio::time::Instant::from_std(deadline),
+            client.readable(false),
+        )
+        .await
+        {
+            Err(_elapsed) => return Err(HelloOutcome::Timeout),
+            Ok(Err(_)) => return Err(HelloOutcome::ReadError),
+            Ok(Ok(())) => {}
+        }
+        let mut scratch = worker.scratch.borrow_mut();
+        // `parse` rejects once `max_bytes` are buffered, so there is always room here.
+        let room = (max_bytes - buffered.len()).min(scratch.len());
+        let read = match sys::recv(fd, &mut scratch[..room]) {
+            Ok(0) => return Err(HelloOutcome::Eof),
+            Ok(read) => read,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return Err(HelloOutcome::ReadError),
+        };
+        let verdict = if buffered.is_empty() {
+            clienthello::parse(&scratch[..read], max_bytes)
+        } else {
+            buffered.extend_from_slice(&scratch[..read]);
+            clienthello::parse(&buffered, max_bytes)
+        };
+        match verdict {
+            Verdict::NeedMore => {
+                if buffered.is_empty() {
+                    buffered.extend_from_slice(&scratch[..read]);
+                }
+            }
+            Verdict::Done(hello) => {
+                let bytes = if buffered.is_empty() {
+                    scratch[..read].to_vec()
+                } else {
+                    buffered
+                };
+                return Ok(FirstFlight { bytes, hello });
+            }
+            Verdict::Reject(reason) => return Err(HelloOutcome::Rejected(reason)),
+        }
+    }
+}
+
+/// Connect to an endpoint of the cluster: healthy ones in round-robin order, then the held-out
+/// ones if every healthy one failed (or there were none).
+async fn connect(
+    worker: &Worker,
+    snapshot: &WorkerSnapshot,
+    cluster_index: usize,
+    stats: &DestinationStats,
+) -> Option<(TcpStream, SocketAddr)> {
+    let cluster = snapshot.snapshot.table.cluster(cluster_index);
+    let timeout = snapshot.snapshot.timeouts.connect;
+    let backoff = snapshot.snapshot.limits.endpoint_backoff;
+    let order = worker.endpoint_order(snapshot, cluster_index, Instant::now());
+    for index in order.iter() {
+        let address = cluster.endpoints[index];
+        let result = monoio::time::timeout(timeout, TcpStream::connect_addr(address)).await;
+        let failure = match result {
+            Ok(Ok(stream)) => {
+                worker.mark_healthy(address);
+                return Some((stream, address));
+            }
+            Err(_elapsed) => ConnectFailure::Timeout,
+            Ok(Err(error)) => classify_connect_error(&error),
+        };
+        stats.connect_failure(failure);
+        worker.hold_out(address, Instant::now() + backoff);
+        tracing::debug!(endpoint = %address, ?failure, "upstream connect failed");
+    }
+    None
+}
+
+fn classify_connect_error(error: &io::Error) -> ConnectFailure {
+    match error.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => {
+            ConnectFailure::Unreachable
+        }
+        _ => ConnectFailure::Other,
+    }
+}
+
+impl Worker {
+    fn log_access(&self, record: &Record<'_>) {
+        let Some(log) = &self.access_log else {
+            return;
+        };
+        let redact = |address: Option<SocketAddr>| -> serde_json::Value {
+            match address {
+                Some(address) => serde_json::Value::String(address.to_string()),
+                None => serde_json::Value::Null,
+            }
+        };
+        let start_time = record
+            .started_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        let line = serde_json::json!({
+            "start_time": start_time,
+            "listener": record.listener,
+            "worker": record.worker,
+            "downstream_remote_address": record.client.to_string(),
+            "downstream_local_address": redact(record.local),
+            "requested_server_name": record.server_name,
+            "route_name": record.route,
+            "upstream_host": redact(record.upstream),
+            "bytes_received": record.bytes_received,
+            "bytes_sent": record.bytes_sent,
+            "duration_ms": record.started.elapsed().as_secs_f64() * 1000.0,
+            "upstream_connect_ms": record.upstream_connect.map(|d| d.as_secs_f64() * 1000.0),
+            "connection_termination_details": record.termination,
+            "response_flags": record.flags,
+        });
+        log.send(line.to_string());
+    }
+}
+
+/// Increments gauges on creation and decrements them on drop, panics included.
+struct ActiveGuard<'a> {
+    gauges: [Option<&'a std::sync::atomic::AtomicU64>; 2],
+}
+
+impl<'a> ActiveGuard<'a> {
+    fn new(gauges: &[&'a std::sync::atomic::AtomicU64]) -> ActiveGuard<'a> {
+        let mut held = [None, None];
+        for (slot, gauge) in held.iter_mut().zip(gauges) {
+            metrics::add(gauge, 1);
+            *slot = Some(*gauge);
+        }
+        ActiveGuard { gauges: held }
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        for gauge in self.gauges.iter().flatten() {
+            metrics::sub(gauge, 1);
+        }
+    }
+}

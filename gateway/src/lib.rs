@@ -1,0 +1,17 @@
+//! The gateway: a thread-per-core SNI passthrough mesh gateway. See ARCHITECTURE.md.
+#![deny(unsafe_code)]
+
+pub mod access_log;
+pub mod clienthello;
+pub mod config;
+pub mod connection;
+pub mod control;
+pub mod metrics;
+pub mod process_metrics;
+pub mod relay;
+pub mod routes;
+pub mod run;
+pub mod snapshot;
+pub mod sys;
+pub mod version;
+pub mod worker;

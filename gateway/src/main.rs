@@ -1,0 +1,100 @@
+//! The `gateway` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::Config;
+
+#[derive(Parser)]
+#[command(name = "gateway", about = "Thread-per-core io_uring SNI passthrough mesh gateway", version = version_text())]
+struct Cli {
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `gateway=debug`). Defaults to
+    /// the GATEWAY_LOG environment variable, then `info`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a static mesh gateway from a TOML file.
+    Run {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
+    /// Check a configuration file: exit 0 if valid, 1 with every error otherwise.
+    Validate {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
+}
+
+/// Built once per process (clap wants a `'static` string).
+fn version_text() -> &'static str {
+    let text = format!(
+        "{} (revision {}, {}, io driver on this kernel: {})",
+        env!("CARGO_PKG_VERSION"),
+        gateway::version::GIT_REVISION,
+        gateway::version::RUSTC_VERSION,
+        gateway::worker::io_driver_name()
+    );
+    Box::leak(text.into_boxed_str())
+}
+
+fn init_logging(level: Option<&str>, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = level
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_env("GATEWAY_LOG").ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref(), cli.log_format);
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(parsed) => {
+                println!(
+                    "{}: OK ({} listener(s), {} route(s))",
+                    config.display(),
+                    parsed.listeners.len(),
+                    parsed.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} error(s)", config.display(), errors.len());
+                for error in errors {
+                    eprintln!("  {error}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => match gateway::run::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("gateway: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

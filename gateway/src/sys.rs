@@ -1,0 +1,139 @@
+//! The one module that calls libc directly: non-blocking socket IO after a readiness event,
+//! socket options monoio does not expose, and process limits.
+//!
+//! Why not monoio's `read`/`write` ops for the relay: those own a buffer per pending
+//! operation, so an idle proxied connection would pin a buffer in each direction. Waiting for
+//! readiness first and then reading into the worker's one scratch buffer keeps idle
+//! connections buffer-free (see ARCHITECTURE.md, "The relay").
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+
+fn check(result: libc::ssize_t) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // A non-negative ssize_t always fits usize.
+        Ok(result as usize)
+    }
+}
+
+/// `recv(2)` with `MSG_DONTWAIT`: never blocks, whatever the socket's O_NONBLOCK state (the
+/// io_uring driver leaves sockets blocking). `Ok(0)` is end of stream.
+pub fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` is a valid, exclusively borrowed region of `buffer.len()` bytes for the
+    // duration of the call; the kernel writes at most that many bytes into it.
+    check(unsafe {
+        libc::recv(
+            fd,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })
+}
+
+/// `send(2)` with `MSG_DONTWAIT | MSG_NOSIGNAL`: never blocks, and a peer that went away is an
+/// `EPIPE` error instead of a process-killing SIGPIPE.
+pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a valid region of `data.len()` bytes that the kernel only reads.
+    check(unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// `shutdown(2)`; errors such as ENOTCONN after a reset are expected and ignored by callers.
+pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: plain syscall on a descriptor number; no memory is passed.
+    if unsafe { libc::shutdown(fd, how) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `TCP_DEFER_ACCEPT` (tcp(7)): the kernel hands a connection to `accept` only once the
+/// client has sent data (its ClientHello), saving a wake-up per connection. Clients that never
+/// send stay in the handshake queue and are accepted after `seconds` anyway, where the
+/// ClientHello deadline then applies.
+pub fn set_defer_accept(fd: RawFd, seconds: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a pointer to a local c_int and its exact size.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns (soft before, hard).
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is a valid rlimit struct that the kernel only reads.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_max))
+}
+
+/// The number of CPUs in this process's affinity mask (what it may actually run on).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it and the
+    // CPU_ISSET reads stay within its fixed size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Pin the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; CPU_SET is bounds-checked against CPU_SETSIZE below.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

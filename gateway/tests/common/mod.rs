@@ -1,0 +1,295 @@
+//! Shared harness for integration tests: the real `gateway` binary, real sockets, and
+//! backends that say who they are.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+
+pub fn testdata(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/clienthello")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The SNI of a captured hello (from the manifest), for building matching routes.
+pub fn testdata_sni(name: &str) -> String {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/clienthello/MANIFEST.tsv"),
+    )
+    .expect("manifest");
+    manifest
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}\t")))
+        .and_then(|line| line.split('\t').nth(3))
+        .expect("capture listed")
+        .to_owned()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "gateway-test-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A running gateway process, killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    /// Start with `[[route]]` and other sections given as TOML; listener and admin are added.
+    pub fn start(extra_toml: &str) -> Gateway {
+        Self::start_with_env(extra_toml, &[])
+    }
+
+    pub fn start_with_env(extra_toml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = temp_dir("gw");
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config_path = dir.join("gateway.toml");
+        let config = format!(
+            "[[listener]]\nname = \"wan\"\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n[workers]\ncount = 2\n\n{extra_toml}\n"
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("GATEWAY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("log file"),
+            ));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn gateway");
+        let gateway = Gateway {
+            child,
+            listen,
+            admin,
+            config_path,
+            dir,
+        };
+        gateway.wait_ready();
+        gateway
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http(self.admin, "GET", "/ready") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        panic!("gateway not ready: {}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http(self.admin, "GET", "/metrics").expect("scrape").1
+    }
+
+    /// The value of one sample, e.g. `gateway_client_hello_total{listener="wan",result="not_tls"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics(), sample)
+    }
+
+    /// Wait until a sample reaches a value (counters are updated as connections end).
+    pub fn wait_metric(&self, sample: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(sample);
+            if value >= at_least || Instant::now() > deadline {
+                return value;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.1 request (admin API), returning status and body.
+pub fn http(address: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A backend on a free port, stopped on drop.
+pub struct Backend {
+    pub address: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.address);
+    }
+}
+
+/// Echo every byte back (the ClientHello included); on EOF, finish writing and close.
+pub fn echo_backend() -> Backend {
+    spawn_backend(|mut stream| {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stream.shutdown(Shutdown::Write);
+    })
+}
+
+/// Read the whole first flight (until EOF or a pause), then answer with `tag` and close.
+pub fn tag_backend(tag: &'static str) -> Backend {
+    spawn_backend(move |mut stream| {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .ok();
+        let mut buffer = [0u8; 4096];
+        let _ = stream.read(&mut buffer);
+        let _ = stream.write_all(tag.as_bytes());
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = stream.read(&mut buffer);
+    })
+}
+
+pub fn spawn_backend(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let address = listener.local_addr().expect("addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stop);
+    let handler = Arc::new(handler);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(stream) = stream else { continue };
+            let handler = Arc::clone(&handler);
+            thread::spawn(move || handler(stream));
+        }
+    });
+    Backend { address, stop }
+}
+
+pub fn connect(address: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(address).expect("connect to gateway");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+}
+
+/// Read until EOF; returns what arrived (or what arrived before an error).
+pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buffer = [0u8; 16384];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+/// A deterministic payload that makes lost, duplicated or reordered bytes visible.
+pub fn pattern(length: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn route(sni: &str, endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[[route]]\nsni = \"{sni}\"\nendpoints = [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// Require a tool from Debian's packages (CI installs them; see .ci/run).
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|out| out.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{name}` is required for this test: run scripts/install-test-deps"
+    );
+}

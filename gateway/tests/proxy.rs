@@ -1,0 +1,449 @@
+//! The gateway as a black box over real sockets: routing, byte-exact relay, half-close,
+//! refusals, endpoint failover, timeouts, reload and the epoll fallback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HELLO: &str = "openssl-default.bin";
+
+fn echo_gateway() -> (Gateway, Backend) {
+    let backend = echo_backend();
+    let gateway = Gateway::start(&route(&testdata_sni(HELLO), &[backend.address]));
+    (gateway, backend)
+}
+
+/// Send the hello and `payload`, read back hello + payload from the echo backend.
+fn echo_exchange(gateway: &Gateway, hello: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut stream = connect(gateway.listen);
+    let mut writer = stream.try_clone().expect("clone");
+    let mut sent = hello.to_vec();
+    sent.extend_from_slice(payload);
+    let sender = thread::spawn(move || {
+        writer.write_all(&sent).expect("send");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let received = read_to_end(&mut stream);
+    sender.join().expect("sender");
+    received
+}
+
+#[test]
+fn bytes_arrive_intact_both_ways() {
+    let (gateway, _backend) = echo_gateway();
+    let hello = testdata(HELLO);
+    let payload = pattern(4 << 20, 1);
+    let received = echo_exchange(&gateway, &hello, &payload);
+    assert_eq!(received.len(), hello.len() + payload.len());
+    assert!(
+        received[..hello.len()] == hello[..],
+        "the hello was replayed unchanged"
+    );
+    assert!(
+        received[hello.len()..] == payload[..],
+        "payload intact and in order"
+    );
+    let sni = testdata_sni(HELLO);
+    let labels = format!("destination_service=\"{sni}\",destination_datacenter=\"\"");
+    let expected = (hello.len() + payload.len()) as f64;
+    assert_eq!(
+        gateway.wait_metric(
+            &format!("gateway_proxied_bytes_total{{{labels},direction=\"to_downstream\"}}"),
+            expected
+        ),
+        expected
+    );
+    assert_eq!(
+        gateway.metric(&format!(
+            "gateway_proxied_bytes_total{{{labels},direction=\"to_upstream\"}}"
+        )),
+        expected
+    );
+}
+
+#[test]
+fn each_name_lands_on_its_own_backend() {
+    let exact = tag_backend("exact");
+    let wildcard = tag_backend("wildcard");
+    let longer = tag_backend("longer-wildcard");
+    let config = [
+        route(
+            &format!("socat.default.dc1.internal.{TD}"),
+            &[exact.address],
+        ),
+        route(&format!("*.internal.{TD}"), &[wildcard.address]),
+        route(&format!("*.dc1.internal.{TD}"), &[longer.address]),
+    ]
+    .concat();
+    let gateway = Gateway::start(&config);
+    // Captures from four different real clients.
+    for (file, expected) in [
+        ("openssl-fragmented-512.bin", "exact"), // socat.default.dc1...
+        ("openssl-tls12.bin", "longer-wildcard"), // api.default.dc1...
+        ("gnutls-cli.bin", "longer-wildcard"),   // db.billing.dc1...
+        ("rustls-pq-x25519mlkem768.bin", "longer-wildcard"),
+    ] {
+        let mut stream = connect(gateway.listen);
+        stream.write_all(&testdata(file)).expect("send hello");
+        let reply = read_to_end(&mut stream);
+        assert_eq!(String::from_utf8_lossy(&reply), expected, "{file}");
+    }
+}
+
+#[test]
+fn a_hello_written_one_byte_at_a_time_is_routed() {
+    let (gateway, _backend) = echo_gateway();
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    for byte in &hello {
+        stream.write_all(std::slice::from_ref(byte)).expect("write");
+        thread::sleep(Duration::from_micros(200));
+    }
+    stream.write_all(b"after").expect("write");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let received = read_to_end(&mut stream);
+    assert_eq!(&received[..hello.len()], &hello[..]);
+    assert_eq!(&received[hello.len()..], b"after");
+}
+
+#[test]
+fn the_big_real_hello_over_two_records_is_routed() {
+    let file = "openssl-large-20k.bin";
+    let backend = echo_backend();
+    let gateway = Gateway::start(&route(&testdata_sni(file), &[backend.address]));
+    let hello = testdata(file);
+    let received = echo_exchange(&gateway, &hello, b"tail");
+    assert_eq!(received.len(), hello.len() + 4);
+}
+
+#[test]
+fn refused_inputs_get_no_byte_and_are_counted() {
+    let (gateway, _backend) = echo_gateway();
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("not_tls", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("not_tls", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+        ("sslv2_hello", vec![0x80, 0x2e, 0x01, 0x03, 0x01, 0, 0]),
+        ("sni_missing", testdata("openssl-no-sni.bin")),
+        ("sni_found", testdata("curl.bin")), // a name with no route
+    ];
+    for (_, bytes) in &cases {
+        let mut stream = connect(gateway.listen);
+        stream.write_all(bytes).expect("send");
+        let reply = read_to_end(&mut stream);
+        assert!(reply.is_empty(), "got {} bytes back", reply.len());
+    }
+    let hello = |result: &str| {
+        format!("gateway_client_hello_total{{listener=\"wan\",result=\"{result}\"}}")
+    };
+    assert_eq!(gateway.wait_metric(&hello("not_tls"), 2.0), 2.0);
+    assert_eq!(gateway.metric(&hello("sslv2_hello")), 1.0);
+    assert_eq!(gateway.metric(&hello("sni_missing")), 1.0);
+    assert_eq!(
+        gateway.metric("gateway_route_lookups_total{listener=\"wan\",result=\"no_route\"}"),
+        2.0,
+        "no SNI and an unknown SNI are both unrouted"
+    );
+}
+
+#[test]
+fn eof_before_the_hello_is_complete_closes_at_once() {
+    let (gateway, _backend) = echo_gateway();
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello[..hello.len() / 2]).expect("send");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let started = Instant::now();
+    assert!(read_to_end(&mut stream).is_empty());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        gateway.wait_metric(
+            "gateway_client_hello_total{listener=\"wan\",result=\"eof\"}",
+            1.0
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_slow_hello_hits_the_deadline() {
+    let backend = echo_backend();
+    let config = format!(
+        "[timeouts]\nclient_hello = \"1s\"\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start(&config);
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    let started = Instant::now();
+    // Slowloris: a byte every 100 ms never completes the hello within 1 s.
+    let mut closed = false;
+    for byte in &hello[..40] {
+        if stream.write_all(std::slice::from_ref(byte)).is_err() {
+            closed = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    if !closed {
+        assert!(read_to_end(&mut stream).is_empty());
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        gateway.wait_metric(
+            "gateway_client_hello_total{listener=\"wan\",result=\"timeout\"}",
+            1.0
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_dead_endpoint_is_skipped_and_counted() {
+    let live = tag_backend("live");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_address = dead.local_addr().expect("addr");
+    drop(dead); // nothing listens there now: connect is refused
+    let sni = testdata_sni(HELLO);
+    let gateway = Gateway::start(&route(&sni, &[dead_address, live.address]));
+    for _ in 0..6 {
+        let mut stream = connect(gateway.listen);
+        stream.write_all(&testdata(HELLO)).expect("send");
+        assert_eq!(read_to_end(&mut stream), b"live");
+    }
+    let refused = gateway.metric(&format!(
+        "gateway_cluster_connect_failures_total{{destination_service=\"{sni}\",destination_datacenter=\"\",reason=\"refused\"}}"
+    ));
+    // Each of the two workers tries the dead endpoint once, then holds it out.
+    assert!((1.0..=2.0).contains(&refused), "refused = {refused}");
+}
+
+#[test]
+fn all_endpoints_dead_closes_the_client_and_counts_why() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_address = dead.local_addr().expect("addr");
+    drop(dead);
+    let sni = testdata_sni(HELLO);
+    let gateway = Gateway::start(&route(&sni, &[dead_address]));
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&testdata(HELLO)).expect("send");
+    assert!(read_to_end(&mut stream).is_empty());
+    assert_eq!(
+        gateway.wait_metric(&format!("gateway_cluster_connect_failures_total{{destination_service=\"{sni}\",destination_datacenter=\"\",reason=\"no_healthy_endpoint\"}}"), 1.0),
+        1.0
+    );
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_flowing() {
+    // The backend reads until the client's FIN, then sends its answer: only a gateway that
+    // propagates half-close (and keeps relaying the other way) delivers it.
+    let backend = spawn_backend(|mut stream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        let answer = format!("received {} bytes", request.len());
+        thread::sleep(Duration::from_millis(100));
+        let _ = stream.write_all(answer.as_bytes());
+    });
+    let gateway = Gateway::start(&route(&testdata_sni(HELLO), &[backend.address]));
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    stream.write_all(&pattern(100_000, 3)).expect("body");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let answer = read_to_end(&mut stream);
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        format!("received {} bytes", hello.len() + 100_000)
+    );
+}
+
+#[test]
+fn hundreds_of_concurrent_connections_echo_byte_exact() {
+    let (gateway, _backend) = echo_gateway();
+    let hello = testdata(HELLO);
+    let clients: Vec<_> = (0..300)
+        .map(|index| {
+            let hello = hello.clone();
+            let address = gateway.listen;
+            thread::spawn(move || {
+                let payload = pattern(20_000 + index * 13, index as u64);
+                let mut stream = connect(address);
+                let mut writer = stream.try_clone().expect("clone");
+                let mut sent = hello.clone();
+                sent.extend_from_slice(&payload);
+                let expected = sent.clone();
+                let sender = thread::spawn(move || {
+                    writer.write_all(&sent).expect("send");
+                    writer.shutdown(Shutdown::Write).expect("half-close");
+                });
+                let received = read_to_end(&mut stream);
+                sender.join().expect("sender");
+                received == expected
+            })
+        })
+        .collect();
+    let intact = clients
+        .into_iter()
+        .filter_map(|client| client.join().ok())
+        .filter(|intact| *intact)
+        .count();
+    assert_eq!(intact, 300);
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let backend = echo_backend();
+    let config = format!(
+        "[timeouts]\nidle = \"1s\"\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start(&config);
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    stream.read_exact(&mut echoed).expect("echo");
+    let started = Instant::now();
+    assert!(read_to_end(&mut stream).is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(
+        gateway.wait_metric(&format!("gateway_connections_closed_total{{destination_service=\"{}\",destination_datacenter=\"\",reason=\"idle_timeout\"}}", testdata_sni(HELLO)), 1.0),
+        1.0
+    );
+}
+
+#[test]
+fn reload_moves_new_connections_and_leaves_old_ones_alone() {
+    let first = echo_backend();
+    let second = tag_backend("second");
+    let sni = testdata_sni(HELLO);
+    let gateway = Gateway::start(&route(&sni, &[first.address]));
+    let hello = testdata(HELLO);
+    // An established connection through the first backend.
+    let mut established = connect(gateway.listen);
+    established.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    established.read_exact(&mut echoed).expect("echo");
+
+    let config = std::fs::read_to_string(&gateway.config_path).expect("config");
+    let config = config.replace(&first.address.to_string(), &second.address.to_string());
+    std::fs::write(&gateway.config_path, config).expect("rewrite");
+    let (status, body) = http(gateway.admin, "POST", "/reload").expect("reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"generation\":2"), "{body}");
+
+    let mut fresh = connect(gateway.listen);
+    fresh.write_all(&hello).expect("hello");
+    assert_eq!(read_to_end(&mut fresh), b"second");
+
+    established.write_all(b"still here").expect("write");
+    let mut reply = [0u8; 10];
+    established
+        .read_exact(&mut reply)
+        .expect("old connection still echoes");
+    assert_eq!(&reply, b"still here");
+
+    // A broken file keeps the routes in force and says why.
+    std::fs::write(&gateway.config_path, "[[route]]\nsni = 5\n").expect("rewrite");
+    let (status, body) = http(gateway.admin, "POST", "/reload").expect("reload");
+    assert_eq!(status, 400);
+    assert!(body.contains("route[0].sni"), "{body}");
+    let mut again = connect(gateway.listen);
+    again.write_all(&hello).expect("hello");
+    assert_eq!(read_to_end(&mut again), b"second");
+    assert_eq!(
+        gateway.metric("gateway_config_reloads_total{result=\"failure\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn the_epoll_fallback_proxies_too() {
+    let backend = echo_backend();
+    let gateway = Gateway::start_with_env(
+        &route(&testdata_sni(HELLO), &[backend.address]),
+        &[("MONOIO_FORCE_LEGACY_DRIVER", "1")],
+    );
+    let (_, dump) = http(gateway.admin, "GET", "/config_dump").expect("dump");
+    assert!(dump.contains("\"io_driver\": \"epoll\""), "{dump}");
+    let hello = testdata(HELLO);
+    let payload = pattern(1 << 20, 9);
+    let received = echo_exchange(&gateway, &hello, &payload);
+    assert!(received[hello.len()..] == payload[..]);
+}
+
+#[test]
+fn a_busy_port_is_a_clear_error() {
+    let (gateway, _backend) = echo_gateway();
+    let dir = temp_dir("busy");
+    let config = dir.join("busy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\naddress = \"{}\"\n{}",
+            gateway.listen,
+            route("a.test", &[gateway.listen])
+        ),
+    )
+    .expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot bind") && stderr.contains(&gateway.listen.to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_reports_every_error_and_exits_1() {
+    let dir = temp_dir("validate");
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n{}",
+            route("a.test", &["127.0.0.1:2".parse().expect("addr")])
+        ),
+    )
+    .expect("write");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listener]]\naddress = \"nowhere\"\nport = 1\n[[route]]\nsni = \"*\"\nendpoints = []\n",
+    )
+    .expect("write");
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["validate", "--config"])
+            .arg(path)
+            .output()
+            .expect("validate")
+    };
+    let ok = run(&good);
+    assert_eq!(ok.status.code(), Some(0));
+    let failed = run(&bad);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    for key in [
+        "listener[0].address",
+        "listener[0].port",
+        "route[0].sni",
+        "route[0].endpoints",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+}
