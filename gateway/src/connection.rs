@@ -54,7 +54,12 @@ pub async fn serve(worker: Rc<Worker>, listener_index: usize, client: TcpStream,
         listener: worker.listener_name(listener_index),
         worker: worker.id,
         client: peer,
-        local: client.local_addr().ok(),
+        // getsockname(2) costs a syscall per connection; only the access log needs it.
+        local: if worker.access_log_enabled() {
+            client.local_addr().ok()
+        } else {
+            None
+        },
         started,
         started_wall: std::time::SystemTime::now(),
         server_name: None,
@@ -91,6 +96,14 @@ pub async fn serve(worker: Rc<Worker>, listener_index: usize, client: TcpStream,
     record.bytes_received = flight.bytes.len() as u64;
     if worker.access_log_enabled() {
         record.server_name = server_name.map(str::to_owned);
+    }
+
+    // Fault injection for the panic-containment test; compiled into debug builds only.
+    #[cfg(debug_assertions)]
+    if server_name.is_some_and(|name| name.starts_with("panic.fault-injection."))
+        && std::env::var_os("GATEWAY_FAULT_INJECTION").is_some()
+    {
+        panic!("fault injection: a connection panics");
     }
 
     // 2. The route, from this connection's one snapshot.
@@ -132,7 +145,12 @@ pub async fn serve(worker: Rc<Worker>, listener_index: usize, client: TcpStream,
     let _pair = ActiveGuard::new(&[&destination.active]);
 
     // 4. Replay the first flight, then relay both ways.
-    let shared = relay::Shared::new(snapshot.snapshot.timeouts.idle, &client, &upstream);
+    let shared = relay::Shared::new(
+        snapshot.snapshot.timeouts.idle,
+        &client,
+        &upstream,
+        relay::Mode::current(),
+    );
     let reason = match relay::flush(&upstream, &shared, &flight.bytes).await {
         Err(end) => close_reason(end, End::Aborted, &shared),
         Ok(()) => {
@@ -316,7 +334,7 @@ impl Worker {
             "start_time": start_time,
             "listener": record.listener,
             "worker": record.worker,
-            "downstream_remote_address": record.client.to_string(),
+            "downstream_remote_address": if log.redact_addresses { "redacted".to_owned() } else { record.client.to_string() },
             "downstream_local_address": redact(record.local),
             "requested_server_name": record.server_name,
             "route_name": record.route,

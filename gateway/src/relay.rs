@@ -27,6 +27,62 @@ use crate::worker::Worker;
 /// readiness wait, so that one bulk flow cannot starve the worker's other connections.
 const READS_PER_WAKE: usize = 8;
 
+/// Bytes one splice moves at most, and the capacity asked of each pipe. 256 KiB pipes halve
+/// the syscalls of the default 64 KiB on bulk flows; their pages exist only while full.
+const SPLICE_CHUNK: usize = 256 * 1024;
+
+/// Idle pipes kept per worker (two descriptors each). A pipe is held only while a direction
+/// has spliced bytes in flight, so this bounds descriptors, not connections.
+const PIPE_POOL: usize = 64;
+
+/// How bytes are moved once the ClientHello was forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// recv/send through the worker's scratch buffer (two copies per byte).
+    Copy,
+    /// splice(2) through a pooled pipe (pages are moved, not copied).
+    Splice,
+    /// Copy, and switch a direction to splice once one read fills the scratch buffer: small
+    /// request/response traffic stays on the cheaper copy path, bulk flows move to splice
+    /// (HAProxy's `option splice-auto` works the same way).
+    Auto,
+}
+
+impl Mode {
+    /// The process-wide mode, read once from `GATEWAY_RELAY_MODE` (copy, splice, auto);
+    /// the default is [`Mode::Auto`].
+    pub fn current() -> Mode {
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("GATEWAY_RELAY_MODE").as_deref() {
+            Ok("copy") => Mode::Copy,
+            Ok("splice") => Mode::Splice,
+            _ => Mode::Auto,
+        })
+    }
+}
+
+thread_local! {
+    /// This worker's idle pipes (a worker is one thread, so thread-local is per-core).
+    static PIPES: std::cell::RefCell<Vec<sys::Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_pipe() -> io::Result<sys::Pipe> {
+    match PIPES.with(|pipes| pipes.borrow_mut().pop()) {
+        Some(pipe) => Ok(pipe),
+        None => sys::Pipe::new(SPLICE_CHUNK),
+    }
+}
+
+/// Return an empty pipe to the pool (a pipe that may hold bytes is closed instead).
+fn give_back(pipe: sys::Pipe) {
+    PIPES.with(|pipes| {
+        let mut pipes = pipes.borrow_mut();
+        if pipes.len() < PIPE_POOL {
+            pipes.push(pipe);
+        }
+    });
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     ToUpstream,
@@ -57,10 +113,13 @@ pub struct Shared {
     pub bytes_to_downstream: Cell<u64>,
     client_fd: RawFd,
     upstream_fd: RawFd,
+    mode: Mode,
+    /// Both sockets are O_NONBLOCK (needed by splice, set on first use).
+    nonblocking: Cell<bool>,
 }
 
 impl Shared {
-    pub fn new(idle: Duration, client: &TcpStream, upstream: &TcpStream) -> Shared {
+    pub fn new(idle: Duration, client: &TcpStream, upstream: &TcpStream, mode: Mode) -> Shared {
         Shared {
             idle,
             last_activity: Cell::new(Instant::now()),
@@ -70,7 +129,20 @@ impl Shared {
             bytes_to_downstream: Cell::new(0),
             client_fd: client.as_raw_fd(),
             upstream_fd: upstream.as_raw_fd(),
+            mode,
+            nonblocking: Cell::new(false),
         }
+    }
+
+    /// splice(2) blocks on a blocking socket whatever its flags say, so both sockets are
+    /// switched to O_NONBLOCK before the first splice.
+    fn prepare_splice(&self) -> io::Result<()> {
+        if !self.nonblocking.get() {
+            sys::set_nonblocking(self.client_fd)?;
+            sys::set_nonblocking(self.upstream_fd)?;
+            self.nonblocking.set(true);
+        }
+        Ok(())
     }
 
     fn idle_deadline(&self) -> Instant {
@@ -99,6 +171,7 @@ pub async fn pump(
         Direction::ToUpstream => (&stats.bytes_to_upstream, &shared.bytes_to_upstream),
         Direction::ToDownstream => (&stats.bytes_to_downstream, &shared.bytes_to_downstream),
     };
+    let mut splicing = shared.mode == Mode::Splice;
     loop {
         match wait_until(shared, source.readable(false)).await {
             Wait::Ready => {}
@@ -110,6 +183,25 @@ pub async fn pump(
         }
         if shared.aborted.get() {
             return End::Aborted;
+        }
+        if splicing {
+            match shared.prepare_splice().and_then(|()| take_pipe()) {
+                Ok(pipe) => {
+                    let (end, pipe) =
+                        splice_burst(source_fd, destination, &pipe, shared, direction, counter, total)
+                            .await
+                            .map_or_else(|end| (Some(end), None), |()| (None, Some(pipe)));
+                    if let Some(pipe) = pipe {
+                        give_back(pipe);
+                    }
+                    match end {
+                        Some(end) => return end,
+                        None => continue,
+                    }
+                }
+                // Out of descriptors for a pipe: this wake copies instead.
+                Err(_) => {}
+            }
         }
         for _ in 0..READS_PER_WAKE {
             // The scratch buffer is borrowed only between awaits.
@@ -148,6 +240,10 @@ pub async fn pump(
                 Read::Drained => break,
                 Read::Sent { read, full } => {
                     account(shared, counter, total, read);
+                    if full && shared.mode == Mode::Auto {
+                        splicing = true;
+                        break;
+                    }
                     if !full {
                         // A short read almost always means the socket is empty: go back to
                         // the readiness wait instead of paying for a recv that says EAGAIN.
@@ -164,6 +260,69 @@ pub async fn pump(
             }
         }
     }
+}
+
+/// Move what the source has through `pipe` to the destination. `Ok` leaves the pipe empty
+/// (it can go back to the pool); `Err` ends the direction.
+async fn splice_burst(
+    source_fd: RawFd,
+    destination: &TcpStream,
+    pipe: &sys::Pipe,
+    shared: &Shared,
+    direction: Direction,
+    counter: &std::sync::atomic::AtomicU64,
+    total: &Cell<u64>,
+) -> Result<(), End> {
+    let destination_fd = destination.as_raw_fd();
+    for _ in 0..READS_PER_WAKE {
+        let moved_in = match sys::splice(source_fd, pipe.write.as_raw_fd(), SPLICE_CHUNK) {
+            Ok(0) => {
+                if shared.first_eof.get().is_none() {
+                    shared.first_eof.set(Some(direction));
+                }
+                let _ = sys::shutdown(destination_fd, Shutdown::Write);
+                return Err(End::Eof);
+            }
+            Ok(moved) => moved,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                shared.abort();
+                return Err(End::Error);
+            }
+        };
+        let mut left = moved_in;
+        while left > 0 {
+            match sys::splice(pipe.read.as_raw_fd(), destination_fd, left) {
+                Ok(moved) => {
+                    left -= moved;
+                    shared.last_activity.set(Instant::now());
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    match wait_until(shared, destination.writable(false)).await {
+                        Wait::Ready if !shared.aborted.get() => {}
+                        Wait::Ready => return Err(End::Aborted),
+                        Wait::Idle => return Err(End::Idle),
+                        Wait::Failed => {
+                            shared.abort();
+                            return Err(End::Error);
+                        }
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    shared.abort();
+                    return Err(End::Error);
+                }
+            }
+        }
+        account(shared, counter, total, moved_in);
+        if moved_in < SPLICE_CHUNK {
+            // A short splice almost always means the socket is empty.
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 enum Read {

@@ -63,6 +63,49 @@ pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
     }
 }
 
+/// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC` on a non-blocking listening socket: one
+/// pending connection, or `WouldBlock` when the queue is empty. Called after a readiness
+/// event instead of io_uring's accept op, because cancelling an in-flight accept op can lose
+/// a connection the kernel already took off the queue (see ARCHITECTURE.md, "Accepting").
+pub fn accept(fd: RawFd) -> io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: an all-zero sockaddr_storage is a valid value of that plain C struct.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is writable and `length` holds its exact size; the kernel writes at
+    // most that many bytes and stores the address's real length in `length`.
+    let accepted = unsafe {
+        libc::accept4(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut length,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if accepted < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns; the stream closes it.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(accepted) };
+    // SAFETY: the kernel initialised `length` bytes of `storage` as a socket address.
+    let address = unsafe { socket2::SockAddr::new(storage, length) };
+    let peer = address
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    Ok((stream, peer))
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the clock systemd's `MONOTONIC_USEC=` refers to.
+pub fn monotonic_micros() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64) * 1_000_000 + (now.tv_nsec as u64) / 1_000
+}
+
 /// `TCP_DEFER_ACCEPT` (tcp(7)): the kernel hands a connection to `accept` only once the
 /// client has sent data (its ClientHello), saving a wake-up per connection. Clients that never
 /// send stay in the handshake queue and are accepted after `seconds` anyway, where the
@@ -132,6 +175,64 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A pipe for splicing, both ends non-blocking. Closed on drop.
+pub struct Pipe {
+    pub read: std::os::fd::OwnedFd,
+    pub write: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    /// `pipe2(O_NONBLOCK | O_CLOEXEC)`, then ask for `capacity` bytes (F_SETPIPE_SZ; the kernel
+    /// rounds up to pages and caps unprivileged callers at /proc/sys/fs/pipe-max-size).
+    pub fn new(capacity: usize) -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid array of two c_ints for the kernel to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let pipe = unsafe {
+            Pipe {
+                read: std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                write: std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        use std::os::fd::AsRawFd;
+        let size = libc::c_int::try_from(capacity).unwrap_or(libc::c_int::MAX);
+        // SAFETY: plain fcntl on a descriptor we own; a failure only leaves the default size.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+        Ok(pipe)
+    }
+}
+
+/// `splice(2)` without offsets, non-blocking, moving pages where the kernel can.
+pub fn splice(from: RawFd, to: RawFd, length: usize) -> io::Result<usize> {
+    // SAFETY: no memory is passed (null offsets mean "current position" for pipes/sockets).
+    check(unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            length,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    })
+}
+
+/// Set O_NONBLOCK, so that splice on the socket side never blocks either.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor number; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
             return Err(io::Error::last_os_error());
         }
     }

@@ -447,3 +447,109 @@ fn validate_reports_every_error_and_exits_1() {
         assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
     }
 }
+
+#[test]
+fn a_panicking_connection_does_not_take_its_worker_down() {
+    let backend = echo_backend();
+    let config = format!(
+        "[workers]\ncount = 1\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start_with_env(&config, &[("GATEWAY_FAULT_INJECTION", "1")]);
+    let hello = testdata(HELLO);
+    // An established connection on the (only) worker.
+    let mut established = connect(gateway.listen);
+    established.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    established.read_exact(&mut echoed).expect("echo");
+    // A hello whose name triggers the injected panic (debug builds only).
+    let mut builder_hello = testdata("openssl-default.bin");
+    let original = testdata_sni(HELLO);
+    // Names under `panic.fault-injection.` panic when GATEWAY_FAULT_INJECTION is set.
+    let injected = format!("panic.fault-injection.{}", "x".repeat(original.len() - 22));
+    let at = builder_hello
+        .windows(original.len())
+        .position(|w| w == original.as_bytes())
+        .expect("sni bytes in the capture");
+    assert_eq!(
+        original.len(),
+        injected.len(),
+        "same length keeps every length field valid"
+    );
+    builder_hello[at..at + injected.len()].copy_from_slice(injected.as_bytes());
+    let mut doomed = connect(gateway.listen);
+    doomed.write_all(&builder_hello).expect("send");
+    assert!(read_to_end(&mut doomed).is_empty());
+    assert_eq!(
+        gateway.wait_metric("gateway_connection_panics_total", 1.0),
+        1.0
+    );
+    // The worker and its other connection live on.
+    established.write_all(b"alive").expect("write");
+    let mut reply = [0u8; 5];
+    established.read_exact(&mut reply).expect("still relaying");
+    assert_eq!(&reply, b"alive");
+    let mut fresh = connect(gateway.listen);
+    fresh.write_all(&hello).expect("hello");
+    fresh
+        .read_exact(&mut echoed)
+        .expect("new connections still served");
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_counted() {
+    let backend = echo_backend();
+    let config = format!(
+        "[limits]\nmax_connections = 2\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start(&config);
+    let hello = testdata(HELLO);
+    // Two workers share the limit: one connection each. Open connections until one is
+    // refused; the established ones must keep working.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        let mut stream = connect(gateway.listen);
+        stream.write_all(&hello).expect("hello");
+        let mut echoed = vec![0u8; hello.len()];
+        match stream.read_exact(&mut echoed) {
+            Ok(()) => open.push(stream),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(
+        open.len() <= 2 && refused >= 6,
+        "open {} refused {refused}",
+        open.len()
+    );
+    assert_eq!(
+        gateway.metric("gateway_listener_connections_rejected_total{listener=\"wan\",reason=\"max_connections\"}"),
+        refused as f64
+    );
+    for stream in &mut open {
+        stream.write_all(b"ok").expect("write");
+        let mut reply = [0u8; 2];
+        stream
+            .read_exact(&mut reply)
+            .expect("established connections unaffected");
+    }
+}
+
+#[test]
+fn every_relay_mode_is_byte_exact_with_half_close() {
+    for mode in ["copy", "splice", "auto"] {
+        let backend = echo_backend();
+        let gateway = Gateway::start_with_env(
+            &route(&testdata_sni(HELLO), &[backend.address]),
+            &[("GATEWAY_RELAY_MODE", mode)],
+        );
+        let hello = testdata(HELLO);
+        for (size, seed) in [(10, 1), (70_000, 2), (8 << 20, 3)] {
+            let payload = pattern(size, seed);
+            let received = echo_exchange(&gateway, &hello, &payload);
+            assert_eq!(received.len(), hello.len() + size, "{mode}: {size} bytes");
+            assert!(received[hello.len()..] == payload[..], "{mode}: {size} bytes intact");
+        }
+    }
+}

@@ -575,3 +575,31 @@ proptest! {
         }
     }
 }
+
+/// The fuzz target's invariants, replayed over its committed corpus (seeds and every crasher
+/// ever found), so a fixed crash stays fixed without nightly.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/clienthello");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("fuzz corpus") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("read");
+        let cap = 16 * 1024;
+        match parse(&data, cap) {
+            Verdict::NeedMore => assert!(data.len() < cap),
+            Verdict::Reject(reason) => {
+                let mut longer = data.clone();
+                longer.extend_from_slice(&[0x16, 3, 1, 0, 1, 1]);
+                assert_eq!(parse(&longer, cap), Verdict::Reject(reason));
+            }
+            Verdict::Done(hello) => {
+                assert!(hello.hello_bytes <= data.len());
+                if let Some(name) = &hello.server_name {
+                    assert_eq!(ServerName::parse(name.as_str().as_bytes()).as_ref(), Ok(name));
+                }
+            }
+        }
+        count += 1;
+    }
+    assert!(count >= 10, "corpus has {count} files");
+}

@@ -71,8 +71,14 @@ impl Gateway {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config_path = dir.join("gateway.toml");
+        // Two workers unless the test sets its own.
+        let workers = if extra_toml.contains("[workers]") {
+            ""
+        } else {
+            "[workers]\ncount = 2\n"
+        };
         let config = format!(
-            "[[listener]]\nname = \"wan\"\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n[workers]\ncount = 2\n\n{extra_toml}\n"
+            "[[listener]]\nname = \"wan\"\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n{workers}\n{extra_toml}\n"
         );
         std::fs::write(&config_path, config).expect("write config");
         let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
