@@ -187,17 +187,22 @@ pub async fn pump(
         if splicing {
             match shared.prepare_splice().and_then(|()| take_pipe()) {
                 Ok(pipe) => {
-                    let (end, pipe) =
-                        splice_burst(source_fd, destination, &pipe, shared, direction, counter, total)
-                            .await
-                            .map_or_else(|end| (Some(end), None), |()| (None, Some(pipe)));
-                    if let Some(pipe) = pipe {
-                        give_back(pipe);
+                    match splice_burst(
+                        source_fd,
+                        destination,
+                        &pipe,
+                        shared,
+                        direction,
+                        counter,
+                        total,
+                    )
+                    .await
+                    {
+                        Ok(()) => give_back(pipe),
+                        // The pipe may still hold bytes: it is closed, not pooled.
+                        Err(end) => return end,
                     }
-                    match end {
-                        Some(end) => return end,
-                        None => continue,
-                    }
+                    continue;
                 }
                 // Out of descriptors for a pipe: this wake copies instead.
                 Err(_) => {}

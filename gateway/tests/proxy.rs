@@ -549,7 +549,10 @@ fn every_relay_mode_is_byte_exact_with_half_close() {
             let payload = pattern(size, seed);
             let received = echo_exchange(&gateway, &hello, &payload);
             assert_eq!(received.len(), hello.len() + size, "{mode}: {size} bytes");
-            assert!(received[hello.len()..] == payload[..], "{mode}: {size} bytes intact");
+            assert!(
+                received[hello.len()..] == payload[..],
+                "{mode}: {size} bytes intact"
+            );
         }
     }
 }

@@ -595,7 +595,10 @@ fn fuzz_corpus_replays() {
             Verdict::Done(hello) => {
                 assert!(hello.hello_bytes <= data.len());
                 if let Some(name) = &hello.server_name {
-                    assert_eq!(ServerName::parse(name.as_str().as_bytes()).as_ref(), Ok(name));
+                    assert_eq!(
+                        ServerName::parse(name.as_str().as_bytes()).as_ref(),
+                        Ok(name)
+                    );
                 }
             }
         }
