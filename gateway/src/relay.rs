@@ -185,27 +185,24 @@ pub async fn pump(
             return End::Aborted;
         }
         if splicing {
-            match shared.prepare_splice().and_then(|()| take_pipe()) {
-                Ok(pipe) => {
-                    match splice_burst(
-                        source_fd,
-                        destination,
-                        &pipe,
-                        shared,
-                        direction,
-                        counter,
-                        total,
-                    )
-                    .await
-                    {
-                        Ok(()) => give_back(pipe),
-                        // The pipe may still hold bytes: it is closed, not pooled.
-                        Err(end) => return end,
-                    }
-                    continue;
+            // Without a pipe (out of descriptors) this wake copies instead.
+            if let Ok(pipe) = shared.prepare_splice().and_then(|()| take_pipe()) {
+                match splice_burst(
+                    source_fd,
+                    destination,
+                    &pipe,
+                    shared,
+                    direction,
+                    counter,
+                    total,
+                )
+                .await
+                {
+                    Ok(()) => give_back(pipe),
+                    // The pipe may still hold bytes: it is closed, not pooled.
+                    Err(end) => return end,
                 }
-                // Out of descriptors for a pipe: this wake copies instead.
-                Err(_) => {}
+                continue;
             }
         }
         for _ in 0..READS_PER_WAKE {

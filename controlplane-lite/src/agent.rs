@@ -1,0 +1,280 @@
+//! The agent process: configuration, first-start initialisation, and the HTTP server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::acl::{
+    Authorizer, DefaultPolicy, Policy, Token, ANONYMOUS_ACCESSOR_ID, ANONYMOUS_SECRET,
+    MANAGEMENT_POLICY_ID, MANAGEMENT_POLICY_NAME,
+};
+use crate::ca::{self, CaRoot};
+use crate::catalog::ServiceDefinition;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::store::{Store, Table};
+
+/// Key of the cluster id in the `system` table.
+pub const CLUSTER_ID_KEY: &str = "cluster_id";
+/// Key of the ACL bootstrap marker in the `system` table.
+pub const ACL_BOOTSTRAP_KEY: &str = "acl_bootstrap";
+
+/// The agent's flags, parsed.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This datacenter's name.
+    pub datacenter: String,
+    /// The primary datacenter (owner of the CA root, ACLs, intentions, config entries).
+    pub primary_datacenter: String,
+    /// Where the primary's agent listens (for replication, not implemented yet).
+    pub primary_address: Option<String>,
+    /// Where state lives.
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// The node name shown in the catalog.
+    pub node_name: String,
+    /// The node address services without their own address get.
+    pub node_address: String,
+    /// What ACLs do when no rule matches; also the intentions default.
+    pub default_policy: DefaultPolicy,
+    /// Service definitions loaded at start and on reload.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// One running agent.
+pub struct Agent {
+    /// Flags.
+    pub config: AgentConfig,
+    /// State.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set to `true` when the agent shuts down, so blocking queries answer at once instead of
+    /// holding graceful shutdown for up to ten minutes.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Agent {
+    /// Opens the store and performs first-start initialisation: the built-in management policy,
+    /// the anonymous token and, in the primary datacenter, the cluster id and CA root.
+    pub fn open(config: AgentConfig) -> Result<Arc<Agent>> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::Startup(format!(
+                "cannot create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        let store = Store::open(&config.data_dir.join("state.redb"), metrics.clone())?;
+        let shutdown = tokio::sync::watch::channel(false).0;
+        let agent = Arc::new(Agent {
+            config,
+            store,
+            metrics,
+            shutdown,
+        });
+        agent.initialise(OffsetDateTime::now_utc())?;
+        if let Some(root) = agent.active_root()? {
+            if let Ok(time) = OffsetDateTime::parse(
+                &root.not_after,
+                &time::format_description::well_known::Rfc3339,
+            ) {
+                agent.metrics.set_root_expiry(time.unix_timestamp());
+            }
+        }
+        Ok(agent)
+    }
+
+    /// Whether this is the primary datacenter.
+    pub fn is_primary(&self) -> bool {
+        self.config.datacenter == self.config.primary_datacenter
+    }
+
+    fn initialise(&self, now: OffsetDateTime) -> Result<()> {
+        let primary = self.is_primary();
+        self.store.write(|tx| {
+            if tx.get::<Policy>(Table::AclPolicies, MANAGEMENT_POLICY_ID)?.is_none() {
+                let policy = Policy {
+                    id: MANAGEMENT_POLICY_ID.to_owned(),
+                    name: MANAGEMENT_POLICY_NAME.to_owned(),
+                    description: "Builtin Policy that grants unlimited access".to_owned(),
+                    rules: String::new(),
+                    datacenters: Vec::new(),
+                    create_index: tx.index(),
+                    modify_index: tx.index(),
+                };
+                tx.put(Table::AclPolicies, MANAGEMENT_POLICY_ID, &policy)?;
+            }
+            if tx.get::<Token>(Table::AclTokens, ANONYMOUS_ACCESSOR_ID)?.is_none() {
+                let token = Token {
+                    accessor_id: ANONYMOUS_ACCESSOR_ID.to_owned(),
+                    secret_id: ANONYMOUS_SECRET.to_owned(),
+                    description: "Anonymous Token".to_owned(),
+                    policies: Vec::new(),
+                    service_identities: Vec::new(),
+                    local: false,
+                    create_time: ca::rfc3339(now),
+                    create_index: tx.index(),
+                    modify_index: tx.index(),
+                };
+                tx.put(Table::AclTokens, ANONYMOUS_ACCESSOR_ID, &token)?;
+            }
+            // The CA belongs to the primary; a secondary gets its intermediate through
+            // replication (a later issue) and serves no CA until then.
+            if primary && tx.get::<String>(Table::System, CLUSTER_ID_KEY)?.is_none() {
+                let cluster_id = uuid::Uuid::new_v4().to_string();
+                let mut generated = ca::generate_root(&cluster_id, now, tx.index())?;
+                generated.root.create_index = tx.index();
+                generated.root.modify_index = tx.index();
+                tx.put(Table::System, CLUSTER_ID_KEY, &cluster_id)?;
+                tx.put(Table::CaRoots, &generated.root.id, &generated.root)?;
+                tx.put(Table::CaSigning, &generated.root.id, &generated.key)?;
+                tracing::info!(%cluster_id, root = %generated.root.id, "bootstrapped the Connect CA");
+            }
+            Ok(())
+        })
+    }
+
+    /// `<cluster-id>.consul`, once the CA exists.
+    pub fn trust_domain(&self) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .get::<String>(Table::System, CLUSTER_ID_KEY)?
+            .map(|id| format!("{}.consul", id.to_ascii_lowercase())))
+    }
+
+    /// The trust domain, or 503 if the CA is not initialised in this datacenter.
+    pub fn require_trust_domain(&self) -> Result<String> {
+        self.trust_domain()?.ok_or_else(|| {
+            Error::Unavailable(
+                "Connect CA not initialised in this datacenter: secondaries get the CA from the primary through replication, which is not implemented yet".to_owned(),
+            )
+        })
+    }
+
+    /// The active CA root.
+    pub fn active_root(&self) -> Result<Option<CaRoot>> {
+        Ok(self
+            .store
+            .list::<CaRoot>(Table::CaRoots)?
+            .into_iter()
+            .find(|r| r.active))
+    }
+
+    /// Resolves a token secret into an authorizer (no secret = the anonymous token).
+    pub fn authorizer(&self, secret: Option<&str>) -> Result<Authorizer> {
+        let secret = secret.filter(|s| !s.is_empty()).unwrap_or(ANONYMOUS_SECRET);
+        let token = self
+            .store
+            .list::<Token>(Table::AclTokens)?
+            .into_iter()
+            .find(|t| t.secret_id == secret)
+            .ok_or(Error::AclNotFound)?;
+        let mut policies = Vec::with_capacity(token.policies.len());
+        for link in &token.policies {
+            // A deleted policy simply grants nothing (Consul skips dangling links too).
+            if let Some(policy) = self.store.get::<Policy>(Table::AclPolicies, &link.id)? {
+                policies.push(policy);
+            }
+        }
+        Authorizer::for_token(
+            &token,
+            &policies,
+            &self.config.datacenter,
+            self.config.default_policy,
+        )
+    }
+
+    /// Reads the service definitions in the config dir (`*.json`, in name order).
+    pub fn read_config_dir(&self) -> Result<Vec<ServiceDefinition>> {
+        let Some(dir) = &self.config.config_dir else {
+            return Ok(Vec::new());
+        };
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Error::Startup(format!("cannot read config dir {}: {e}", dir.display()))
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        let mut definitions = Vec::new();
+        for path in paths {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::bad_request(format!("{}: {e}", path.display())))?;
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::bad_request(format!("{}: invalid JSON: {e}", path.display()))
+            })?;
+            let is_services = value
+                .as_object()
+                .is_some_and(|o| o.contains_key("service") || o.contains_key("services"));
+            if !is_services {
+                tracing::warn!(file = %path.display(), "config dir file has no service definition; ignored");
+                continue;
+            }
+            let parsed = crate::catalog::parse_definitions(value)
+                .map_err(|e| Error::bad_request(format!("{}: {e}", path.display())))?;
+            definitions.extend(parsed);
+        }
+        Ok(definitions)
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    if config.primary_address.is_some() && config.datacenter != config.primary_datacenter {
+        tracing::warn!(
+            "-primary-address is accepted but replication from the primary is not implemented yet"
+        );
+    }
+    let agent = tokio::task::spawn_blocking(move || Agent::open(config))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let definitions = agent.read_config_dir()?;
+    if !definitions.is_empty() {
+        let count = definitions.len();
+        crate::http::register_local(&agent, definitions).await?;
+        tracing::info!(count, "registered services from the config dir");
+    }
+    let listener = tokio::net::TcpListener::bind(agent.config.http_addr)
+        .await
+        .map_err(|e| Error::Startup(format!("cannot listen on {}: {e}", agent.config.http_addr)))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Startup(e.to_string()))?;
+    tracing::info!(
+        datacenter = %agent.config.datacenter,
+        http = %local,
+        data_dir = %agent.config.data_dir.display(),
+        "agent running"
+    );
+    // A line on stdout that scripts and tests can wait for.
+    println!("controlplane-lite agent listening on http://{local}");
+    let stopping = agent.clone();
+    axum::serve(listener, crate::http::router(agent))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.shutdown.send_replace(true);
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,373 @@
+//! The command line: `agent`, and Consul-shaped client commands that talk to an agent.
+//!
+//! Consul's flags take one dash (`-datacenter primary`, `-token=x`); clap wants two. Before
+//! parsing, [`consul_style_args`] rewrites every `-word` argument into `--word` (the afterburn
+//! approach). Single-letter flags (`-h`) and a bare `-` (stdin) are left alone, and nothing
+//! after `--` is touched.
+
+mod client;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use client::Client;
+pub use commands::run;
+
+/// Rewrites Consul-style single-dash long flags into clap's double-dash form.
+pub fn consul_style_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (position, arg) in args.into_iter().enumerate() {
+        if position == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        let bytes = arg.as_bytes();
+        let single_dash_word =
+            bytes.len() > 2 && bytes[0] == b'-' && bytes[1].is_ascii_alphabetic();
+        if single_dash_word {
+            out.push(format!("-{arg}"));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// controlplane-lite: a Consul-shaped control plane for the mesh gateway.
+#[derive(Parser, Debug)]
+#[command(name = "controlplane-lite", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (HTTP API, store, CA).
+    Agent(AgentFlags),
+    /// ACL bootstrap, policies and tokens.
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Config entries.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Service registrations.
+    #[command(subcommand)]
+    Services(ServicesCommand),
+    /// Intentions.
+    #[command(subcommand)]
+    Intention(IntentionCommand),
+    /// Catalog queries.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Ask the agent to register the services in its config dir again.
+    Reload(ClientFlags),
+}
+
+/// Flags of `agent`.
+#[derive(Args, Debug, Clone)]
+pub struct AgentFlags {
+    /// This datacenter's name.
+    #[arg(long, default_value = "dc1")]
+    pub datacenter: String,
+    /// Where state is stored (created if missing).
+    #[arg(long = "data-dir")]
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens (`host:port`; port 0 picks a free one).
+    #[arg(long = "http-addr", default_value = "127.0.0.1:8500")]
+    pub http_addr: String,
+    /// What ACLs do when no rule matches: allow or deny. Also the intentions default.
+    #[arg(long = "acl-default-policy", default_value = "allow")]
+    pub acl_default_policy: String,
+    /// The primary datacenter (defaults to this one).
+    #[arg(long = "primary-datacenter")]
+    pub primary_datacenter: Option<String>,
+    /// The primary's HTTP address (accepted; replication is not implemented yet).
+    #[arg(long = "primary-address")]
+    pub primary_address: Option<String>,
+    /// A directory of service definitions (`*.json`) registered at start and on reload.
+    #[arg(long = "config-dir")]
+    pub config_dir: Option<PathBuf>,
+    /// The node name shown in the catalog.
+    #[arg(long = "node", default_value = "controlplane-lite")]
+    pub node: String,
+    /// The node address used for services registered without one.
+    #[arg(long = "advertise", default_value = "127.0.0.1")]
+    pub advertise: String,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long = "log-level", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Flags every client command takes (Consul's names and environment variables).
+#[derive(Args, Debug, Clone)]
+pub struct ClientFlags {
+    /// The agent's HTTP address.
+    #[arg(
+        long = "http-addr",
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    pub http_addr: String,
+    /// ACL token sent as X-Consul-Token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file holding the ACL token.
+    #[arg(long = "token-file", env = "CONSUL_HTTP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `acl ...`.
+#[derive(Subcommand, Debug)]
+pub enum AclCommand {
+    /// Create the first management token (once).
+    Bootstrap(ClientFlags),
+    /// Policies.
+    #[command(subcommand)]
+    Policy(AclPolicyCommand),
+    /// Tokens.
+    #[command(subcommand)]
+    Token(AclTokenCommand),
+}
+
+/// `acl policy ...`.
+#[derive(Subcommand, Debug)]
+pub enum AclPolicyCommand {
+    /// Create a policy.
+    Create {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Policy name.
+        #[arg(long)]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Rules: inline HCL/JSON, `@FILE`, or `-` for stdin.
+        #[arg(long)]
+        rules: String,
+        /// Datacenters the policy is valid in (repeatable).
+        #[arg(long = "valid-datacenter")]
+        valid_datacenter: Vec<String>,
+    },
+    /// List policies.
+    List {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+}
+
+/// `acl token ...`.
+#[derive(Subcommand, Debug)]
+pub enum AclTokenCommand {
+    /// Create a token.
+    Create {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Link a policy by name (repeatable).
+        #[arg(long = "policy-name")]
+        policy_name: Vec<String>,
+        /// Link a policy by ID (repeatable).
+        #[arg(long = "policy-id")]
+        policy_id: Vec<String>,
+        /// `service[:dc1,dc2]` (repeatable).
+        #[arg(long = "service-identity")]
+        service_identity: Vec<String>,
+        /// Local token (not replicated).
+        #[arg(long)]
+        local: bool,
+    },
+    /// List tokens.
+    List {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+}
+
+/// `config ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Write an entry from a JSON file (`-` for stdin).
+    Write {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// The file.
+        file: String,
+    },
+    /// Read one entry.
+    Read {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Kind.
+        #[arg(long)]
+        kind: String,
+        /// Name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List entries of a kind.
+    List {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Kind.
+        #[arg(long)]
+        kind: String,
+    },
+    /// Delete an entry.
+    Delete {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Kind.
+        #[arg(long)]
+        kind: String,
+        /// Name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `services ...`.
+#[derive(Subcommand, Debug)]
+pub enum ServicesCommand {
+    /// Register the services of a JSON definition file.
+    Register {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// The file.
+        file: PathBuf,
+    },
+    /// Deregister a service instance by ID.
+    Deregister {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Instance ID.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// `intention ...`.
+#[derive(Subcommand, Debug)]
+pub enum IntentionCommand {
+    /// Create an intention (allow unless `-deny`).
+    Create {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Create an allow intention (the default).
+        #[arg(long, conflicts_with = "deny")]
+        allow: bool,
+        /// Create a deny intention.
+        #[arg(long)]
+        deny: bool,
+        /// Replace an existing intention for the same pair.
+        #[arg(long)]
+        replace: bool,
+        /// Metadata `key=value` (repeatable).
+        #[arg(long)]
+        meta: Vec<String>,
+        /// Source service or `*`.
+        source: String,
+        /// Destination service or `*`.
+        destination: String,
+    },
+    /// Check whether a connection would be allowed (exit 0 allowed, 2 denied).
+    Check {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Source service.
+        source: String,
+        /// Destination service.
+        destination: String,
+    },
+    /// List intentions in evaluation order.
+    List {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Delete the intention for a pair.
+    Delete {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Source service or `*`.
+        source: String,
+        /// Destination service or `*`.
+        destination: String,
+    },
+}
+
+/// `catalog ...`.
+#[derive(Subcommand, Debug)]
+pub enum CatalogCommand {
+    /// List services.
+    Services {
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Show tags too.
+        #[arg(long)]
+        tags: bool,
+    },
+    /// List datacenters.
+    Datacenters {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        consul_style_args(line.split(' ').map(str::to_owned))
+    }
+
+    #[test]
+    fn single_dash_long_flags_become_double_dash() {
+        assert_eq!(
+            args("cp agent -datacenter primary -data-dir /x -http-addr=127.0.0.1:1 -h --node n - -- -raw"),
+            ["cp", "agent", "--datacenter", "primary", "--data-dir", "/x", "--http-addr=127.0.0.1:1", "-h", "--node", "n", "-", "--", "-raw"]
+        );
+        let parsed =
+            Cli::try_parse_from(args("cp intention create -deny web socat")).expect("parse");
+        match parsed.command {
+            Command::Intention(IntentionCommand::Create {
+                deny,
+                source,
+                destination,
+                ..
+            }) => {
+                assert!(deny);
+                assert_eq!((source.as_str(), destination.as_str()), ("web", "socat"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let parsed = Cli::try_parse_from(args(
+            "cp acl token create -description D -policy-name mesh-gateway -token=abc",
+        ))
+        .expect("parse");
+        match parsed.command {
+            Command::Acl(AclCommand::Token(AclTokenCommand::Create {
+                client,
+                policy_name,
+                ..
+            })) => {
+                assert_eq!(policy_name, ["mesh-gateway"]);
+                assert_eq!(client.token.as_deref(), Some("abc"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

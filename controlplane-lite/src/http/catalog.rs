@@ -1,0 +1,323 @@
+//! Catalog, health and agent-service endpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::{blocking_json, json_body, write, AgentState, Ctx};
+use crate::acl::{require, Authorizer};
+use crate::agent::Agent;
+use crate::catalog::{
+    parse_definitions, plan_registration, ServiceDefinition, ServiceInstance, KIND_CONNECT_PROXY,
+};
+use crate::error::{Error, Result};
+use crate::routes::FederationState;
+use crate::store::{Table, Transaction};
+
+/// `GET /v1/catalog/datacenters`: this datacenter, the primary, and every datacenter with known
+/// gateways. No ACL, like Consul.
+pub async fn datacenters(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    blocking_json(&agent, &ctx, &[Table::FederationStates], |_| {
+        let mut names = BTreeSet::from([
+            agent.config.datacenter.clone(),
+            agent.config.primary_datacenter.clone(),
+        ]);
+        for state in agent
+            .store
+            .list::<FederationState>(Table::FederationStates)?
+        {
+            names.insert(state.datacenter);
+        }
+        Ok(names.into_iter().collect::<Vec<_>>())
+    })
+    .await
+}
+
+fn visible(agent: &Agent, ctx: &Ctx) -> Result<(Authorizer, Vec<ServiceInstance>)> {
+    let authorizer = ctx.authorizer(agent)?;
+    let services = agent.store.list::<ServiceInstance>(Table::Services)?;
+    let services = services
+        .into_iter()
+        .filter(|s| authorizer.service_read(&s.service))
+        .collect();
+    Ok((authorizer, services))
+}
+
+/// `GET /v1/catalog/services`: names and tags, filtered by `service:read`.
+pub async fn services(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    blocking_json(&agent, &ctx, &[Table::Services], |_| {
+        let (_, services) = visible(&agent, &ctx)?;
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for service in services {
+            out.entry(service.service).or_default().extend(service.tags);
+        }
+        Ok(out)
+    })
+    .await
+}
+
+fn node_json(agent: &Agent) -> Value {
+    json!({
+        "ID": "",
+        "Node": agent.config.node_name,
+        "Address": agent.config.node_address,
+        "Datacenter": agent.config.datacenter,
+        "TaggedAddresses": {"lan": agent.config.node_address, "wan": agent.config.node_address},
+        "Meta": {},
+    })
+}
+
+fn service_node_row(agent: &Agent, s: &ServiceInstance) -> Value {
+    json!({
+        "ID": "",
+        "Node": agent.config.node_name,
+        "Address": agent.config.node_address,
+        "Datacenter": agent.config.datacenter,
+        "TaggedAddresses": {"lan": agent.config.node_address, "wan": agent.config.node_address},
+        "NodeMeta": {},
+        "ServiceKind": s.kind,
+        "ServiceID": s.id,
+        "ServiceName": s.service,
+        "ServiceTags": s.tags,
+        "ServiceAddress": s.address,
+        "ServiceTaggedAddresses": s.tagged_addresses,
+        "ServiceWeights": s.weights,
+        "ServiceMeta": s.meta,
+        "ServicePort": s.port,
+        "ServiceEnableTagOverride": s.enable_tag_override,
+        "ServiceProxy": s.proxy,
+        "ServiceConnect": s.connect,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
+fn health_row(agent: &Agent, s: &ServiceInstance) -> Value {
+    // Checks are accepted at registration but not executed yet, so none are reported (and
+    // every instance counts as healthy); see the README.
+    json!({"Node": node_json(agent), "Service": s, "Checks": []})
+}
+
+async fn rows(
+    agent: AgentState,
+    ctx: Ctx,
+    name: String,
+    keep: fn(&ServiceInstance, &str) -> bool,
+    shape: fn(&Agent, &ServiceInstance) -> Value,
+) -> Result<Response> {
+    crate::catalog::validate_name(&name, "service name")?;
+    blocking_json(&agent, &ctx, &[Table::Services], |_| {
+        let (_, services) = visible(&agent, &ctx)?;
+        Ok(services
+            .iter()
+            .filter(|s| keep(s, &name))
+            .map(|s| shape(&agent, s))
+            .collect::<Vec<_>>())
+    })
+    .await
+}
+
+fn by_name(s: &ServiceInstance, name: &str) -> bool {
+    s.service == name
+}
+
+fn connect_for(s: &ServiceInstance, name: &str) -> bool {
+    s.is_connect_endpoint_for(name)
+}
+
+/// `GET /v1/catalog/service/:name`.
+pub async fn service_nodes(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    rows(agent, ctx, name, by_name, service_node_row).await
+}
+
+/// `GET /v1/catalog/connect/:name`: Connect-capable instances (sidecars) of `name`.
+pub async fn connect_nodes(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    rows(agent, ctx, name, connect_for, service_node_row).await
+}
+
+/// `GET /v1/health/service/:name`.
+pub async fn health_service(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    rows(agent, ctx, name, by_name, health_row).await
+}
+
+/// `GET /v1/health/connect/:name`: what gateways route `name`'s SNI to.
+pub async fn health_connect(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    rows(agent, ctx, name, connect_for, health_row).await
+}
+
+/// `GET /v1/agent/services`: this agent's instances by ID.
+pub async fn agent_services(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    blocking_json(&agent, &ctx, &[Table::Services], |_| {
+        let (_, services) = visible(&agent, &ctx)?;
+        Ok(services
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect::<BTreeMap<_, _>>())
+    })
+    .await
+}
+
+/// Stores one registration inside a transaction, checking `service:write` on every name it
+/// creates. Returns the IDs written.
+fn store_registration(
+    tx: &mut Transaction<'_>,
+    definition: ServiceDefinition,
+    authorizer: &Authorizer,
+) -> Result<Vec<String>> {
+    let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
+    let parent_id = definition
+        .id
+        .clone()
+        .or_else(|| definition.name.clone())
+        .unwrap_or_default();
+    let previous_sidecar = services
+        .iter()
+        .find(|s| {
+            s.kind == KIND_CONNECT_PROXY
+                && s.proxy
+                    .as_ref()
+                    .is_some_and(|p| p.destination_service_id == parent_id)
+        })
+        .cloned();
+    let taken: BTreeSet<u16> = services
+        .iter()
+        .filter(|s| {
+            s.kind == KIND_CONNECT_PROXY && previous_sidecar.as_ref().is_none_or(|p| p.id != s.id)
+        })
+        .map(|s| s.port)
+        .collect();
+    let plan = plan_registration(
+        definition,
+        &taken,
+        previous_sidecar.as_ref().map(|s| s.port),
+    )?;
+    let mut instances = vec![plan.service];
+    instances.extend(plan.sidecar);
+    // Replacing an instance (same ID) or dropping the old sidecar also needs write on what is
+    // replaced; otherwise a token for `web` could overwrite the instance `socat`.
+    let replaced = services
+        .iter()
+        .filter(|s| instances.iter().any(|i| i.id == s.id))
+        .chain(previous_sidecar.iter());
+    for existing in replaced {
+        require(authorizer.service_write(&existing.service), || {
+            format!("service:write on {}", existing.service)
+        })?;
+    }
+    for instance in &instances {
+        require(authorizer.service_write(&instance.service), || {
+            format!("service:write on {}", instance.service)
+        })?;
+        if let Some(proxy) = &instance.proxy {
+            if instance.kind == KIND_CONNECT_PROXY {
+                require(
+                    authorizer.service_write(&proxy.destination_service_name),
+                    || format!("service:write on {}", proxy.destination_service_name),
+                )?;
+            }
+        }
+    }
+    if let Some(previous) = previous_sidecar {
+        if instances.iter().all(|i| i.id != previous.id) {
+            tx.delete(Table::Services, &previous.id)?;
+        }
+    }
+    let mut ids = Vec::new();
+    for mut instance in instances {
+        let existing = services.iter().find(|s| s.id == instance.id);
+        instance.create_index = existing.map_or(tx.index(), |e| e.create_index);
+        instance.modify_index = tx.index();
+        tx.put(Table::Services, &instance.id, &instance)?;
+        ids.push(instance.id);
+    }
+    Ok(ids)
+}
+
+/// Registers definitions from the agent's own config dir (trusted: management rights).
+pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefinition>) -> Result<()> {
+    write(agent, move |tx| {
+        let authorizer = Authorizer::management();
+        for definition in definitions {
+            store_registration(tx, definition, &authorizer)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `PUT /v1/agent/service/register`: the API form (PascalCase or snake_case) or the file form
+/// `{"service": {...}}` / `{"services": [...]}`. All definitions are stored in one transaction.
+pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> Result<Response> {
+    let definitions = parse_definitions(json_body(&body)?)?;
+    let authorizer = ctx.authorizer(&agent)?;
+    write(&agent, move |tx| {
+        for definition in definitions {
+            store_registration(tx, definition, &authorizer)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(().into_response())
+}
+
+/// `PUT /v1/agent/service/deregister/:id`: removes the instance and its managed sidecar.
+pub async fn deregister(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    write(&agent, move |tx| {
+        let instance: ServiceInstance = tx
+            .get(Table::Services, &id)?
+            .ok_or_else(|| Error::NotFound(format!("Unknown service ID {id:?}")))?;
+        require(authorizer.service_write(&instance.service), || {
+            format!("service:write on {}", instance.service)
+        })?;
+        let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
+        for sidecar in services.iter().filter(|s| {
+            s.kind == KIND_CONNECT_PROXY
+                && s.proxy
+                    .as_ref()
+                    .is_some_and(|p| p.destination_service_id == id)
+        }) {
+            tx.delete(Table::Services, &sidecar.id)?;
+        }
+        tx.delete(Table::Services, &id)?;
+        Ok(())
+    })
+    .await?;
+    Ok(().into_response())
+}
+
+/// `PUT /v1/agent/reload`: registers the config dir's definitions again (`operator:write`).
+/// Definitions removed from the directory stay registered until deregistered.
+pub async fn reload(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.operator_write(), || "operator:write".to_owned())?;
+    let reader = agent.clone();
+    let definitions = tokio::task::spawn_blocking(move || reader.read_config_dir())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    register_local(&agent, definitions).await?;
+    Ok(().into_response())
+}

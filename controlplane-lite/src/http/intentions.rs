@@ -1,0 +1,270 @@
+//! Intention endpoints (`/v1/connect/intentions`) and `/v1/agent/connect/authorize`.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
+use crate::acl::require;
+use crate::ca::rfc3339;
+use crate::catalog::from_value;
+use crate::error::{Error, Result};
+use crate::intentions::{
+    authorize as decide, evaluation_order, matches, Intention, IntentionRequest, MatchBy,
+};
+use crate::spiffe::SpiffeId;
+use crate::store::{Table, Transaction};
+
+fn parse_request(body: &[u8]) -> Result<IntentionRequest> {
+    from_value(crate::casing::normalize(json_body(body)?), "intention")
+}
+
+fn same_pair(a: &Intention, b: &Intention) -> bool {
+    (
+        &a.source_ns,
+        &a.source_name,
+        &a.destination_ns,
+        &a.destination_name,
+    ) == (
+        &b.source_ns,
+        &b.source_name,
+        &b.destination_ns,
+        &b.destination_name,
+    )
+}
+
+fn ensure_unique(tx: &Transaction<'_>, candidate: &Intention) -> Result<()> {
+    let all: Vec<Intention> = tx.list(Table::Intentions)?;
+    if let Some(existing) = all
+        .iter()
+        .find(|i| i.id != candidate.id && same_pair(i, candidate))
+    {
+        return Err(Error::Conflict(format!(
+            "duplicate intention found: {}/{} => {}/{} (ID: {})",
+            existing.source_ns,
+            existing.source_name,
+            existing.destination_ns,
+            existing.destination_name,
+            existing.id
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /v1/connect/intentions`: creates; answers `{"ID": ...}`. Needs `intentions:write` on
+/// the destination; a second intention for the same pair is a 409.
+pub async fn create(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> Result<Response> {
+    let request = parse_request(&body)?;
+    let mut intention = request.into_intention(
+        uuid::Uuid::new_v4().to_string(),
+        &rfc3339(OffsetDateTime::now_utc()),
+    )?;
+    let authorizer = ctx.authorizer(&agent)?;
+    require(
+        authorizer.intention_write(&intention.destination_name),
+        || format!("intentions:write on {}", intention.destination_name),
+    )?;
+    let id = write(&agent, move |tx| {
+        ensure_unique(tx, &intention)?;
+        intention.create_index = tx.index();
+        intention.modify_index = tx.index();
+        tx.put(Table::Intentions, &intention.id, &intention)?;
+        Ok(intention.id)
+    })
+    .await?;
+    Ok(json_with_index(
+        agent.store.index(Table::Intentions),
+        &json!({ "ID": id }),
+    ))
+}
+
+/// `PUT /v1/connect/intentions/:id`: replaces the writable fields.
+pub async fn update(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let request = parse_request(&body)?;
+    if request
+        .id
+        .as_ref()
+        .is_some_and(|body_id| !body_id.is_empty() && *body_id != id)
+    {
+        return Err(Error::bad_request("field `ID` does not match the URL"));
+    }
+    let mut updated = request.into_intention(id.clone(), &rfc3339(OffsetDateTime::now_utc()))?;
+    let authorizer = ctx.authorizer(&agent)?;
+    write(&agent, move |tx| {
+        let existing: Intention = tx
+            .get(Table::Intentions, &id)?
+            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+        for destination in [&existing.destination_name, &updated.destination_name] {
+            require(authorizer.intention_write(destination), || {
+                format!("intentions:write on {destination}")
+            })?;
+        }
+        ensure_unique(tx, &updated)?;
+        updated.created_at = existing.created_at;
+        updated.create_index = existing.create_index;
+        updated.modify_index = tx.index();
+        tx.put(Table::Intentions, &id, &updated)
+    })
+    .await?;
+    Ok(json_with_index(agent.store.index(Table::Intentions), &true))
+}
+
+/// `DELETE /v1/connect/intentions/:id`.
+pub async fn delete(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    write(&agent, move |tx| {
+        let existing: Intention = tx
+            .get(Table::Intentions, &id)?
+            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+        require(
+            authorizer.intention_write(&existing.destination_name),
+            || format!("intentions:write on {}", existing.destination_name),
+        )?;
+        tx.delete(Table::Intentions, &id)
+    })
+    .await?;
+    Ok(json_with_index(agent.store.index(Table::Intentions), &true))
+}
+
+/// `GET /v1/connect/intentions/:id` (blocking).
+pub async fn read(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
+        let intention: Intention = agent
+            .store
+            .get(Table::Intentions, &id)?
+            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+        require(
+            authorizer.intention_read(&intention.destination_name),
+            || format!("intentions:read on {}", intention.destination_name),
+        )?;
+        Ok(intention)
+    })
+    .await
+}
+
+/// `GET /v1/connect/intentions` (blocking): readable intentions in evaluation order.
+pub async fn list(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
+        let mut all: Vec<Intention> = agent.store.list(Table::Intentions)?;
+        all.retain(|i| authorizer.intention_read(&i.destination_name));
+        all.sort_by(evaluation_order);
+        Ok(all)
+    })
+    .await
+}
+
+/// `GET /v1/connect/intentions/check?source=&destination=`: `{"Allowed": bool}`, with the ACL
+/// default policy deciding when no intention matches.
+pub async fn check(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let source = ctx.param("source")?.to_owned();
+    let destination = ctx.param("destination")?.to_owned();
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.intention_read(&destination), || {
+        format!("intentions:read on {destination}")
+    })?;
+    blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
+        let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
+        let decision = decide(&all, &source, &destination, agent.config.default_policy);
+        Ok(json!({ "Allowed": decision.allowed }))
+    })
+    .await
+}
+
+/// `GET /v1/connect/intentions/match?by=source|destination&name=...` (name repeatable):
+/// `{"name": [intentions in evaluation order]}`.
+pub async fn match_intentions(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let by = match ctx.param("by")? {
+        "source" => MatchBy::Source,
+        "destination" => MatchBy::Destination,
+        other => {
+            return Err(Error::bad_request(format!(
+                "invalid query parameter `by` {other:?}: source or destination"
+            )))
+        }
+    };
+    let names: Vec<String> = ctx
+        .query_all
+        .iter()
+        .filter(|(k, _)| k == "name")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if names.is_empty() {
+        return Err(Error::bad_request("missing query parameter `name`"));
+    }
+    let authorizer = ctx.authorizer(&agent)?;
+    for name in &names {
+        require(authorizer.intention_read(name), || {
+            format!("intentions:read on {name}")
+        })?;
+    }
+    blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
+        let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
+        let out: BTreeMap<&String, Vec<&Intention>> =
+            names.iter().map(|n| (n, matches(&all, by, n))).collect();
+        serde_json::to_value(out).map_err(|e| Error::Internal(e.to_string()))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct AuthorizeRequest {
+    target: String,
+    #[serde(rename = "ClientCertURI")]
+    client_cert_uri: String,
+    #[serde(default)]
+    client_cert_serial: String,
+}
+
+/// `POST /v1/agent/connect/authorize`: what a destination sidecar asks after the handshake.
+/// Needs `service:write` on the target. The client's trust domain and datacenter are not
+/// compared (Consul does the same: intentions are global).
+pub async fn authorize(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> Result<Response> {
+    let request: AuthorizeRequest = from_value(
+        crate::casing::normalize(json_body(&body)?),
+        "authorize request",
+    )?;
+    crate::catalog::validate_name(&request.target, "Target")?;
+    let client = SpiffeId::parse(&request.client_cert_uri).map_err(|_| {
+        Error::bad_request(format!(
+            "invalid field `ClientCertURI` {:?}",
+            request.client_cert_uri
+        ))
+    })?;
+    let _ = request.client_cert_serial;
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.service_write(&request.target), || {
+        format!("service:write on {}", request.target)
+    })?;
+    let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
+    let decision = decide(
+        &all,
+        &client.service,
+        &request.target,
+        agent.config.default_policy,
+    );
+    Ok(json_with_index(
+        agent.store.index(Table::Intentions),
+        &json!({"Authorized": decision.allowed, "Reason": decision.reason}),
+    ))
+}

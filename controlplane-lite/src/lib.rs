@@ -1,0 +1,28 @@
+//! controlplane-lite: a small, Consul-shaped control plane for the mesh gateway.
+//!
+//! The protocol logic lives in plain modules that take values (and `now`) and return values:
+//! [`catalog`], [`config_entries`], [`intentions`], [`acl`], [`ca`], [`routes`]. The [`http`]
+//! handlers and the [`cli`] are thin shells around them; [`store`] is the only module that
+//! touches the disk and [`blocking`] the only one that waits.
+#![forbid(unsafe_code)]
+
+pub mod acl;
+pub mod agent;
+pub mod blocking;
+pub mod ca;
+pub mod casing;
+pub mod catalog;
+pub mod cli;
+pub mod config_entries;
+pub mod error;
+pub mod http;
+pub mod intentions;
+pub mod metrics;
+pub mod routes;
+pub mod spiffe;
+pub mod store;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+pub use error::{Error, Result};

@@ -1,0 +1,354 @@
+//! The embedded, crash-safe state store (redb).
+//!
+//! Every logical table holds JSON values under string keys. A write transaction takes the next
+//! value of one global, raft-like index; each table it touches records that index as its own
+//! "table index", which is what `X-Consul-Index` reports and what blocking queries wait on (the
+//! same model as Consul's memdb `index` table). Every commit uses `Durability::Immediate`, so a
+//! write the HTTP layer has acknowledged is on disk and survives `kill -9`.
+//!
+//! Tables are split into **replicated** ones (owned by the primary datacenter and, once
+//! replication exists, copied to secondaries verbatim) and **local** ones (this datacenter's own
+//! state that never leaves it). Keep that split when adding tables: the replication issue will
+//! stream exactly [`Table::REPLICATED`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// A logical table of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// ACL policies, keyed by policy ID. Replicated.
+    AclPolicies,
+    /// ACL tokens, keyed by accessor ID. Replicated.
+    AclTokens,
+    /// Config entries, keyed by `kind/name`. Replicated.
+    ConfigEntries,
+    /// Intentions, keyed by intention ID. Replicated.
+    Intentions,
+    /// Connect CA roots (public certificates only), keyed by root ID. Replicated.
+    CaRoots,
+    /// Small cluster-wide singletons (cluster id, ACL bootstrap marker). Replicated.
+    System,
+    /// Mesh-gateway addresses per datacenter (Consul's federation states). Replicated.
+    FederationStates,
+    /// This datacenter's service catalog, keyed by service ID. Local.
+    Services,
+    /// Private keys of the CA signer active in this datacenter. Local; never replicated.
+    CaSigning,
+}
+
+impl Table {
+    /// Every table, in a fixed order (the position is the index into per-table arrays).
+    pub const ALL: [Table; 9] = [
+        Table::AclPolicies,
+        Table::AclTokens,
+        Table::ConfigEntries,
+        Table::Intentions,
+        Table::CaRoots,
+        Table::System,
+        Table::FederationStates,
+        Table::Services,
+        Table::CaSigning,
+    ];
+
+    /// The tables a secondary datacenter will follow from the primary.
+    pub const REPLICATED: [Table; 7] = [
+        Table::AclPolicies,
+        Table::AclTokens,
+        Table::ConfigEntries,
+        Table::Intentions,
+        Table::CaRoots,
+        Table::System,
+        Table::FederationStates,
+    ];
+
+    /// The redb table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::AclPolicies => "acl_policies",
+            Table::AclTokens => "acl_tokens",
+            Table::ConfigEntries => "config_entries",
+            Table::Intentions => "intentions",
+            Table::CaRoots => "ca_roots",
+            Table::System => "system",
+            Table::FederationStates => "federation_states",
+            Table::Services => "services",
+            Table::CaSigning => "ca_signing",
+        }
+    }
+
+    /// The table's slot in per-table arrays: its declaration order, which `ALL` repeats (a
+    /// unit test keeps the two in step).
+    fn position(self) -> usize {
+        self as usize
+    }
+
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.name())
+    }
+}
+
+/// The table of indexes: `raft` holds the global index, `table/<name>` each table's index.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const GLOBAL_INDEX_KEY: &str = "raft";
+
+/// The store: a redb database plus one watch channel per table for blocking queries.
+pub struct Store {
+    database: Database,
+    watches: Vec<watch::Sender<u64>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Opens (or creates) the database file and loads every table's index.
+    pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Store> {
+        let database = Database::create(path)?;
+        let mut indexes = Vec::with_capacity(Table::ALL.len());
+        {
+            // Create every table up front so read transactions never see a missing table.
+            let mut txn = database.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            {
+                let meta = txn.open_table(META)?;
+                for table in Table::ALL {
+                    txn.open_table(table.definition())?;
+                    let key = format!("table/{}", table.name());
+                    indexes.push(meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(0));
+                }
+            }
+            txn.commit()?;
+        }
+        let watches = indexes.into_iter().map(|i| watch::channel(i).0).collect();
+        Ok(Store {
+            database,
+            watches,
+            metrics,
+        })
+    }
+
+    /// The index of the last write to `table` (0 if it was never written).
+    pub fn index(&self, table: Table) -> u64 {
+        *self.watches[table.position()].borrow()
+    }
+
+    /// The highest index among `tables`, at least 1 (Consul clients treat 0 as "no index").
+    pub fn max_index(&self, tables: &[Table]) -> u64 {
+        tables
+            .iter()
+            .map(|t| self.index(*t))
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
+    /// A receiver that is notified whenever `table` is written.
+    pub fn subscribe(&self, table: Table) -> watch::Receiver<u64> {
+        self.watches[table.position()].subscribe()
+    }
+
+    /// Reads one value.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
+        let txn = self.database.begin_read()?;
+        let handle = txn.open_table(table.definition())?;
+        match handle.get(key)? {
+            Some(bytes) => decode(table, key, bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every value of a table, in key order.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
+        let txn = self.database.begin_read()?;
+        let handle = txn.open_table(table.definition())?;
+        let mut out = Vec::new();
+        for entry in handle.iter()? {
+            let (key, value) = entry?;
+            out.push(decode(table, key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Runs `body` in one write transaction and commits it durably. The closure sees the index
+    /// this write will get; every table it writes takes that index. Blocking queries waiting on
+    /// those tables wake after the commit (never before: a woken reader must see the data).
+    ///
+    /// This blocks on `fsync`: call it from a blocking context (see `http::write`).
+    pub fn write<R>(&self, body: impl FnOnce(&mut Transaction<'_>) -> Result<R>) -> Result<R> {
+        let started = Instant::now();
+        let mut txn = self.database.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let current = {
+            let meta = txn.open_table(META)?;
+            let value = meta.get(GLOBAL_INDEX_KEY)?.map(|v| v.value()).unwrap_or(0);
+            value
+        };
+        let mut transaction = Transaction {
+            txn: &txn,
+            index: current + 1,
+            touched: Vec::new(),
+        };
+        let result = body(&mut transaction)?;
+        let touched = std::mem::take(&mut transaction.touched);
+        let index = transaction.index;
+        if touched.is_empty() {
+            // Nothing changed: do not burn an index or wake anyone.
+            txn.abort()?;
+            return Ok(result);
+        }
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(GLOBAL_INDEX_KEY, index)?;
+            for table in &touched {
+                meta.insert(format!("table/{}", table.name()).as_str(), index)?;
+            }
+        }
+        txn.commit()?;
+        self.metrics.observe_commit(started.elapsed());
+        for table in touched {
+            self.watches[table.position()].send_replace(index);
+        }
+        Ok(result)
+    }
+}
+
+fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Store(format!("corrupt value {}/{key}: {e}", table.name())))
+}
+
+/// One write transaction in progress (see [`Store::write`]).
+pub struct Transaction<'a> {
+    txn: &'a redb::WriteTransaction,
+    index: u64,
+    touched: Vec<Table>,
+}
+
+impl Transaction<'_> {
+    /// The index this transaction commits at: use it for `CreateIndex`/`ModifyIndex`.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Reads one value, seeing this transaction's own writes.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
+        let handle = self.txn.open_table(table.definition())?;
+        let value = match handle.get(key)? {
+            Some(bytes) => Some(decode(table, key, bytes.value())?),
+            None => None,
+        };
+        Ok(value)
+    }
+
+    /// Reads every value of a table, seeing this transaction's own writes.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
+        let handle = self.txn.open_table(table.definition())?;
+        let mut out = Vec::new();
+        for entry in handle.iter()? {
+            let (key, value) = entry?;
+            out.push(decode(table, key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Inserts or replaces one value.
+    pub fn put<T: Serialize>(&mut self, table: Table, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))?;
+        {
+            let mut handle = self.txn.open_table(table.definition())?;
+            handle.insert(key, bytes.as_slice())?;
+        }
+        self.touch(table);
+        Ok(())
+    }
+
+    /// Deletes one value; returns whether it existed.
+    pub fn delete(&mut self, table: Table, key: &str) -> Result<bool> {
+        let existed = {
+            let mut handle = self.txn.open_table(table.definition())?;
+            let removed = handle.remove(key)?;
+            removed.is_some()
+        };
+        if existed {
+            self.touch(table);
+        }
+        Ok(existed)
+    }
+
+    fn touch(&mut self, table: Table) {
+        if !self.touched.contains(&table) {
+            self.touched.push(table);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Store {
+        Store::open(&dir.join("state.redb"), Arc::new(Metrics::default())).expect("open")
+    }
+
+    #[test]
+    fn indexes_are_per_table_and_survive_reopen() {
+        let dir = crate::testutil::TempDir::new("store");
+        {
+            let store = open(dir.path());
+            assert_eq!(store.index(Table::Services), 0);
+            store
+                .write(|tx| tx.put(Table::Services, "a", &1u32))
+                .expect("write");
+            store
+                .write(|tx| tx.put(Table::Intentions, "b", &2u32))
+                .expect("write");
+            assert_eq!(store.index(Table::Services), 1);
+            assert_eq!(store.index(Table::Intentions), 2);
+            // A write that changes nothing takes no index.
+            store
+                .write(|tx| tx.delete(Table::Services, "missing"))
+                .expect("write");
+            assert_eq!(store.max_index(&[Table::Services, Table::Intentions]), 2);
+        }
+        let store = open(dir.path());
+        assert_eq!(store.index(Table::Services), 1);
+        assert_eq!(store.index(Table::Intentions), 2);
+        assert_eq!(
+            store.get::<u32>(Table::Services, "a").expect("get"),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn positions_follow_all() {
+        for (i, table) in Table::ALL.iter().enumerate() {
+            assert_eq!(table.position(), i, "{table:?}");
+        }
+        assert!(Table::REPLICATED.iter().all(|t| Table::ALL.contains(t)));
+        assert!(
+            !Table::REPLICATED.contains(&Table::CaSigning),
+            "private keys never leave the datacenter"
+        );
+    }
+
+    #[test]
+    fn failed_transaction_stores_nothing() {
+        let dir = crate::testutil::TempDir::new("store-abort");
+        let store = open(dir.path());
+        let result: Result<()> = store.write(|tx| {
+            tx.put(Table::Services, "a", &1u32)?;
+            Err(Error::bad_request("no"))
+        });
+        assert!(result.is_err());
+        assert_eq!(store.get::<u32>(Table::Services, "a").expect("get"), None);
+        assert_eq!(store.index(Table::Services), 0);
+    }
+}

@@ -1,0 +1,228 @@
+//! Test harness: spawns the real binary on 127.0.0.1 with a temporary data dir and drives it
+//! over HTTP (ureq) and through the CLI.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("cplite-it-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The path of a file in `testdata/`.
+pub fn testdata(name: &str) -> String {
+    format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running agent; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub address: String,
+    pub data_dir: PathBuf,
+    http: ureq::Agent,
+}
+
+/// An HTTP answer.
+pub struct Answer {
+    pub status: u16,
+    pub index: Option<u64>,
+    pub text: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+}
+
+impl Agent {
+    /// Starts an agent for datacenter `dc` with extra flags, in `data_dir`.
+    pub fn start_in(data_dir: &Path, dc: &str, extra: &[&str]) -> Agent {
+        let mut command = Command::new(BINARY);
+        command
+            .args([
+                "agent",
+                "-datacenter",
+                dc,
+                "-http-addr",
+                "127.0.0.1:0",
+                "-log-level",
+                "warn",
+                "-data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("spawn agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the agent never blocks on a full pipe.
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agent did not start in 30s");
+        let address = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Agent {
+            child,
+            address,
+            data_dir: data_dir.to_owned(),
+            http,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Answer {
+        let url = self.url(path);
+        let mut response = match method {
+            "GET" => with(self.http.get(&url), token).call(),
+            "DELETE" => with(self.http.delete(&url), token).call(),
+            "PUT" => match body {
+                Some(body) => with(self.http.put(&url), token).send(body),
+                None => with(self.http.put(&url), token).send_empty(),
+            },
+            "POST" => match body {
+                Some(body) => with(self.http.post(&url), token).send(body),
+                None => with(self.http.post(&url), token).send_empty(),
+            },
+            other => panic!("method {other}"),
+        }
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let index = response
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let text = response.body_mut().read_to_string().expect("body");
+        Answer {
+            status,
+            index,
+            text,
+        }
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Answer {
+        self.request("GET", path, token, None)
+    }
+
+    pub fn put(&self, path: &str, token: Option<&str>, body: &str) -> Answer {
+        self.request("PUT", path, token, Some(body))
+    }
+
+    /// Runs a CLI command against this agent; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str], token: Option<&str>) -> (i32, String, String) {
+        let mut command = Command::new(BINARY);
+        command
+            .args(args)
+            .env("CONSUL_HTTP_ADDR", &self.address)
+            .env_remove("CONSUL_HTTP_TOKEN");
+        if let Some(token) = token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
+        let output = command.output().expect("run cli");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn cli_ok(&self, args: &[&str], token: Option<&str>) -> String {
+        let (code, stdout, stderr) = self.cli(args, token);
+        assert_eq!(code, 0, "{args:?} failed: {stdout}{stderr}");
+        stdout
+    }
+
+    /// `acl bootstrap` through the CLI; returns the SecretID.
+    pub fn bootstrap(&self) -> String {
+        let out = self.cli_ok(&["acl", "bootstrap"], None);
+        field(&out, "SecretID:")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix.
+        let _ = self.child.wait();
+    }
+}
+
+fn with<B>(builder: ureq::RequestBuilder<B>, token: Option<&str>) -> ureq::RequestBuilder<B> {
+    match token {
+        Some(token) => builder.header("X-Consul-Token", token),
+        None => builder,
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The value after `label` on the line that starts with it (CLI output).
+pub fn field(output: &str, label: &str) -> String {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .map(|rest| rest.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {label} in {output}"))
+}
