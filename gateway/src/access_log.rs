@@ -1,26 +1,47 @@
 //! One JSON line per connection at close, written by a dedicated thread so that a slow disk
 //! never blocks a worker. Workers hand lines over through a bounded channel; when it is full
-//! the line is dropped and counted.
+//! the line is dropped and counted (`gateway_access_log_dropped_total`).
+//!
+//! A file target is reopened on SIGUSR1 (nginx's meaning, for logrotate): the control thread
+//! raises a flag that the writer checks before each batch and at least once a second.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::AccessLog;
+use crate::config::{AccessLog, AccessLogTarget};
 
 /// Lines buffered between the workers and the writer (about 30 MB of lines at worst).
 const QUEUE_LINES: usize = 128 * 1024;
 
+/// Lines written between flushes at most, so a constant stream still reaches the file.
+const BATCH_LINES: usize = 4096;
+
+/// How often an idle writer wakes to honour a reopen request.
+const REOPEN_CHECK: Duration = Duration::from_secs(1);
+
+enum Message {
+    Line(String),
+    /// Write out everything queued before this, then answer (used before exit).
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The workers' end: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct AccessLogSender {
-    sender: SyncSender<String>,
-    pub dropped: Arc<AtomicU64>,
+    sender: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+    /// Write `"redacted"` instead of client addresses.
+    pub redact_addresses: bool,
 }
 
 impl AccessLogSender {
     pub fn send(&self, line: String) {
-        match self.sender.try_send(line) {
+        match self.sender.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -29,38 +50,114 @@ impl AccessLogSender {
     }
 }
 
-/// Start the writer thread; `None` when the access log is off.
-pub fn start(target: &AccessLog) -> std::io::Result<Option<AccessLogSender>> {
-    let sink: Box<dyn Write + Send> = match target {
-        AccessLog::Off => return Ok(None),
-        AccessLog::Stdout => Box::new(std::io::stdout()),
-        AccessLog::File(path) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?,
-        ),
-    };
-    let (sender, receiver) = sync_channel(QUEUE_LINES);
-    std::thread::Builder::new()
-        .name("access-log".into())
-        .spawn(move || write_lines(receiver, sink))?;
-    Ok(Some(AccessLogSender {
-        sender,
-        dropped: Arc::new(AtomicU64::new(0)),
-    }))
+/// The control thread's end: reopen and flush.
+pub struct AccessLogControl {
+    sender: SyncSender<Message>,
+    reopen: Arc<AtomicBool>,
 }
 
-fn write_lines(receiver: Receiver<String>, sink: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::new(sink);
-    while let Ok(line) = receiver.recv() {
-        let _ = out.write_all(line.as_bytes());
-        let _ = out.write_all(b"\n");
-        // Drain what is queued, then flush once, so a burst costs one write(2).
-        while let Ok(line) = receiver.try_recv() {
-            let _ = out.write_all(line.as_bytes());
-            let _ = out.write_all(b"\n");
-        }
-        let _ = out.flush();
+impl AccessLogControl {
+    /// Ask the writer to reopen its file (SIGUSR1); it does so within a second.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
+
+    /// Wait (at most `timeout`) until every line queued so far is written.
+    pub fn flush(&self, timeout: Duration) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.sender.try_send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
+    }
+}
+
+/// Start the writer thread; `None` when the access log is off. `dropped` is the counter the
+/// metrics render.
+pub fn start(
+    config: &AccessLog,
+    dropped: Arc<AtomicU64>,
+) -> std::io::Result<Option<(AccessLogSender, AccessLogControl)>> {
+    let sink = match &config.target {
+        AccessLogTarget::Off => return Ok(None),
+        AccessLogTarget::Stdout => Sink::Stdout(BufWriter::new(std::io::stdout())),
+        AccessLogTarget::File(path) => Sink::File(BufWriter::new(open(path)?), path.clone()),
+    };
+    let (sender, receiver) = sync_channel(QUEUE_LINES);
+    let reopen = Arc::new(AtomicBool::new(false));
+    let reopen_requested = Arc::clone(&reopen);
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || write_lines(receiver, sink, &reopen_requested))?;
+    Ok(Some((
+        AccessLogSender {
+            sender: sender.clone(),
+            dropped,
+            redact_addresses: config.redact_addresses,
+        },
+        AccessLogControl { sender, reopen },
+    )))
+}
+
+fn open(path: &PathBuf) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+enum Sink {
+    Stdout(BufWriter<std::io::Stdout>),
+    File(BufWriter<File>, PathBuf),
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(out) => out,
+            Sink::File(out, _) => out,
+        }
+    }
+
+    fn reopen(&mut self) {
+        if let Sink::File(out, path) = self {
+            let _ = out.flush();
+            match open(path) {
+                Ok(file) => *out = BufWriter::new(file),
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "cannot reopen the access log; still writing to the old file");
+                }
+            }
+        }
+    }
+}
+
+fn write_lines(receiver: Receiver<Message>, mut sink: Sink, reopen: &AtomicBool) {
+    loop {
+        let first = match receiver.recv_timeout(REOPEN_CHECK) {
+            Ok(message) => Some(message),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if reopen.swap(false, Ordering::Relaxed) {
+            sink.reopen();
+        }
+        // Drain what is queued, then flush once, so a burst costs one write(2).
+        let mut flushed = Vec::new();
+        let queued = std::iter::from_fn(|| receiver.try_recv().ok()).take(BATCH_LINES);
+        for message in first.into_iter().chain(queued) {
+            match message {
+                Message::Line(line) => {
+                    let out = sink.writer();
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.write_all(b"\n");
+                }
+                Message::Flush(done) => flushed.push(done),
+            }
+        }
+        let _ = sink.writer().flush();
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+    let _ = sink.writer().flush();
 }

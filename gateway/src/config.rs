@@ -5,7 +5,7 @@
 //! operator fixes a file in one round.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::{Table, Value};
@@ -17,6 +17,9 @@ use crate::routes::{Pattern, RouteSpec, RouteTable};
 pub struct Config {
     pub listeners: Vec<Listener>,
     pub admin: Option<SocketAddr>,
+    /// `[admin] handover_socket`: the Unix socket through which a new gateway process takes
+    /// the listening sockets over from this one (zero-downtime upgrade).
+    pub handover_socket: Option<PathBuf>,
     pub workers: Workers,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -25,7 +28,11 @@ pub struct Config {
     /// closed and counted.
     pub default_route: Option<Vec<SocketAddr>>,
     pub access_log: AccessLog,
+    pub drain: Drain,
 }
+
+/// Listeners one process may ever have (each keeps its metric slot for the process's life).
+pub const MAX_LISTENERS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -61,10 +68,38 @@ pub struct Limits {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLog {
+pub struct AccessLog {
+    pub target: AccessLogTarget,
+    /// Write `"redacted"` instead of the client's address (client addresses can be personal
+    /// data; Consul's access-log documentation warns about it).
+    pub redact_addresses: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
     Off,
     Stdout,
-    File(std::path::PathBuf),
+    File(PathBuf),
+}
+
+/// `[drain]`: what SIGTERM and `POST /drain` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// How long `/ready` says 503 while the listeners still accept, so that load balancers
+    /// notice before connections are refused. Zero is allowed.
+    pub announce: Duration,
+    /// How long open connections may take to finish once the listeners are closed; the rest
+    /// are closed when it runs out.
+    pub timeout: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Drain {
+        Drain {
+            announce: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Config {
@@ -108,6 +143,7 @@ impl Config {
                 "route",
                 "default_route",
                 "access_log",
+                "drain",
             ],
         );
         let listeners = array_of_tables(table, "listener", errors)
@@ -126,6 +162,12 @@ impl Config {
                 })
             })
             .collect::<Vec<_>>();
+        if listeners.len() > MAX_LISTENERS {
+            errors.push(
+                "listener",
+                format!("at most {MAX_LISTENERS} listeners are supported"),
+            );
+        }
         if listeners.is_empty() && table.get("listener").is_none() {
             errors.push("listener", "at least one [[listener]] is required".into());
         }
@@ -139,8 +181,13 @@ impl Config {
             }
         }
 
+        let mut handover_socket = None;
         let admin = sub_table(table, "admin", errors).and_then(|admin| {
-            errors.unknown_keys("admin", admin, &["address"]);
+            errors.unknown_keys("admin", admin, &["address", "handover_socket"]);
+            if admin.contains_key("handover_socket") {
+                handover_socket =
+                    required_string(admin, "admin", "handover_socket", errors).map(PathBuf::from);
+            }
             required_address(admin, "admin", "address", errors)
         });
 
@@ -229,27 +276,48 @@ impl Config {
             endpoint_list(section, "default_route", errors)
         });
 
-        let mut access_log = AccessLog::Off;
+        let mut access_log = AccessLog {
+            target: AccessLogTarget::Off,
+            redact_addresses: false,
+        };
         if let Some(section) = sub_table(table, "access_log", errors) {
-            errors.unknown_keys("access_log", section, &["path"]);
+            errors.unknown_keys("access_log", section, &["path", "redact_addresses"]);
             if let Some(path) = required_string(section, "access_log", "path", errors) {
-                access_log = match path.as_str() {
-                    "off" => AccessLog::Off,
-                    "stdout" | "-" => AccessLog::Stdout,
-                    _ => AccessLog::File(path.into()),
+                access_log.target = match path.as_str() {
+                    "off" => AccessLogTarget::Off,
+                    "stdout" | "-" => AccessLogTarget::Stdout,
+                    _ => AccessLogTarget::File(path.into()),
                 };
+            }
+            access_log.redact_addresses =
+                optional_bool(section, "access_log", "redact_addresses", errors).unwrap_or(false);
+        }
+
+        let mut drain = Drain::default();
+        if let Some(section) = sub_table(table, "drain", errors) {
+            errors.unknown_keys("drain", section, &["announce", "timeout"]);
+            // "0s" is a valid announce period: close the listeners at once.
+            if section.get("announce").and_then(Value::as_str) == Some("0s") {
+                drain.announce = Duration::ZERO;
+            } else if let Some(value) = optional_duration(section, "drain", "announce", errors) {
+                drain.announce = value;
+            }
+            if let Some(value) = optional_duration(section, "drain", "timeout", errors) {
+                drain.timeout = value;
             }
         }
 
         Some(Config {
             listeners,
             admin,
+            handover_socket,
             workers,
             timeouts,
             limits,
             routes,
             default_route,
             access_log,
+            drain,
         })
     }
 }
@@ -564,6 +632,39 @@ endpoints = ["127.0.0.1:1"]
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn operations_sections_parse() {
+        let text = r#"
+[[listener]]
+address = "127.0.0.1:1"
+[admin]
+address = "127.0.0.1:2"
+handover_socket = "/run/gateway/handover.sock"
+[drain]
+announce = "0s"
+timeout = "2s"
+[access_log]
+path = "stdout"
+redact_addresses = true
+"#;
+        let config = Config::parse(text).expect("valid");
+        assert_eq!(
+            config.handover_socket,
+            Some(PathBuf::from("/run/gateway/handover.sock"))
+        );
+        assert_eq!(config.drain.announce, Duration::ZERO);
+        assert_eq!(config.drain.timeout, Duration::from_secs(2));
+        assert_eq!(config.access_log.target, AccessLogTarget::Stdout);
+        assert!(config.access_log.redact_addresses);
+        let defaults = Config::parse("[[listener]]\naddress = \"127.0.0.1:1\"\n").expect("valid");
+        assert_eq!(defaults.drain, Drain::default());
+        let bad = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[drain]\ntimeout = \"0s\"\nlinger = 1\n",
+        )
+        .expect_err("invalid");
+        assert_eq!(bad.len(), 2, "{bad:?}");
     }
 
     #[test]

@@ -334,7 +334,7 @@ impl Worker {
             "start_time": start_time,
             "listener": record.listener,
             "worker": record.worker,
-            "downstream_remote_address": record.client.to_string(),
+            "downstream_remote_address": if log.redact_addresses { "redacted".to_owned() } else { record.client.to_string() },
             "downstream_local_address": redact(record.local),
             "requested_server_name": record.server_name,
             "route_name": record.route,

@@ -1,81 +1,133 @@
-//! The control thread: admin HTTP, signals and reloads, on a single-threaded tokio runtime.
-//! Workers never wait on it; they only see the snapshots it publishes.
+//! The control thread's state: the configuration in force, reloads (routes and listeners),
+//! the listening sockets it keeps copies of (for hand-over and reload), and what workers are
+//! told. It runs on a single-threaded tokio runtime (`lifecycle::run`); workers never wait on
+//! it — they only read the snapshots and flags it publishes.
 
-use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-
-use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::access_log::AccessLogControl;
+use crate::config::{Config, Listener};
+use crate::handover::{Offer, OfferedListener};
+use crate::logging::LogFilter;
+use crate::metrics::{Metrics, ReloadSource};
+use crate::notify::Notifier;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::worker::{Shared, WorkerCommand};
 
 /// A worker whose heartbeat has not moved for this long is reported unhealthy (it beats
-/// every second).
+/// every `worker::TICK`).
 const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
+
+/// An open listener: its metric slot and the control thread's own copies (dups) of the
+/// sockets its workers accept on. The copies are what a hand-over sends and what a reload
+/// moves; dropping the entry closes the listener once the workers dropped theirs.
+pub struct ListenerEntry {
+    pub slot: usize,
+    pub name: String,
+    /// The address in the file (may have port 0).
+    pub configured: SocketAddr,
+    /// The address the sockets are bound to.
+    pub resolved: SocketAddr,
+    pub sockets: Vec<std::net::TcpListener>,
+}
+
+/// What the admin API and the hand-over thread ask of the control loop.
+pub enum Event {
+    /// `POST /drain`.
+    Drain,
+    /// A new process has taken the sockets over and is accepting: stop accepting, give up
+    /// the admin socket, drain. Answered once done.
+    HandOver(Sender<()>),
+}
 
 pub struct Control {
     pub metrics: Arc<Metrics>,
     pub snapshot: SharedSnapshot,
+    pub shared: Arc<Shared>,
     pub config_path: PathBuf,
     /// The configuration the snapshot in force was built from.
     pub config: Mutex<Config>,
     pub ready: AtomicBool,
+    pub notifier: Notifier,
+    pub log_filter: Option<LogFilter>,
+    pub access_log: Option<AccessLogControl>,
+    pub started: Instant,
     heartbeats: Mutex<Vec<(u64, Instant)>>,
+    listeners: Mutex<Vec<ListenerEntry>>,
+    worker_commands: Vec<Sender<WorkerCommand>>,
+    /// A copy of the admin listening socket, for a hand-over.
+    admin_socket: Mutex<Option<std::net::TcpListener>>,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    defer_accept_seconds: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum ReloadSource {
-    Signal,
-    Api,
+/// Everything `Control::new` needs (built by `run`).
+pub struct ControlParts {
+    pub metrics: Arc<Metrics>,
+    pub snapshot: SharedSnapshot,
+    pub shared: Arc<Shared>,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub notifier: Notifier,
+    pub log_filter: Option<LogFilter>,
+    pub access_log: Option<AccessLogControl>,
+    pub listeners: Vec<ListenerEntry>,
+    pub worker_commands: Vec<Sender<WorkerCommand>>,
+    pub admin_socket: Option<std::net::TcpListener>,
+    pub defer_accept_seconds: u32,
 }
 
 impl Control {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        snapshot: SharedSnapshot,
-        config_path: PathBuf,
-        config: Config,
-    ) -> Control {
-        let workers = metrics.workers.len();
-        Control {
-            metrics,
-            snapshot,
-            config_path,
-            config: Mutex::new(config),
+    pub fn new(parts: ControlParts) -> (Control, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let workers = parts.metrics.workers.len();
+        let control = Control {
+            metrics: parts.metrics,
+            snapshot: parts.snapshot,
+            shared: parts.shared,
+            config_path: parts.config_path,
+            config: Mutex::new(parts.config),
             ready: AtomicBool::new(false),
+            notifier: parts.notifier,
+            log_filter: parts.log_filter,
+            access_log: parts.access_log,
+            started: Instant::now(),
             heartbeats: Mutex::new(vec![(0, Instant::now()); workers]),
-        }
+            listeners: Mutex::new(parts.listeners),
+            worker_commands: parts.worker_commands,
+            admin_socket: Mutex::new(parts.admin_socket),
+            events,
+            defer_accept_seconds: parts.defer_accept_seconds,
+        };
+        (control, receiver)
     }
 
-    /// Re-read the file and publish a new snapshot; a bad file keeps the old one.
+    pub fn draining(&self) -> bool {
+        self.metrics.control.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn send(&self, event: Event) -> bool {
+        self.events.send(event).is_ok()
+    }
+
+    /// Re-read the file and publish a new snapshot, opening and closing listeners as the file
+    /// says; a bad file (or a listener that cannot be bound) keeps everything as it was.
     pub fn reload(&self, source: ReloadSource) -> Result<u64, Vec<String>> {
+        let draining = self.draining();
+        if !draining {
+            self.notifier.reloading();
+        }
+        let result = self.try_reload();
         let control = &self.metrics.control;
-        let result = Config::load(&self.config_path).and_then(|config| {
-            let generation = self.snapshot.load().generation + 1;
-            let snapshot =
-                Snapshot::build(&config, generation, &self.metrics).map_err(|e| vec![e])?;
-            let mut current = lock(&self.config);
-            for ignored in static_changes(&current, &config) {
-                tracing::warn!(
-                    setting = ignored,
-                    "changed in the file but needs a restart; ignored"
-                );
-            }
-            self.snapshot.store(Arc::new(snapshot));
-            *current = config;
-            Ok(generation)
-        });
+        control.reload(source, result.is_ok());
         match &result {
             Ok(generation) => {
-                control.reloads_success.fetch_add(1, Ordering::Relaxed);
                 control
                     .config_generation
                     .store(*generation, Ordering::Relaxed);
@@ -85,14 +137,191 @@ impl Control {
                 tracing::info!(?source, generation, "configuration reloaded");
             }
             Err(errors) => {
-                control.reloads_failure.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(?source, errors = %errors.join("; "), "reload failed; keeping the routes in force");
+                tracing::error!(?source, errors = %errors.join("; "), "reload failed; keeping the configuration in force");
             }
+        }
+        if !draining {
+            self.notifier.ready("serving");
         }
         result
     }
 
-    fn workers_healthy(&self) -> bool {
+    fn try_reload(&self) -> Result<u64, Vec<String>> {
+        if self.draining() {
+            return Err(vec!["draining: reloads are refused".into()]);
+        }
+        let config = Config::load(&self.config_path)?;
+        let mut current = lock(&self.config);
+        let generation = self.snapshot.load().generation + 1;
+        let snapshot = Snapshot::build(&config, generation, &self.metrics).map_err(|e| vec![e])?;
+        let plan = self.plan_listeners(&config.listeners)?;
+        for ignored in static_changes(&current, &config) {
+            tracing::warn!(
+                setting = ignored,
+                "changed in the file but needs a restart; ignored"
+            );
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        self.apply_listeners(plan);
+        *current = config;
+        Ok(generation)
+    }
+
+    /// Work out which listeners to close and which to open, binding the new ones now so a
+    /// busy port fails the reload before anything changed. A listener whose address a removed
+    /// listener had takes that listener's sockets over (no rebind, no lost queue).
+    fn plan_listeners(&self, wanted: &[Listener]) -> Result<ListenerPlan, Vec<String>> {
+        let entries = lock(&self.listeners);
+        let same = |entry: &ListenerEntry, listener: &Listener| {
+            entry.name == listener.name && entry.configured == listener.address
+        };
+        let removed: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| !wanted.iter().any(|listener| same(entry, listener)))
+            .map(|(index, _)| index)
+            .collect();
+        let mut added = Vec::new();
+        let mut errors = Vec::new();
+        for listener in wanted
+            .iter()
+            .filter(|listener| !entries.iter().any(|entry| same(entry, listener)))
+        {
+            let Some(slot) = self.metrics.listener_slot(&listener.name) else {
+                errors.push(format!(
+                    "listener `{}`: this process has used all {} listener slots; restart to add more",
+                    listener.name,
+                    crate::config::MAX_LISTENERS
+                ));
+                continue;
+            };
+            let moved = removed
+                .iter()
+                .map(|&index| &entries[index])
+                .find(|entry| entry.configured == listener.address);
+            let sockets = match moved {
+                Some(entry) => entry
+                    .sockets
+                    .iter()
+                    .map(std::net::TcpListener::try_clone)
+                    .collect(),
+                None => crate::worker::bind_listener(
+                    listener.address,
+                    self.worker_commands.len(),
+                    self.defer_accept_seconds,
+                ),
+            };
+            match sockets.and_then(|sockets| {
+                let resolved = sockets
+                    .first()
+                    .ok_or_else(|| std::io::Error::other("no socket"))?
+                    .local_addr()?;
+                Ok((sockets, resolved))
+            }) {
+                Ok((sockets, resolved)) => added.push(ListenerEntry {
+                    slot,
+                    name: listener.name.clone(),
+                    configured: listener.address,
+                    resolved,
+                    sockets,
+                }),
+                Err(error) => errors.push(format!("listener `{}`: {error}", listener.name)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(ListenerPlan { removed, added })
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn apply_listeners(&self, plan: ListenerPlan) {
+        let mut entries = lock(&self.listeners);
+        // Close before listen: a listener that changed address keeps its slot, and the worker
+        // must stop the old sockets' loops before it starts the new ones.
+        for &index in plan.removed.iter().rev() {
+            let entry = entries.remove(index);
+            tracing::info!(listener = %entry.name, address = %entry.resolved, "closing listener");
+            for commands in &self.worker_commands {
+                let _ = commands.send(WorkerCommand::Close { slot: entry.slot });
+            }
+        }
+        for entry in plan.added {
+            for (index, socket) in entry.sockets.iter().enumerate() {
+                let commands = &self.worker_commands[index % self.worker_commands.len()];
+                match socket.try_clone() {
+                    Ok(socket) => {
+                        let _ = commands.send(WorkerCommand::Listen {
+                            slot: entry.slot,
+                            socket,
+                        });
+                    }
+                    Err(error) => {
+                        tracing::error!(listener = %entry.name, %error, "cannot hand a socket to a worker");
+                    }
+                }
+            }
+            tracing::info!(listener = %entry.name, address = %entry.resolved, "listening");
+            entries.push(entry);
+        }
+    }
+
+    /// Stop accepting for good: workers close their sockets within a tick, and the control
+    /// thread drops its copies, so the listeners are closed (unless a new process holds them).
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::Relaxed);
+        lock(&self.listeners).clear();
+    }
+
+    /// Give up the admin socket copy (after a hand-over, the new process serves admin).
+    pub fn release_admin_socket(&self) {
+        lock(&self.admin_socket).take();
+    }
+
+    /// What a new process gets in a hand-over: a description and a copy of every listening
+    /// socket (and of the admin socket), in the order described.
+    pub fn handover_offer(&self) -> Result<(Offer, Vec<OwnedFd>), String> {
+        if self.draining() {
+            return Err("this gateway is draining".into());
+        }
+        let entries = lock(&self.listeners);
+        let mut fds = Vec::new();
+        let mut listeners = Vec::new();
+        for entry in entries.iter() {
+            for socket in &entry.sockets {
+                fds.push(OwnedFd::from(
+                    socket.try_clone().map_err(|error| error.to_string())?,
+                ));
+            }
+            listeners.push(OfferedListener {
+                name: entry.name.clone(),
+                configured: entry.configured,
+                resolved: entry.resolved,
+                sockets: entry.sockets.len(),
+            });
+        }
+        let admin = match lock(&self.admin_socket).as_ref() {
+            Some(socket) => {
+                let address = socket.local_addr().map_err(|error| error.to_string())?;
+                fds.push(OwnedFd::from(
+                    socket.try_clone().map_err(|error| error.to_string())?,
+                ));
+                Some(address)
+            }
+            None => None,
+        };
+        Ok((
+            Offer {
+                pid: std::process::id(),
+                listeners,
+                admin,
+                error: None,
+            },
+            fds,
+        ))
+    }
+
+    pub fn workers_healthy(&self) -> bool {
         let mut seen = lock(&self.heartbeats);
         let now = Instant::now();
         let mut healthy = true;
@@ -109,19 +338,50 @@ impl Control {
         healthy
     }
 
-    fn config_dump(&self) -> serde_json::Value {
+    /// Open downstream connections, over all workers.
+    pub fn active_connections(&self) -> u64 {
+        self.metrics
+            .workers
+            .iter()
+            .map(|w| w.connections_active.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Listening sockets workers still accept on.
+    pub fn open_listener_sockets(&self) -> u64 {
+        self.metrics
+            .workers
+            .iter()
+            .flat_map(|w| w.listeners.iter())
+            .map(|l| l.sockets_open.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn config_dump(&self) -> serde_json::Value {
         let config = lock(&self.config);
         let snapshot = self.snapshot.load();
+        let entries = lock(&self.listeners);
+        let access_log = match &config.access_log.target {
+            crate::config::AccessLogTarget::Off => "off".to_owned(),
+            crate::config::AccessLogTarget::Stdout => "stdout".to_owned(),
+            crate::config::AccessLogTarget::File(path) => path.display().to_string(),
+        };
         serde_json::json!({
             "generation": snapshot.generation,
+            "pid": std::process::id(),
+            "draining": self.draining(),
             "io_driver": self.metrics.io_driver,
             "version": env!("CARGO_PKG_VERSION"),
             "revision": crate::version::GIT_REVISION,
             "config_path": self.config_path.display().to_string(),
-            "listeners": config.listeners.iter().map(|l| serde_json::json!({
-                "name": l.name, "address": l.address.to_string(),
+            "listeners": entries.iter().map(|l| serde_json::json!({
+                "name": l.name,
+                "address": l.configured.to_string(),
+                "bound": l.resolved.to_string(),
+                "sockets": l.sockets.len(),
             })).collect::<Vec<_>>(),
             "admin": config.admin.map(|a| a.to_string()),
+            "handover_socket": config.handover_socket.as_ref().map(|p| p.display().to_string()),
             "workers": { "count": self.metrics.workers.len(), "pin": config.workers.pin },
             "timeouts": {
                 "client_hello": format!("{:?}", config.timeouts.client_hello),
@@ -129,9 +389,19 @@ impl Control {
                 "idle": format!("{:?}", config.timeouts.idle),
             },
             "limits": {
+                "max_connections": self.metrics.control.max_connections.load(Ordering::Relaxed),
                 "client_hello_max_bytes": config.limits.client_hello_max_bytes,
                 "endpoint_backoff": format!("{:?}", config.limits.endpoint_backoff),
             },
+            "drain": {
+                "announce": format!("{:?}", config.drain.announce),
+                "timeout": format!("{:?}", config.drain.timeout),
+            },
+            "access_log": {
+                "path": access_log,
+                "redact_addresses": config.access_log.redact_addresses,
+            },
+            "log_filter": self.log_filter.as_ref().map(LogFilter::current),
             "routes": snapshot.table.clusters().iter().map(|c| serde_json::json!({
                 "sni": c.pattern.to_string(),
                 "endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
@@ -142,14 +412,20 @@ impl Control {
     }
 }
 
+struct ListenerPlan {
+    /// Indices into the entries, ascending.
+    removed: Vec<usize>,
+    added: Vec<ListenerEntry>,
+}
+
 /// Settings a reload cannot change in this version (they need a restart).
 fn static_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    if old.listeners != new.listeners {
-        changed.push("listener");
-    }
     if old.admin != new.admin {
-        changed.push("admin");
+        changed.push("admin.address");
+    }
+    if old.handover_socket != new.handover_socket {
+        changed.push("admin.handover_socket");
     }
     if old.workers != new.workers {
         changed.push("workers");
@@ -163,7 +439,7 @@ fn static_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
@@ -174,113 +450,4 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
-}
-
-/// Serve the admin API and handle signals until SIGTERM or SIGINT.
-pub async fn run(control: Arc<Control>, admin: Option<tokio::net::TcpListener>) {
-    if let Some(listener) = admin {
-        let control = Arc::clone(&control);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let control = Arc::clone(&control);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let control = Arc::clone(&control);
-                        async move { Ok::<_, Infallible>(handle(&control, request)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    }
-    let signals = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-    );
-    let (Ok(mut hangup), Ok(mut terminate), Ok(mut interrupt)) = signals else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => { let _ = control.reload(ReloadSource::Signal); }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-    tracing::info!("stopping");
-}
-
-fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    match (request.method(), path) {
-        (&Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            control.metrics.render(),
-        ),
-        (&Method::GET, "/ready") => {
-            if control.ready.load(Ordering::Relaxed) {
-                respond(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready\n".into(),
-                )
-            }
-        }
-        (&Method::GET, "/healthz") => {
-            if control.workers_healthy() {
-                respond(StatusCode::OK, "text/plain", "ok\n".into())
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "a worker's heartbeat is stale\n".into(),
-                )
-            }
-        }
-        (&Method::GET, "/config_dump") => respond(
-            StatusCode::OK,
-            "application/json",
-            format!("{:#}\n", control.config_dump()),
-        ),
-        (&Method::POST, "/reload") => match control.reload(ReloadSource::Api) {
-            Ok(generation) => respond(
-                StatusCode::OK,
-                "application/json",
-                format!("{}\n", serde_json::json!({ "generation": generation })),
-            ),
-            Err(errors) => respond(
-                StatusCode::BAD_REQUEST,
-                "application/json",
-                format!("{}\n", serde_json::json!({ "errors": errors })),
-            ),
-        },
-        (_, "/reload") => respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "use POST\n".into(),
-        ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response
 }

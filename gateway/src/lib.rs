@@ -2,11 +2,17 @@
 #![deny(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod clienthello;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod handover;
+pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod passfd;
 pub mod process_metrics;
 pub mod relay;
 pub mod routes;

@@ -52,24 +52,12 @@ fn version_text() -> &'static str {
     Box::leak(text.into_boxed_str())
 }
 
-fn init_logging(level: Option<&str>, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = level
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_env("GATEWAY_LOG").ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_level.as_deref(), cli.log_format);
+    let log_filter = gateway::logging::init(
+        cli.log_level.as_deref(),
+        matches!(cli.log_format, LogFormat::Json),
+    );
     match cli.command {
         Command::Validate { config } => match Config::load(&config) {
             Ok(parsed) => {
@@ -89,7 +77,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => match gateway::run::run(&config) {
+        Command::Run { config } => match gateway::run::run(&config, Some(log_filter)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("gateway: {error:#}");

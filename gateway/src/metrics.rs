@@ -5,12 +5,14 @@
 //! the hot path. The control thread reads every worker's values when `/metrics` is scraped.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::clienthello::Reject;
+use crate::config::MAX_LISTENERS;
 use crate::routes::DestinationLabels;
+use crate::snapshot::Snapshot;
 
 /// Destination label sets are capped so a control plane with a huge catalog cannot blow up
 /// the scrape; values beyond the cap share the `__overflow__` slot, which is itself counted.
@@ -157,13 +159,44 @@ impl Histogram {
     }
 }
 
+/// Why `accept(2)` failed, as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// The process's descriptor limit (raise `LimitNOFILE`).
+    Emfile,
+    /// The system-wide descriptor limit.
+    Enfile,
+    /// Out of socket buffers or kernel memory.
+    Enomem,
+    Other,
+}
+
+const ACCEPT_ERRORS: [(&str, AcceptError); 4] = [
+    ("emfile", AcceptError::Emfile),
+    ("enfile", AcceptError::Enfile),
+    ("enomem", AcceptError::Enomem),
+    ("other", AcceptError::Other),
+];
+
+impl AcceptError {
+    pub fn classify(error: &std::io::Error) -> AcceptError {
+        match error.raw_os_error() {
+            Some(libc::EMFILE) => AcceptError::Emfile,
+            Some(libc::ENFILE) => AcceptError::Enfile,
+            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptError::Enomem,
+            _ => AcceptError::Other,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ListenerStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,
     pub rejected_max_connections: AtomicU64,
-    pub accept_errors_emfile: AtomicU64,
-    pub accept_errors_other: AtomicU64,
+    /// Listening sockets this worker accepts on for this listener (0 once closed).
+    pub sockets_open: AtomicU64,
+    accept_errors: [AtomicU64; ACCEPT_ERRORS.len()],
     pub route_matched: AtomicU64,
     pub route_no_route: AtomicU64,
     hello: [AtomicU64; HELLO_OUTCOMES],
@@ -173,6 +206,12 @@ impl ListenerStats {
     pub fn hello(&self, outcome: HelloOutcome) {
         add(&self.hello[outcome.index()], 1);
     }
+
+    pub fn accept_error(&self, error: AcceptError) {
+        if let Some(index) = ACCEPT_ERRORS.iter().position(|(_, e)| *e == error) {
+            add(&self.accept_errors[index], 1);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -181,6 +220,9 @@ pub struct DestinationStats {
     pub active: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_downstream: AtomicU64,
+    /// Bit i set: endpoint i of this destination (in `Snapshot::endpoints_by_slot` order) is
+    /// held out of round robin on this worker after a failed connect (passive health).
+    pub endpoints_held_out: AtomicU64,
     connect_failures: [AtomicU64; CONNECT_FAILURES.len()],
     closed: [AtomicU64; CLOSE_REASONS.len()],
 }
@@ -205,6 +247,8 @@ pub struct WorkerStats {
     /// Bumped by the worker every second; `/healthz` checks it advances.
     pub heartbeat: AtomicU64,
     pub connections_active: AtomicU64,
+    /// The snapshot generation `endpoints_held_out` was computed for (0: none).
+    pub health_generation: AtomicU64,
     /// Panics caught at a connection boundary (a bug, never a network condition).
     pub connection_panics: AtomicU64,
     pub listeners: Box<[ListenerStats]>,
@@ -219,6 +263,7 @@ impl WorkerStats {
         WorkerStats {
             heartbeat: AtomicU64::new(0),
             connections_active: AtomicU64::new(0),
+            health_generation: AtomicU64::new(0),
             connection_panics: AtomicU64::new(0),
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             destinations: (0..MAX_DESTINATIONS)
@@ -245,18 +290,41 @@ struct DestinationRegistry {
     overflowed: u64,
 }
 
+/// What triggered a reload (the `source` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadSource {
+    Sighup,
+    Api,
+}
+
 /// Values set by the control thread.
 #[derive(Default)]
 pub struct ControlStats {
     pub config_generation: AtomicU64,
-    pub reloads_success: AtomicU64,
-    pub reloads_failure: AtomicU64,
+    /// Indexed by `reload_index(source, success)`.
+    reloads: [AtomicU64; 4],
     pub last_reload_success_unix: AtomicU64,
+    /// Set from SIGTERM or `POST /drain` (or a hand-over) until exit.
+    pub draining: AtomicBool,
+    /// The process-wide cap on open downstream connections.
+    pub max_connections: AtomicU64,
+    /// Access-log lines dropped because the writer could not keep up (shared with it).
+    pub access_log_dropped: Arc<AtomicU64>,
+}
+
+impl ControlStats {
+    pub fn reload(&self, source: ReloadSource, success: bool) {
+        let index = usize::from(source == ReloadSource::Api) * 2 + usize::from(!success);
+        self.reloads[index].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub struct Metrics {
     pub workers: Box<[WorkerStats]>,
-    listener_names: Vec<String>,
+    /// Listener names by metric slot. A slot, once named, keeps its name for the life of the
+    /// process, so a listener removed and added again by reloads keeps its counters.
+    listener_slots: Box<[OnceLock<String>]>,
+    listener_registry: Mutex<()>,
     registry: Mutex<DestinationRegistry>,
     pub control: ControlStats,
     pub io_driver: &'static str,
@@ -264,12 +332,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(workers: usize, listener_names: Vec<String>, io_driver: &'static str) -> Metrics {
+    pub fn new(workers: usize, io_driver: &'static str) -> Metrics {
         Metrics {
             workers: (0..workers)
-                .map(|_| WorkerStats::new(listener_names.len()))
+                .map(|_| WorkerStats::new(MAX_LISTENERS))
                 .collect(),
-            listener_names,
+            listener_slots: (0..MAX_LISTENERS).map(|_| OnceLock::new()).collect(),
+            listener_registry: Mutex::new(()),
             registry: Mutex::new(DestinationRegistry::default()),
             control: ControlStats::default(),
             io_driver,
@@ -277,6 +346,42 @@ impl Metrics {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |elapsed| elapsed.as_secs_f64()),
         }
+    }
+
+    /// The metric slot of a listener name, assigned on first sight; `None` once all
+    /// `MAX_LISTENERS` slots are named.
+    pub fn listener_slot(&self, name: &str) -> Option<usize> {
+        let _assigning = match self.listener_registry.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (slot, cell) in self.listener_slots.iter().enumerate() {
+            match cell.get() {
+                Some(known) if known == name => return Some(slot),
+                Some(_) => {}
+                None => {
+                    let _ = cell.set(name.to_owned());
+                    return Some(slot);
+                }
+            }
+        }
+        None
+    }
+
+    /// The name of a listener slot (lock-free; empty for a slot never named).
+    pub fn listener_name(&self, slot: usize) -> &str {
+        self.listener_slots
+            .get(slot)
+            .and_then(OnceLock::get)
+            .map_or("", String::as_str)
+    }
+
+    fn named_listeners(&self) -> Vec<(usize, &str)> {
+        self.listener_slots
+            .iter()
+            .enumerate()
+            .map_while(|(slot, cell)| cell.get().map(|name| (slot, name.as_str())))
+            .collect()
     }
 
     /// The counter slot for a destination, assigned on first sight (off the hot path: when a
@@ -297,9 +402,11 @@ impl Metrics {
         OVERFLOW_SLOT
     }
 
-    /// Render the Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// Render the Prometheus text exposition format (version 0.0.4). `snapshot` is the one in
+    /// force, for endpoint membership.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut out = String::with_capacity(16 * 1024);
+        let listeners = self.named_listeners();
         let sum = |read: &dyn Fn(&WorkerStats) -> u64| -> u64 {
             self.workers.iter().map(read).fold(0u64, u64::wrapping_add)
         };
@@ -340,14 +447,15 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "gateway_build_info{{version=\"{}\",revision=\"{}\",io_driver=\"{}\"}} 1",
+            "gateway_build_info{{version=\"{}\",revision=\"{}\",rustc=\"{}\",io_driver=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION"),
-            crate::version::GIT_REVISION,
+            escape(crate::version::GIT_REVISION),
+            escape(crate::version::RUSTC_VERSION),
             self.io_driver
         );
 
         type ListenerCounter = fn(&ListenerStats) -> &AtomicU64;
-        let listener_counters: [(&str, &str, &str, &str, ListenerCounter); 3] = [
+        let listener_counters: [(&str, &str, &str, &str, ListenerCounter); 4] = [
             (
                 "gateway_listener_connections_accepted_total",
                 "counter",
@@ -369,10 +477,17 @@ impl Metrics {
                 "reason=\"max_connections\"",
                 |l| &l.rejected_max_connections,
             ),
+            (
+                "gateway_listener_sockets_open",
+                "gauge",
+                "Listening sockets accepting now (one per worker; 0 once the listener is closed).",
+                "",
+                |l| &l.sockets_open,
+            ),
         ];
         for (name, kind, help, extra, read) in listener_counters {
             header(&mut out, name, kind, help);
-            for (index, listener) in self.listener_names.iter().enumerate() {
+            for &(index, listener) in &listeners {
                 let value = sum(&|w| read(&w.listeners[index]).load(Ordering::Relaxed));
                 let extra = if extra.is_empty() {
                     String::new()
@@ -393,15 +508,10 @@ impl Metrics {
             "counter",
             "accept(2) failures; emfile means the file-descriptor limit is too low.",
         );
-        for (index, listener) in self.listener_names.iter().enumerate() {
-            for (reason, read) in [
-                (
-                    "emfile",
-                    (|l: &ListenerStats| &l.accept_errors_emfile) as ListenerCounter,
-                ),
-                ("other", |l: &ListenerStats| &l.accept_errors_other),
-            ] {
-                let value = sum(&|w| read(&w.listeners[index]).load(Ordering::Relaxed));
+        for &(index, listener) in &listeners {
+            for (position, (reason, _)) in ACCEPT_ERRORS.iter().enumerate() {
+                let value =
+                    sum(&|w| w.listeners[index].accept_errors[position].load(Ordering::Relaxed));
                 let _ = writeln!(
                     out,
                     "gateway_listener_accept_errors_total{{listener=\"{}\",reason=\"{reason}\"}} {value}",
@@ -416,7 +526,7 @@ impl Metrics {
             "counter",
             "Outcome of reading the ClientHello.",
         );
-        for (index, listener) in self.listener_names.iter().enumerate() {
+        for &(index, listener) in &listeners {
             for outcome in 0..HELLO_OUTCOMES {
                 let value = sum(&|w| w.listeners[index].hello[outcome].load(Ordering::Relaxed));
                 let _ = writeln!(
@@ -434,7 +544,7 @@ impl Metrics {
             "counter",
             "Routing decisions.",
         );
-        for (index, listener) in self.listener_names.iter().enumerate() {
+        for &(index, listener) in &listeners {
             for (result, read) in [
                 (
                     "matched",
@@ -530,16 +640,14 @@ impl Metrics {
             }
         }
 
-        for (index, listener) in self.listener_names.iter().enumerate() {
+        header(
+            &mut out,
+            "gateway_connection_duration_seconds",
+            "histogram",
+            "Lifetime of proxied pairs.",
+        );
+        for &(index, listener) in &listeners {
             let labels = format!("listener=\"{}\"", escape(listener));
-            if index == 0 {
-                header(
-                    &mut out,
-                    "gateway_connection_duration_seconds",
-                    "histogram",
-                    "Lifetime of proxied pairs.",
-                );
-            }
             self.render_histogram(
                 &mut out,
                 "gateway_connection_duration_seconds",
@@ -547,16 +655,14 @@ impl Metrics {
                 |w| &w.connection_duration[index],
             );
         }
-        for (index, listener) in self.listener_names.iter().enumerate() {
+        header(
+            &mut out,
+            "gateway_client_hello_wait_seconds",
+            "histogram",
+            "Time from accept to a complete ClientHello.",
+        );
+        for &(index, listener) in &listeners {
             let labels = format!("listener=\"{}\"", escape(listener));
-            if index == 0 {
-                header(
-                    &mut out,
-                    "gateway_client_hello_wait_seconds",
-                    "histogram",
-                    "Time from accept to a complete ClientHello.",
-                );
-            }
             self.render_histogram(
                 &mut out,
                 "gateway_client_hello_wait_seconds",
@@ -629,16 +735,15 @@ impl Metrics {
             "counter",
             "Reload attempts.",
         );
-        let _ = writeln!(
-            out,
-            "gateway_config_reloads_total{{result=\"success\"}} {}",
-            control.reloads_success.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "gateway_config_reloads_total{{result=\"failure\"}} {}",
-            control.reloads_failure.load(Ordering::Relaxed)
-        );
+        for (index, value) in control.reloads.iter().enumerate() {
+            let source = if index < 2 { "sighup" } else { "api" };
+            let result = if index % 2 == 0 { "success" } else { "failure" };
+            let _ = writeln!(
+                out,
+                "gateway_config_reloads_total{{source=\"{source}\",result=\"{result}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
         header(
             &mut out,
             "gateway_config_last_reload_success_timestamp_seconds",
@@ -650,8 +755,87 @@ impl Metrics {
             "gateway_config_last_reload_success_timestamp_seconds {}",
             control.last_reload_success_unix.load(Ordering::Relaxed)
         );
+        header(
+            &mut out,
+            "gateway_draining",
+            "gauge",
+            "1 from SIGTERM, POST /drain or a hand-over until the process exits.",
+        );
+        let _ = writeln!(
+            out,
+            "gateway_draining {}",
+            u8::from(control.draining.load(Ordering::Relaxed))
+        );
+        header(
+            &mut out,
+            "gateway_connections_limit",
+            "gauge",
+            "The cap on open downstream connections (limits.max_connections).",
+        );
+        let _ = writeln!(
+            out,
+            "gateway_connections_limit {}",
+            control.max_connections.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "gateway_access_log_dropped_total",
+            "counter",
+            "Access-log lines dropped because the writer could not keep up.",
+        );
+        let _ = writeln!(
+            out,
+            "gateway_access_log_dropped_total {}",
+            control.access_log_dropped.load(Ordering::Relaxed)
+        );
+        self.render_endpoints(&mut out, snapshot, &destinations);
         crate::process_metrics::render(&mut out, self.start_unix);
         out
+    }
+
+    /// `gateway_cluster_endpoints{state}`: endpoints of each destination in the snapshot in
+    /// force; unhealthy ones are those some worker holds out of round robin after a failed
+    /// connect (the union over workers, of the first 64 endpoints of a destination).
+    fn render_endpoints(
+        &self,
+        out: &mut String,
+        snapshot: &Snapshot,
+        destinations: &[DestinationLabels],
+    ) {
+        header(
+            out,
+            "gateway_cluster_endpoints",
+            "gauge",
+            "Endpoints per destination, by passive health state.",
+        );
+        for (slot, endpoints) in &snapshot.endpoints_by_slot {
+            let Some(labels) = destinations.get(*slot) else {
+                continue; // the overflow slot: its members are not one destination
+            };
+            let held_out = self
+                .workers
+                .iter()
+                .filter(|w| w.health_generation.load(Ordering::Relaxed) == snapshot.generation)
+                .map(|w| {
+                    w.destinations[*slot]
+                        .endpoints_held_out
+                        .load(Ordering::Relaxed)
+                })
+                .fold(0u64, |union, mask| union | mask);
+            let unhealthy = u64::from(held_out.count_ones());
+            let total = endpoints.len() as u64;
+            for (state, value) in [
+                ("healthy", total.saturating_sub(unhealthy)),
+                ("unhealthy", unhealthy),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "gateway_cluster_endpoints{{destination_service=\"{}\",destination_datacenter=\"{}\",state=\"{state}\"}} {value}",
+                    escape(&labels.service),
+                    escape(&labels.datacenter)
+                );
+            }
+        }
     }
 
     fn render_histogram(

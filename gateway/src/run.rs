@@ -1,15 +1,18 @@
-//! `gateway run`: start the workers, then serve the control thread until told to stop.
+//! `gateway run`: take the listening sockets over from a running gateway (hand-over) or bind
+//! them, start the workers, then serve the control thread until it is time to exit.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::control::Control;
+use crate::control::{Control, ControlParts, ListenerEntry};
+use crate::logging::LogFilter;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
 
@@ -17,17 +20,22 @@ use crate::worker::{self, Shared};
 /// access log, rings and timers.
 const RESERVED_FDS: u64 = 128;
 
-pub fn run(config_path: &Path) -> anyhow::Result<()> {
-    match crate::sys::raise_fd_limit() {
-        Ok((before, hard)) => tracing::info!(
-            soft_before = before,
-            soft_now = hard,
-            hard,
-            "file-descriptor limit"
-        ),
-        Err(error) => tracing::warn!(%error, "could not raise the file-descriptor limit"),
-    }
-    let fd_limit = crate::sys::raise_fd_limit().map_or(1024, |(_, hard)| hard);
+pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<()> {
+    let fd_limit = match crate::sys::raise_fd_limit() {
+        Ok((before, hard)) => {
+            tracing::info!(
+                soft_before = before,
+                soft_now = hard,
+                hard,
+                "file-descriptor limit"
+            );
+            hard
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not raise the file-descriptor limit");
+            1024
+        }
+    };
     let config = Config::load(config_path).map_err(|errors| {
         anyhow!(
             "{} has {} error(s):\n  {}",
@@ -54,8 +62,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         );
     }
 
-    let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-    let metrics = Arc::new(Metrics::new(workers, listener_names.clone(), io_driver));
+    let metrics = Arc::new(Metrics::new(workers, io_driver));
+    metrics
+        .control
+        .max_connections
+        .store(max_connections as u64, Ordering::Relaxed);
     let snapshot = Snapshot::build(&config, 1, &metrics).map_err(|error| anyhow!(error))?;
     metrics
         .control
@@ -63,46 +74,110 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .store(1, Ordering::Relaxed);
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
 
-    // Bind everything before any worker starts, so a busy port fails the start cleanly.
+    // A running gateway behind the hand-over socket gives us its sockets; otherwise bind.
+    // Everything is bound before any worker starts, so a busy port fails the start cleanly.
+    let mut inherited = match &config.handover_socket {
+        Some(path) => crate::handover::take_over(path)
+            .with_context(|| format!("hand-over through {}", path.display()))?,
+        None => None,
+    };
     let defer_seconds =
         u32::try_from(config.timeouts.client_hello.as_secs().max(1)).unwrap_or(u32::MAX);
-    let mut per_listener = Vec::new();
+    let mut entries = Vec::new();
+    let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
     for listener in &config.listeners {
-        per_listener.push(
-            worker::bind_listener(listener.address, workers, defer_seconds)
+        let slot = metrics
+            .listener_slot(&listener.name)
+            .ok_or_else(|| anyhow!("too many listeners"))?;
+        let taken = inherited.as_mut().and_then(|inherited| {
+            let position = inherited
+                .listeners
+                .iter()
+                .position(|(offered, _)| offered.configured == listener.address)?;
+            Some(inherited.listeners.swap_remove(position))
+        });
+        let sockets = match taken {
+            Some((offered, mut sockets)) => {
+                // Fewer inherited sockets than workers: the extra workers join the same
+                // SO_REUSEPORT group. More: some workers accept on several.
+                while sockets.len() < workers {
+                    sockets.push(
+                        worker::bind_reuseport(offered.resolved, defer_seconds)
+                            .with_context(|| format!("listener `{}`", listener.name))?,
+                    );
+                }
+                tracing::info!(listener = %listener.name, sockets = sockets.len(), "inherited listener");
+                sockets
+            }
+            None => worker::bind_listener(listener.address, workers, defer_seconds)
                 .with_context(|| format!("listener `{}`", listener.name))?,
-        );
+        };
+        let resolved = sockets
+            .first()
+            .ok_or_else(|| anyhow!("listener `{}` has no socket", listener.name))?
+            .local_addr()?;
+        for (index, socket) in sockets.iter().enumerate() {
+            per_worker[index % workers].push((slot, socket.try_clone()?));
+        }
+        entries.push(ListenerEntry {
+            slot,
+            name: listener.name.clone(),
+            configured: listener.address,
+            resolved,
+            sockets,
+        });
     }
+    if let Some(inherited) = &inherited {
+        for (offered, _) in &inherited.listeners {
+            tracing::info!(listener = %offered.name, address = %offered.resolved, "not in this configuration; closing the inherited listener");
+        }
+    }
+    let inherited_admin = inherited
+        .as_mut()
+        .and_then(|inherited| inherited.admin.take());
     let admin = match config.admin {
         Some(address) => {
-            let socket = std::net::TcpListener::bind(address)
-                .with_context(|| format!("cannot bind the admin address {address}"))?;
+            let socket = match inherited_admin {
+                Some((inherited, socket))
+                    if inherited == address
+                        || address.port() == 0 && inherited.ip() == address.ip() =>
+                {
+                    socket
+                }
+                _ => std::net::TcpListener::bind(address)
+                    .with_context(|| format!("cannot bind the admin address {address}"))?,
+            };
             socket.set_nonblocking(true)?;
             Some(socket)
         }
         None => None,
     };
-    let access_log = crate::access_log::start(&config.access_log).context("access log")?;
+    let access_log = crate::access_log::start(
+        &config.access_log,
+        Arc::clone(&metrics.control.access_log_dropped),
+    )
+    .context("access log")?;
+    let (access_log_sender, access_log_control) = access_log.unzip();
 
     let shared = Arc::new(Shared {
         metrics: Arc::clone(&metrics),
         snapshot: Arc::clone(&snapshot),
-        listener_names,
-        access_log,
+        access_log: access_log_sender,
         max_connections_per_worker: max_connections.div_ceil(workers),
+        accepting: AtomicBool::new(true),
     });
     let (started_tx, started_rx) = std::sync::mpsc::channel();
-    for id in 0..workers {
-        let sockets: Vec<_> = per_listener
-            .iter_mut()
-            .map(|sockets| sockets.remove(0))
-            .collect();
+    let mut worker_commands = Vec::with_capacity(workers);
+    for (id, sockets) in per_worker.into_iter().enumerate() {
+        let (commands, receiver) = std::sync::mpsc::channel();
+        worker_commands.push(commands);
         let pin_to = config.workers.pin.then(|| cpus[id % cpus.len()]);
         let shared = Arc::clone(&shared);
         let started = started_tx.clone();
         std::thread::Builder::new()
             .name(format!("worker-{id}"))
-            .spawn(move || worker::run(id, shared, sockets, pin_to, started))
+            .spawn(move || worker::run(id, shared, sockets, receiver, pin_to, started))
             .context("cannot spawn a worker thread")?;
     }
     drop(started_tx);
@@ -113,16 +188,50 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             Err(_) => bail!("a worker exited while starting"),
         }
     }
-    for listener in &config.listeners {
-        tracing::info!(listener = %listener.name, address = %listener.address, workers, io_driver, "listening");
+    for entry in &entries {
+        tracing::info!(listener = %entry.name, address = %entry.resolved, workers, io_driver, "listening");
     }
 
-    let control = Arc::new(Control::new(
+    let handover_path = config.handover_socket.clone();
+    let admin_copy = admin
+        .as_ref()
+        .map(std::net::TcpListener::try_clone)
+        .transpose()?;
+    let (control, events) = Control::new(ControlParts {
         metrics,
         snapshot,
-        config_path.to_owned(),
+        shared,
+        config_path: config_path.to_owned(),
         config,
-    ));
+        notifier: Notifier::from_env(),
+        log_filter,
+        access_log: access_log_control,
+        listeners: entries,
+        worker_commands,
+        admin_socket: admin_copy,
+        defer_accept_seconds: defer_seconds,
+    });
+    let control = Arc::new(control);
+
+    // Our workers accept on every inherited socket: the old process may stop now.
+    if let Some(inherited) = inherited {
+        let old_pid = inherited.old_pid;
+        match inherited.complete() {
+            Ok(()) => tracing::info!(old_pid, "hand-over complete; the old process drains"),
+            Err(error) => {
+                tracing::warn!(old_pid, %error, "the old process did not confirm the hand-over")
+            }
+        }
+    }
+    if let Some(path) = handover_path {
+        let listener = crate::handover::bind(&path)?;
+        let control = Arc::clone(&control);
+        std::thread::Builder::new()
+            .name("handover".into())
+            .spawn(move || crate::handover::serve(listener, control))
+            .context("cannot spawn the hand-over thread")?;
+    }
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -133,7 +242,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             None => None,
         };
         control.ready.store(true, Ordering::Relaxed);
-        crate::control::run(Arc::clone(&control), admin).await;
+        control.notifier.ready("serving");
+        crate::lifecycle::run(Arc::clone(&control), admin, events).await;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -5,6 +5,7 @@
 //! one and checks for a newer generation once per accepted connection, so the hot path never
 //! touches a shared reference count; a connection keeps the snapshot it started with.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,6 +19,9 @@ pub struct Snapshot {
     pub table: RouteTable,
     /// Metric slot of each cluster, by cluster index.
     pub slots: Vec<usize>,
+    /// The endpoints of each metric slot in use, clusters in table order (for
+    /// `gateway_cluster_endpoints`; workers publish held-out endpoints as bits in this order).
+    pub endpoints_by_slot: Vec<(usize, Vec<SocketAddr>)>,
     pub timeouts: Timeouts,
     pub limits: Limits,
 }
@@ -25,15 +29,26 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn build(config: &Config, generation: u64, metrics: &Metrics) -> Result<Snapshot, String> {
         let table = config.route_table()?;
-        let slots = table
+        let slots: Vec<usize> = table
             .clusters()
             .iter()
             .map(|cluster| metrics.destination_slot(&cluster.labels))
             .collect();
+        let mut endpoints_by_slot: Vec<(usize, Vec<SocketAddr>)> = Vec::new();
+        for (cluster, &slot) in table.clusters().iter().zip(&slots) {
+            match endpoints_by_slot
+                .iter_mut()
+                .find(|(known, _)| *known == slot)
+            {
+                Some((_, endpoints)) => endpoints.extend_from_slice(&cluster.endpoints),
+                None => endpoints_by_slot.push((slot, cluster.endpoints.clone())),
+            }
+        }
         Ok(Snapshot {
             generation,
             table,
             slots,
+            endpoints_by_slot,
             timeouts: config.timeouts,
             limits: config.limits,
         })

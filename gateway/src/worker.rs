@@ -1,16 +1,23 @@
 //! One worker per core: its own monoio runtime (io_uring, or epoll where io_uring is not
 //! allowed), its own `SO_REUSEPORT` listening sockets, its own counters and scratch buffer.
-//! Nothing here is shared with other workers except read-only snapshots.
+//! Nothing here is shared with other workers except read-only snapshots and flags.
+//!
+//! A worker never waits on the control thread. It sees the control thread's decisions only
+//! as values it reads on its own schedule: the route snapshot (per connection), the
+//! process-wide "accepting" flag (per accept-loop wake, at least every `TICK`), and listening
+//! sockets to add or close (a channel it drains every `TICK`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -19,7 +26,7 @@ use arc_swap::cache::Cache;
 use monoio::net::TcpListener;
 
 use crate::access_log::AccessLogSender;
-use crate::metrics::{self, Metrics, WorkerStats};
+use crate::metrics::{self, AcceptError, Metrics, WorkerStats};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// The worker's scratch buffer: every relay read lands here first. 64 KiB matches the
@@ -35,14 +42,36 @@ const RING_ENTRIES: u32 = 1024;
 /// connections to close and free descriptors, short enough not to overflow the backlog.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// The worker's housekeeping period, and the longest an accept loop waits for readiness
+/// before it looks at the flags again: how quickly a worker notices "stop accepting", a
+/// listener to add or close, and how often its heartbeat moves.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Connections one accept loop takes off the queue per readiness event before it yields, so
+/// that a connection storm cannot starve the worker's established connections.
+const ACCEPT_BATCH: usize = 64;
+
+/// What the control thread asks of a worker, outside the snapshot.
+pub enum WorkerCommand {
+    /// Accept on this socket for the listener in metric slot `slot`.
+    Listen {
+        slot: usize,
+        socket: std::net::TcpListener,
+    },
+    /// Stop accepting on every socket of listener `slot` and close them.
+    Close { slot: usize },
+}
+
 /// What every worker shares (read-only on the hot path).
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub snapshot: SharedSnapshot,
-    pub listener_names: Vec<String>,
     pub access_log: Option<AccessLogSender>,
     /// Per-worker cap on open downstream connections.
     pub max_connections_per_worker: usize,
+    /// Cleared once to stop accepting for good (drain or hand-over); every accept loop then
+    /// closes its socket within one `TICK`.
+    pub accepting: AtomicBool,
 }
 
 /// The snapshot a connection works with, plus this worker's round-robin cursors for it.
@@ -61,6 +90,10 @@ pub struct Worker {
     /// (passive health). Keyed by address so that it survives snapshot changes.
     held_out: RefCell<HashMap<SocketAddr, Instant>>,
     pub access_log: Option<AccessLogSender>,
+    /// Stop flags of this worker's accept loops, by listener slot.
+    accept_loops: RefCell<Vec<(usize, Rc<Cell<bool>>)>>,
+    /// The snapshot generation for which "no endpoint held out" was last published.
+    health_clean_generation: Cell<Option<u64>>,
 }
 
 impl Worker {
@@ -74,6 +107,8 @@ impl Worker {
             cache: RefCell::new(cache),
             held_out: RefCell::new(HashMap::new()),
             access_log: shared.access_log.clone(),
+            accept_loops: RefCell::new(Vec::new()),
+            health_clean_generation: Cell::new(None),
             shared,
         }
     }
@@ -83,7 +118,7 @@ impl Worker {
     }
 
     pub fn listener_name(&self, index: usize) -> &str {
-        &self.shared.listener_names[index]
+        self.shared.metrics.listener_name(index)
     }
 
     pub fn access_log_enabled(&self) -> bool {
@@ -140,6 +175,116 @@ impl Worker {
         if !held_out.is_empty() {
             held_out.remove(&address);
         }
+    }
+
+    /// Publish which endpoints this worker holds out, as one bit mask per destination slot,
+    /// for `gateway_cluster_endpoints`. Costs nothing while no endpoint is held out.
+    fn publish_health(&self, now: Instant) {
+        let current = self.snapshot();
+        let snapshot = &current.snapshot;
+        let mut held_out = self.held_out.borrow_mut();
+        held_out.retain(|_, until| *until > now);
+        if held_out.is_empty() && self.health_clean_generation.get() == Some(snapshot.generation) {
+            return;
+        }
+        let stats = self.stats();
+        for (slot, endpoints) in &snapshot.endpoints_by_slot {
+            let mut mask = 0u64;
+            for (index, address) in endpoints.iter().enumerate().take(64) {
+                if held_out.contains_key(address) {
+                    mask |= 1 << index;
+                }
+            }
+            stats.destinations[*slot]
+                .endpoints_held_out
+                .store(mask, Ordering::Relaxed);
+        }
+        stats
+            .health_generation
+            .store(snapshot.generation, Ordering::Relaxed);
+        self.health_clean_generation
+            .set(held_out.is_empty().then_some(snapshot.generation));
+    }
+
+    fn listen(self: &Rc<Self>, slot: usize, socket: std::net::TcpListener) -> io::Result<()> {
+        // Readiness, then non-blocking accept4: the socket must not block (both drivers).
+        socket.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(socket)?;
+        let stop = Rc::new(Cell::new(false));
+        self.accept_loops
+            .borrow_mut()
+            .push((slot, Rc::clone(&stop)));
+        monoio::spawn(accept_loop(Rc::clone(self), slot, listener, stop));
+        Ok(())
+    }
+
+    fn close_listener(&self, slot: usize) {
+        self.accept_loops.borrow_mut().retain(|(owner, stop)| {
+            if *owner == slot {
+                stop.set(true);
+            }
+            *owner != slot
+        });
+    }
+
+    /// Take one accepted connection: refuse it over the limit, else serve it in its own task.
+    fn admit(self: &Rc<Self>, slot: usize, stream: std::net::TcpStream, peer: SocketAddr) {
+        let stats = self.stats();
+        let listener_stats = &stats.listeners[slot];
+        let max_connections = self.shared.max_connections_per_worker as u64;
+        if stats.connections_active.load(Ordering::Relaxed) >= max_connections {
+            metrics::add(&listener_stats.rejected_max_connections, 1);
+            self.log_overflow(slot, &stream, peer);
+            return;
+        }
+        let stream = match monoio::net::TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                listener_stats.accept_error(AcceptError::classify(&error));
+                return;
+            }
+        };
+        metrics::add(&listener_stats.accepted, 1);
+        let _ = stream.set_nodelay(true);
+        let worker = Rc::clone(self);
+        monoio::spawn(async move {
+            let panics = Rc::clone(&worker);
+            let serving = std::pin::pin!(crate::connection::serve(worker, slot, stream, peer));
+            if CatchUnwind(serving).await.is_err() {
+                metrics::add(&panics.stats().connection_panics, 1);
+                tracing::error!(
+                    worker = panics.id,
+                    "a connection panicked; it was closed and the worker goes on"
+                );
+            }
+        });
+    }
+
+    /// The access-log line of a connection refused for `limits.max_connections` (Envoy's UO).
+    fn log_overflow(&self, slot: usize, stream: &std::net::TcpStream, peer: SocketAddr) {
+        let Some(log) = &self.access_log else {
+            return;
+        };
+        let start_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        let line = serde_json::json!({
+            "start_time": start_time,
+            "listener": self.listener_name(slot),
+            "worker": self.id,
+            "downstream_remote_address": if log.redact_addresses { "redacted".to_owned() } else { peer.to_string() },
+            "downstream_local_address": stream.local_addr().ok().map(|a| a.to_string()),
+            "requested_server_name": null,
+            "route_name": null,
+            "upstream_host": null,
+            "bytes_received": 0,
+            "bytes_sent": 0,
+            "duration_ms": 0.0,
+            "upstream_connect_ms": null,
+            "connection_termination_details": "max_connections",
+            "response_flags": "UO",
+        });
+        log.send(line.to_string());
     }
 }
 
@@ -206,12 +351,14 @@ pub fn io_driver_name() -> &'static str {
     }
 }
 
-/// The worker thread's body: build the runtime, take over the listening sockets, serve.
-/// `started` is told once the worker is accepting (or why it could not start).
+/// The worker thread's body: build the runtime, take over the listening sockets (each with
+/// its listener's metric slot), serve. `started` is told once the worker is accepting (or why
+/// it could not start).
 pub fn run(
     id: usize,
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
+    commands: Receiver<WorkerCommand>,
     pin_to: Option<usize>,
     started: std::sync::mpsc::Sender<Result<usize, String>>,
 ) {
@@ -232,83 +379,81 @@ pub fn run(
         }
     };
     runtime.block_on(async move {
-        let legacy = monoio::utils::is_legacy();
         let worker = Rc::new(Worker::new(id, shared));
-        let mut accepting = Vec::new();
-        for (index, listener) in listeners.into_iter().enumerate() {
-            // The epoll driver needs non-blocking sockets; io_uring must not have them, or
-            // accept would return EAGAIN instead of waiting.
-            if let Err(error) = listener.set_nonblocking(legacy) {
+        for (slot, socket) in listeners {
+            if let Err(error) = worker.listen(slot, socket) {
                 let _ = started.send(Err(format!("worker {id}: {error}")));
                 return;
             }
-            match TcpListener::from_std(listener) {
-                Ok(listener) => accepting.push((index, listener)),
-                Err(error) => {
-                    let _ = started.send(Err(format!("worker {id}: {error}")));
-                    return;
-                }
-            }
-        }
-        for (index, listener) in accepting {
-            monoio::spawn(accept_loop(Rc::clone(&worker), index, listener));
         }
         let _ = started.send(Ok(id));
         loop {
-            monoio::time::sleep(Duration::from_secs(1)).await;
+            monoio::time::sleep(TICK).await;
             metrics::add(&worker.stats().heartbeat, 1);
+            while let Ok(command) = commands.try_recv() {
+                match command {
+                    WorkerCommand::Listen { slot, socket } => {
+                        if let Err(error) = worker.listen(slot, socket) {
+                            tracing::error!(worker = id, %error, "cannot accept on a new listener");
+                        }
+                    }
+                    WorkerCommand::Close { slot } => worker.close_listener(slot),
+                }
+            }
+            worker.publish_health(Instant::now());
         }
     });
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener_index: usize, listener: TcpListener) {
-    let max_connections = worker.shared.max_connections_per_worker as u64;
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let stats = worker.stats();
-                if stats.connections_active.load(Ordering::Relaxed) >= max_connections {
-                    metrics::add(&stats.listeners[listener_index].rejected_max_connections, 1);
-                    drop(stream);
-                    continue;
-                }
-                metrics::add(&stats.listeners[listener_index].accepted, 1);
-                let _ = stream.set_nodelay(true);
-                let worker = Rc::clone(&worker);
-                monoio::spawn(async move {
-                    let panics = Rc::clone(&worker);
-                    let serving = std::pin::pin!(crate::connection::serve(
-                        worker,
-                        listener_index,
-                        stream,
-                        peer
-                    ));
-                    if CatchUnwind(serving).await.is_err() {
-                        metrics::add(&panics.stats().connection_panics, 1);
-                        tracing::error!(
-                            worker = panics.id,
-                            "a connection panicked; it was closed and the worker goes on"
-                        );
-                    }
-                });
+/// Accept by readiness: wait (at most one `TICK`) until the listening socket is readable,
+/// then take connections with non-blocking `accept4` until the queue is empty or the batch
+/// cap. The wait is a poll request, which is safe to cancel; an io_uring accept op is not (a
+/// cancelled accept can complete in the kernel and lose the connection), and cancelling is
+/// exactly what stopping for a drain or a hand-over needs. Connections left in the queue stay
+/// there for whoever else holds the socket (the new process after a hand-over).
+async fn accept_loop(worker: Rc<Worker>, slot: usize, listener: TcpListener, stop: Rc<Cell<bool>>) {
+    let sockets_open = &worker.stats().listeners[slot].sockets_open;
+    metrics::add(sockets_open, 1);
+    let fd = listener.as_raw_fd();
+    while worker.shared.accepting.load(Ordering::Relaxed) && !stop.get() {
+        match monoio::time::timeout(TICK, listener.readable(false)).await {
+            Err(_elapsed) => continue,
+            Ok(Err(error)) => {
+                tracing::debug!(worker = worker.id, %error, "waiting for a connection failed");
+                monoio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
             }
-            Err(error) => {
-                let stats = &worker.stats().listeners[listener_index];
-                let exhausted = matches!(
-                    error.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                );
-                if exhausted {
-                    metrics::add(&stats.accept_errors_emfile, 1);
-                    tracing::warn!(%error, "accept: out of descriptors or memory; pausing");
-                    monoio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                } else {
-                    metrics::add(&stats.accept_errors_other, 1);
-                    tracing::debug!(%error, "accept failed");
+            Ok(Ok(())) => {}
+        }
+        for _ in 0..ACCEPT_BATCH {
+            if stop.get() || !worker.shared.accepting.load(Ordering::Relaxed) {
+                break;
+            }
+            match crate::sys::accept(fd) {
+                Ok((stream, peer)) => worker.admit(slot, stream, peer),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                // The client gave up between the handshake and accept; take the next one.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(error) => {
+                    let reason = AcceptError::classify(&error);
+                    worker.stats().listeners[slot].accept_error(reason);
+                    if reason == AcceptError::Other {
+                        tracing::debug!(%error, "accept failed");
+                    } else {
+                        tracing::warn!(%error, "accept: out of descriptors or memory; pausing");
+                        monoio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                    break;
                 }
             }
         }
     }
+    drop(listener);
+    metrics::sub(sockets_open, 1);
 }
 
 /// Bind one `SO_REUSEPORT` socket per worker for a listener address. A probe bind without
@@ -319,15 +464,7 @@ pub fn bind_listener(
     workers: usize,
     defer_accept_seconds: u32,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let new_socket = || {
-        Socket::new(
-            Domain::for_address(address),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-    };
-    let probe = new_socket()?;
+    let probe = new_socket(address)?;
     probe.set_reuse_address(true)?;
     probe.bind(&address.into()).map_err(|error| {
         io::Error::new(
@@ -342,19 +479,36 @@ pub fn bind_listener(
         .ok_or_else(|| io::Error::other("listener address is not an IP socket"))?;
     drop(probe);
     (0..workers)
-        .map(|_| {
-            let socket = new_socket()?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            socket.set_nodelay(true)?;
-            socket.bind(&resolved.into())?;
-            // The kernel caps the backlog at net.core.somaxconn.
-            socket.listen(4096)?;
-            use std::os::fd::AsRawFd;
-            crate::sys::set_defer_accept(socket.as_raw_fd(), defer_accept_seconds)?;
-            Ok(socket.into())
-        })
+        .map(|_| bind_reuseport(resolved, defer_accept_seconds))
         .collect()
+}
+
+/// One more socket in the `SO_REUSEPORT` group of `address` (no probe: the caller knows the
+/// group is ours, e.g. sockets inherited in a hand-over). Non-blocking: workers accept by
+/// readiness.
+pub fn bind_reuseport(
+    address: SocketAddr,
+    defer_accept_seconds: u32,
+) -> io::Result<std::net::TcpListener> {
+    let socket = new_socket(address)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    // The kernel caps the backlog at net.core.somaxconn.
+    socket.listen(4096)?;
+    crate::sys::set_defer_accept(socket.as_raw_fd(), defer_accept_seconds)?;
+    Ok(socket.into())
+}
+
+fn new_socket(address: SocketAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
 }
 
 #[cfg(test)]

@@ -361,7 +361,7 @@ fn reload_moves_new_connections_and_leaves_old_ones_alone() {
     again.write_all(&hello).expect("hello");
     assert_eq!(read_to_end(&mut again), b"second");
     assert_eq!(
-        gateway.metric("gateway_config_reloads_total{result=\"failure\"}"),
+        gateway.metric("gateway_config_reloads_total{source=\"api\",result=\"failure\"}"),
         1.0
     );
 }
@@ -555,4 +555,29 @@ fn every_relay_mode_is_byte_exact_with_half_close() {
             );
         }
     }
+}
+
+#[test]
+fn endpoints_take_turns_and_no_sni_uses_the_default_route() {
+    let one = tag_backend("one");
+    let two = tag_backend("two");
+    let fallback = tag_backend("default");
+    let config = format!(
+        "[workers]\ncount = 1\n\n{}\n[default_route]\nendpoints = [\"{}\"]\n",
+        route(&testdata_sni(HELLO), &[one.address, two.address]),
+        fallback.address
+    );
+    let gateway = Gateway::start(&config);
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let mut stream = connect(gateway.listen);
+        stream.write_all(&testdata(HELLO)).expect("send");
+        answers.push(String::from_utf8_lossy(&read_to_end(&mut stream)).into_owned());
+    }
+    assert_eq!(answers, ["one", "two", "one", "two", "one", "two"]);
+    let mut stream = connect(gateway.listen);
+    stream
+        .write_all(&testdata("openssl-no-sni.bin"))
+        .expect("send");
+    assert_eq!(read_to_end(&mut stream), b"default");
 }

@@ -299,3 +299,88 @@ pub fn require_tool(name: &str) {
         "`{name}` is required for this test: run scripts/install-test-deps"
     );
 }
+
+// ---- Operations tests (ops_*.rs): whole configurations, signals, second processes. ----
+
+/// Start `gateway run` on a config file, logging to `log`.
+pub fn spawn_gateway(config_path: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    command
+        .args(["run", "--config"])
+        .arg(config_path)
+        .env("GATEWAY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log file"),
+        ));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().expect("spawn gateway")
+}
+
+/// Send a signal by name (`TERM`, `HUP`, `USR1`, ...) with kill(1).
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+impl Gateway {
+    /// Start from a whole configuration: `config(listen, admin, dir)` returns the file.
+    pub fn start_from(
+        config: impl FnOnce(SocketAddr, SocketAddr, &Path) -> String,
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let dir = temp_dir("ops");
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config_path = dir.join("gateway.toml");
+        std::fs::write(&config_path, config(listen, admin, &dir)).expect("write config");
+        let child = spawn_gateway(&config_path, &dir.join("stderr.log"), env);
+        let gateway = Gateway {
+            child,
+            listen,
+            admin,
+            config_path,
+            dir,
+        };
+        gateway.wait_ready();
+        gateway
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        send_signal(self.pid(), name);
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The standard test file: one listener `wan`, admin, two workers, then `extra`.
+pub fn base_config(listen: SocketAddr, admin: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"wan\"\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n[workers]\ncount = 2\n\n{extra}\n"
+    )
+}
