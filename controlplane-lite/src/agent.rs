@@ -14,6 +14,7 @@ use crate::ca::{self, CaRoot};
 use crate::catalog::ServiceDefinition;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::replication::client::PrimaryClient;
 use crate::store::{Store, Table};
 
 /// Key of the cluster id in the `system` table.
@@ -28,8 +29,10 @@ pub struct AgentConfig {
     pub datacenter: String,
     /// The primary datacenter (owner of the CA root, ACLs, intentions, config entries).
     pub primary_datacenter: String,
-    /// Where the primary's agent listens (for replication, not implemented yet).
+    /// Where the primary's agent listens (a secondary replicates from it).
     pub primary_address: Option<String>,
+    /// The token a secondary presents to the primary.
+    pub replication_token: Option<String>,
     /// Where state lives.
     pub data_dir: PathBuf,
     /// Where the HTTP API listens.
@@ -52,6 +55,9 @@ pub struct Agent {
     pub store: Store,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The primary's agent, in a secondary started with `-primary-address`: replication reads
+    /// from it and writes of replicated data are forwarded to it.
+    pub primary: Option<Arc<PrimaryClient>>,
     /// Set to `true` when the agent shuts down, so blocking queries answer at once instead of
     /// holding graceful shutdown for up to ten minutes.
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -70,10 +76,21 @@ impl Agent {
         let metrics = Arc::new(Metrics::default());
         let store = Store::open(&config.data_dir.join("state.redb"), metrics.clone())?;
         let shutdown = tokio::sync::watch::channel(false).0;
+        let primary = match (
+            &config.primary_address,
+            config.datacenter == config.primary_datacenter,
+        ) {
+            (Some(address), false) => Some(Arc::new(PrimaryClient::new(
+                address,
+                config.replication_token.clone(),
+            )?)),
+            _ => None,
+        };
         let agent = Arc::new(Agent {
             config,
             store,
             metrics,
+            primary,
             shutdown,
         });
         agent.initialise(OffsetDateTime::now_utc())?;
@@ -122,8 +139,8 @@ impl Agent {
                 };
                 tx.put(Table::AclTokens, ANONYMOUS_ACCESSOR_ID, &token)?;
             }
-            // The CA belongs to the primary; a secondary gets its intermediate through
-            // replication (a later issue) and serves no CA until then.
+            // The CA belongs to the primary; a secondary adopts the primary's cluster id and
+            // gets its intermediate signed once replication reaches the primary.
             if primary && tx.get::<String>(Table::System, CLUSTER_ID_KEY)?.is_none() {
                 let cluster_id = uuid::Uuid::new_v4().to_string();
                 let mut generated = ca::generate_root(&cluster_id, now, tx.index())?;
@@ -150,7 +167,7 @@ impl Agent {
     pub fn require_trust_domain(&self) -> Result<String> {
         self.trust_domain()?.ok_or_else(|| {
             Error::Unavailable(
-                "Connect CA not initialised in this datacenter: secondaries get the CA from the primary through replication, which is not implemented yet".to_owned(),
+                "Connect CA not initialised in this datacenter yet: a secondary gets it from the primary through replication (is -primary-address set and the primary reachable?)".to_owned(),
             )
         })
     }
@@ -225,9 +242,9 @@ impl Agent {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
-    if config.primary_address.is_some() && config.datacenter != config.primary_datacenter {
+    if config.primary_address.is_none() && config.datacenter != config.primary_datacenter {
         tracing::warn!(
-            "-primary-address is accepted but replication from the primary is not implemented yet"
+            "secondary datacenter without -primary-address: nothing replicates and the Connect CA stays unavailable"
         );
     }
     let agent = tokio::task::spawn_blocking(move || Agent::open(config))
@@ -253,6 +270,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     );
     // A line on stdout that scripts and tests can wait for.
     println!("controlplane-lite agent listening on http://{local}");
+    crate::replication::runner::spawn(&agent);
     let stopping = agent.clone();
     axum::serve(listener, crate::http::router(agent))
         .with_graceful_shutdown(async move {

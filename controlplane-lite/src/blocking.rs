@@ -50,9 +50,11 @@ impl BlockingQuery {
         })
     }
 
-    /// Whether the request should wait at all given the tables' current index.
+    /// Whether the request should wait at all given the tables' current index. An index ahead
+    /// of ours means our state was rebuilt (a wiped data dir): answer at once, as Consul's
+    /// `blockingQuery` does, so a replicating secondary resyncs instead of hanging.
     pub fn should_wait(&self, current: u64) -> bool {
-        self.index > 0 && current <= self.index
+        self.index > 0 && current == self.index
     }
 }
 
@@ -172,6 +174,10 @@ mod tests {
         assert!(BlockingQuery::parse(Some("-1"), None).is_err());
         assert!(q.should_wait(7));
         assert!(!q.should_wait(8));
+        assert!(
+            !q.should_wait(3),
+            "an index that went backwards answers at once"
+        );
     }
 
     #[tokio::test]

@@ -20,6 +20,11 @@ use time::OffsetDateTime;
 use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
 
+mod intermediate;
+pub use intermediate::{
+    check_intermediate, intermediate_csr, sign_intermediate, IntermediateCsr, INTERMEDIATE_TTL,
+};
+
 /// Root lifetime (Consul's built-in provider: ten years).
 pub const ROOT_TTL: StdDuration = StdDuration::from_secs(10 * 365 * 24 * 3600);
 /// Default leaf lifetime (Consul's `LeafCertTTL` default, 72h).
@@ -27,7 +32,7 @@ pub const LEAF_TTL: StdDuration = StdDuration::from_secs(72 * 3600);
 /// Longest leaf lifetime a client may ask for (Consul caps `LeafCertTTL` at one year).
 pub const MAX_LEAF_TTL: StdDuration = StdDuration::from_secs(365 * 24 * 3600);
 /// Leaves are backdated by a minute to absorb clock skew (Consul does the same).
-const BACKDATE: time::Duration = time::Duration::minutes(1);
+pub(crate) const BACKDATE: time::Duration = time::Duration::minutes(1);
 
 /// A CA root in Consul's `/v1/connect/ca/roots` shape (public part only).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -51,7 +56,7 @@ pub struct CaRoot {
     pub not_after: String,
     /// PEM.
     pub root_cert: String,
-    /// Intermediates (secondary datacenters; empty here).
+    /// Intermediates: in a secondary, the active root lists that datacenter's intermediate.
     pub intermediate_certs: Option<Vec<String>>,
     /// Whether new leaves are signed by this root.
     pub active: bool,
@@ -65,15 +70,24 @@ pub struct CaRoot {
     pub modify_index: u64,
 }
 
-/// The root's private key, stored only in the local `ca_signing` table.
+/// The private key this datacenter signs leaves with, stored only in the local `ca_signing`
+/// table: the root's key in the primary, an intermediate's key in a secondary.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct SigningKey {
-    /// The root ID this key belongs to.
+    /// The root ID this key belongs to (or chains to, for an intermediate).
     #[serde(rename = "RootID")]
     pub root_id: String,
     /// PKCS#8 PEM.
     pub private_key_pem: String,
+    /// In a secondary: the intermediate certificate (signed by the root) that holds this key.
+    /// Leaves are then issued by the intermediate and carry it as their chain.
+    #[serde(
+        default,
+        rename = "IntermediatePEM",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub intermediate_pem: Option<String>,
 }
 
 /// A freshly generated root.
@@ -132,6 +146,7 @@ pub fn generate_root(cluster_id: &str, now: OffsetDateTime, serial: u64) -> Resu
         key: SigningKey {
             root_id: id,
             private_key_pem: key.serialize_pem(),
+            intermediate_pem: None,
         },
         not_after_unix: params.not_after.unix_timestamp(),
     })
@@ -146,7 +161,8 @@ pub struct SignedLeaf {
     /// The leaf, PEM.
     #[serde(rename = "CertPEM")]
     pub cert_pem: String,
-    /// Certificates between the leaf and the root (empty in the primary).
+    /// Certificates between the leaf and the root: empty in the primary, the datacenter's
+    /// intermediate in a secondary. A sidecar presents `CertPEM` followed by these.
     #[serde(rename = "IntermediatePEMs")]
     pub intermediate_pems: Vec<String>,
     /// The service.
@@ -210,12 +226,14 @@ pub fn sign_leaf(
     params.name_constraints = None;
     params.custom_extensions.clear();
     let signing_key = KeyPair::from_pem(&key.private_key_pem).map_err(internal)?;
-    let issuer = Issuer::from_ca_cert_pem(&root.root_cert, signing_key).map_err(internal)?;
+    // A secondary signs with its intermediate (spec §5.5); the primary with the root itself.
+    let issuer_pem = key.intermediate_pem.as_deref().unwrap_or(&root.root_cert);
+    let issuer = Issuer::from_ca_cert_pem(issuer_pem, signing_key).map_err(internal)?;
     let certificate = csr.signed_by(&issuer).map_err(internal)?;
     Ok(SignedLeaf {
         serial_number: colon_hex(&serial),
         cert_pem: certificate.pem(),
-        intermediate_pems: Vec::new(),
+        intermediate_pems: key.intermediate_pem.iter().cloned().collect(),
         service: expected.service.clone(),
         service_uri: expected.to_string(),
         valid_after: rfc3339(csr.params.not_before),
@@ -257,7 +275,7 @@ pub fn check_csr(params: &CertificateParams, expected: &SpiffeId) -> Result<()> 
     Ok(())
 }
 
-fn internal(error: impl std::fmt::Display) -> Error {
+pub(crate) fn internal(error: impl std::fmt::Display) -> Error {
     Error::Internal(format!("ca: {error}"))
 }
 

@@ -3,7 +3,8 @@
 //! The protocol logic lives in plain modules that take values (and `now`) and return values:
 //! [`catalog`], [`config_entries`], [`intentions`], [`acl`], [`ca`], [`routes`]. The [`http`]
 //! handlers and the [`cli`] are thin shells around them; [`store`] is the only module that
-//! touches the disk and [`blocking`] the only one that waits.
+//! touches the disk and [`blocking`] the only one that waits. [`replication`] federates a
+//! secondary datacenter with the primary: a sans-IO state machine plus its tokio shell.
 #![forbid(unsafe_code)]
 
 pub mod acl;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod intentions;
 pub mod metrics;
+pub mod replication;
 pub mod routes;
 pub mod spiffe;
 pub mod store;

@@ -40,6 +40,7 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
             .unwrap_or_else(|| flags.datacenter.clone()),
         datacenter: flags.datacenter,
         primary_address: flags.primary_address,
+        replication_token: flags.replication_token,
         data_dir: flags.data_dir,
         http_addr: address
             .parse()
@@ -57,5 +58,8 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(agent::run(config)).context("agent")
+    let result = runtime.block_on(agent::run(config)).context("agent");
+    // Replication holds blocking queries on the blocking pool; do not wait out their minute.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

@@ -27,6 +27,17 @@ pub struct Metrics {
     commit_sum_nanos: AtomicU64,
     blocking_active: AtomicI64,
     root_expiry: AtomicI64,
+    replication: Mutex<BTreeMap<&'static str, ReplicationGauges>>,
+    replication_resets: Mutex<BTreeMap<&'static str, u64>>,
+    forwarded: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The replication gauges of one stream (see `replication::machine::StreamStatus`).
+#[derive(Clone, Copy, Debug, Default)]
+struct ReplicationGauges {
+    healthy: bool,
+    index: u64,
+    last_success_unix: Option<f64>,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -76,6 +87,114 @@ impl Metrics {
     /// Records when the active CA root expires (Unix seconds).
     pub fn set_root_expiry(&self, unix_seconds: i64) {
         self.root_expiry.store(unix_seconds, Ordering::Relaxed);
+    }
+
+    /// Records the state of one replication stream (`kind` is its metric label).
+    pub fn set_replication(
+        &self,
+        kind: &'static str,
+        healthy: bool,
+        index: u64,
+        last_success_unix: Option<f64>,
+    ) {
+        let mut guard = self.replication.lock().unwrap_or_else(|p| p.into_inner());
+        guard.insert(
+            kind,
+            ReplicationGauges {
+                healthy,
+                index,
+                last_success_unix,
+            },
+        );
+    }
+
+    /// Counts one full resync after the primary's index went backwards.
+    pub fn count_replication_reset(&self, kind: &'static str) {
+        bump(&self.replication_resets, kind);
+    }
+
+    /// Counts one write forwarded to the primary (`ok`: the primary answered; `error`: it could
+    /// not be reached).
+    pub fn count_forwarded(&self, result: &'static str) {
+        bump(&self.forwarded, result);
+    }
+
+    fn render_replication(&self, out: &mut String) {
+        let gauges = self
+            .replication
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !gauges.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let families: [(&str, &str, &str); 4] = [
+                ("controlplane_replication_status", "gauge", "1 if the last fetch and apply from the primary succeeded, else 0."),
+                ("controlplane_replication_index", "gauge", "The primary's index of the last applied snapshot."),
+                ("controlplane_replication_last_success_timestamp_seconds", "gauge", "When the last snapshot was applied (Unix seconds)."),
+                ("controlplane_replication_lag_seconds", "gauge", "How stale the local copy may be: 0 while healthy (a blocking query is open on an up-to-date copy), else the time since the last success."),
+            ];
+            for (name, kind_of, help) in families {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} {kind_of}");
+                for (kind, g) in &gauges {
+                    let value = match name {
+                        "controlplane_replication_status" => f64::from(u8::from(g.healthy)),
+                        "controlplane_replication_index" => g.index as f64,
+                        "controlplane_replication_last_success_timestamp_seconds" => {
+                            match g.last_success_unix {
+                                Some(t) => t,
+                                None => continue,
+                            }
+                        }
+                        _ if g.healthy => 0.0,
+                        _ => g
+                            .last_success_unix
+                            .map_or(f64::INFINITY, |t| (now - t).max(0.0)),
+                    };
+                    let value = if value.is_infinite() {
+                        "+Inf".to_owned()
+                    } else {
+                        format!("{value}")
+                    };
+                    let _ = writeln!(out, "{name}{{type=\"{kind}\"}} {value}");
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_replication_resets_total Full resyncs after the primary's index went backwards."
+        );
+        let _ = writeln!(out, "# TYPE controlplane_replication_resets_total counter");
+        for (kind, n) in self
+            .replication_resets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "controlplane_replication_resets_total{{type=\"{kind}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_forwarded_writes_total Writes a secondary forwarded to the primary."
+        );
+        let _ = writeln!(out, "# TYPE controlplane_forwarded_writes_total counter");
+        for (result, n) in self
+            .forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "controlplane_forwarded_writes_total{{result=\"{result}\"}} {n}"
+            );
+        }
     }
 
     /// Renders every metric in the Prometheus text exposition format.
@@ -195,6 +314,7 @@ impl Metrics {
             out,
             "controlplane_store_commit_duration_seconds_count {count}"
         );
+        self.render_replication(&mut out);
         out
     }
 }
@@ -220,5 +340,30 @@ mod tests {
         assert!(text.contains("controlplane_store_commit_duration_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("controlplane_store_commit_duration_seconds_bucket{le=\"0.05\"} 2"));
         assert!(text.contains("controlplane_store_commit_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn replication_lag_is_zero_while_healthy_and_grows_when_failing() {
+        let metrics = Metrics::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        metrics.set_replication("intentions", true, 12, Some(now));
+        metrics.set_replication("acl-tokens", false, 3, Some(now - 30.0));
+        metrics.set_replication("ca-roots", false, 0, None);
+        let text = metrics.render();
+        assert!(text.contains("controlplane_replication_status{type=\"intentions\"} 1"));
+        assert!(text.contains("controlplane_replication_index{type=\"intentions\"} 12"));
+        assert!(text.contains("controlplane_replication_lag_seconds{type=\"intentions\"} 0"));
+        assert!(text.contains("controlplane_replication_lag_seconds{type=\"ca-roots\"} +Inf"));
+        let lag: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("controlplane_replication_lag_seconds{type=\"acl-tokens\"} ")
+            })
+            .and_then(|v| v.parse().ok())
+            .expect("acl-tokens lag");
+        assert!((30.0..60.0).contains(&lag), "{lag}");
     }
 }

@@ -25,6 +25,11 @@ pub struct FederationState {
     /// Raft index of the last change.
     #[serde(default)]
     pub modify_index: u64,
+    /// Written by the datacenter itself from its catalog (federation-state anti-entropy), as
+    /// opposed to an operator's override. A datacenter without registered gateways withdraws
+    /// only states it published itself, so an override for it stands.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_catalog: bool,
 }
 
 /// The addresses of one mesh gateway.
@@ -372,6 +377,7 @@ mod tests {
                     lan_address: String::new(),
                 }],
                 modify_index: 1,
+                from_catalog: false,
             },
             FederationState {
                 datacenter: "primary".into(),
@@ -381,6 +387,7 @@ mod tests {
                     lan_address: String::new(),
                 }],
                 modify_index: 1,
+                from_catalog: false,
             },
         ];
         let view = MeshView {

@@ -9,7 +9,8 @@
 //! Tables are split into **replicated** ones (owned by the primary datacenter and, once
 //! replication exists, copied to secondaries verbatim) and **local** ones (this datacenter's own
 //! state that never leaves it). Keep that split when adding tables: the replication issue will
-//! stream exactly [`Table::REPLICATED`].
+//! stream exactly [`Table::REPLICATED`] (`replication::Kind` maps its streams onto them; the
+//! `system` table's cluster id arrives with the CA roots).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -177,6 +178,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads every row of a table as `(key, JSON value)`, in key order (what replication sends).
+    pub fn entries(&self, table: Table) -> Result<Vec<(String, serde_json::Value)>> {
+        let txn = self.database.begin_read()?;
+        let handle = txn.open_table(table.definition())?;
+        let mut out = Vec::new();
+        for entry in handle.iter()? {
+            let (key, value) = entry?;
+            out.push((
+                key.value().to_owned(),
+                decode(table, key.value(), value.value())?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Runs `body` in one write transaction and commits it durably. The closure sees the index
     /// this write will get; every table it writes takes that index. Blocking queries waiting on
     /// those tables wake after the commit (never before: a woken reader must see the data).
@@ -255,6 +271,20 @@ impl Transaction<'_> {
         for entry in handle.iter()? {
             let (key, value) = entry?;
             out.push(decode(table, key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Reads every row of a table as `(key, JSON value)`, seeing this transaction's writes.
+    pub fn entries(&self, table: Table) -> Result<Vec<(String, serde_json::Value)>> {
+        let handle = self.txn.open_table(table.definition())?;
+        let mut out = Vec::new();
+        for entry in handle.iter()? {
+            let (key, value) = entry?;
+            out.push((
+                key.value().to_owned(),
+                decode(table, key.value(), value.value())?,
+            ));
         }
         Ok(out)
     }

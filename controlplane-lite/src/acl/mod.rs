@@ -134,7 +134,8 @@ pub struct Token {
     /// Service identities.
     #[serde(default)]
     pub service_identities: Vec<ServiceIdentity>,
-    /// Local tokens are not replicated (kept for shape; replication is not implemented yet).
+    /// Local tokens stay in the datacenter that created them: the primary does not send them
+    /// and a secondary's replication never deletes them.
     #[serde(default)]
     pub local: bool,
     /// RFC 3339 creation time.

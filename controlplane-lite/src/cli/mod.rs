@@ -92,9 +92,13 @@ pub struct AgentFlags {
     /// The primary datacenter (defaults to this one).
     #[arg(long = "primary-datacenter")]
     pub primary_datacenter: Option<String>,
-    /// The primary's HTTP address (accepted; replication is not implemented yet).
+    /// The primary's HTTP address (`host:port`); a secondary replicates from it and forwards
+    /// writes of replicated data to it.
     #[arg(long = "primary-address")]
     pub primary_address: Option<String>,
+    /// The token a secondary presents to the primary (`acl:write`, `operator:write`).
+    #[arg(long = "replication-token", env = "CONSUL_REPLICATION_TOKEN")]
+    pub replication_token: Option<String>,
     /// A directory of service definitions (`*.json`) registered at start and on reload.
     #[arg(long = "config-dir")]
     pub config_dir: Option<PathBuf>,

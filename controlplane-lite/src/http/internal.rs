@@ -127,9 +127,10 @@ pub async fn read_federation_state(
     .await
 }
 
-/// `PUT /v1/internal/federation-state/:dc` (`operator:write`): declares the WAN addresses of a
-/// remote datacenter's gateways. Replication will fill this table from the primary; until then
-/// an operator (or the demo script) writes it.
+/// `PUT /v1/internal/federation-state/:dc` (`operator:write`): sets the WAN addresses of a
+/// datacenter's gateways. Normally written by the datacenters themselves (a secondary pushes its
+/// own state here in the primary with the replication token; see `replication::runner`); an
+/// operator may use it as an override. In a secondary the write is forwarded to the primary.
 pub async fn write_federation_state(
     State(agent): State<AgentState>,
     ctx: Ctx,

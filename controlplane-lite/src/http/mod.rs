@@ -12,6 +12,7 @@ pub use catalog::register_local;
 mod config;
 mod intentions;
 mod internal;
+mod replication;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,8 +105,20 @@ pub fn router(agent: AgentState) -> Router {
                 .put(internal::write_federation_state)
                 .delete(internal::delete_federation_state),
         )
+        .route(
+            "/v1/internal/replication/{kind}",
+            get(replication::snapshot),
+        )
+        .route(
+            "/v1/connect/ca/intermediate/sign",
+            post(replication::sign_intermediate),
+        )
         .route("/metrics", get(metrics));
     api.route_layer(middleware::from_fn_with_state(
+        agent.clone(),
+        crate::replication::forward::forward_writes,
+    ))
+    .route_layer(middleware::from_fn_with_state(
         agent.clone(),
         count_requests,
     ))
@@ -175,6 +188,11 @@ impl FromRequestParts<AgentState> for Ctx {
             token,
         })
     }
+}
+
+/// The token a request carries in its headers (`?token=` travels in the query string).
+pub fn request_token(headers: &HeaderMap) -> Option<String> {
+    token_from(headers)
 }
 
 fn token_from(headers: &HeaderMap) -> Option<String> {

@@ -67,6 +67,11 @@ impl Answer {
 impl Agent {
     /// Starts an agent for datacenter `dc` with extra flags, in `data_dir`.
     pub fn start_in(data_dir: &Path, dc: &str, extra: &[&str]) -> Agent {
+        Agent::start_at(data_dir, dc, "127.0.0.1:0", extra)
+    }
+
+    /// Starts an agent listening on `http_addr` (to restart one on the same address).
+    pub fn start_at(data_dir: &Path, dc: &str, http_addr: &str, extra: &[&str]) -> Agent {
         let mut command = Command::new(BINARY);
         command
             .args([
@@ -74,7 +79,7 @@ impl Agent {
                 "-datacenter",
                 dc,
                 "-http-addr",
-                "127.0.0.1:0",
+                http_addr,
                 "-log-level",
                 "warn",
                 "-data-dir",
