@@ -10,11 +10,18 @@
 //! `shutdown(SHUT_WR)` on the other while the other direction keeps flowing (TCP half-close);
 //! an error on either side, or `timeouts.idle` without a byte either way, shuts both sockets
 //! down, which wakes and ends the other direction too.
+//!
+//! Idle timeouts use no timer per connection: monoio's `Sleep` is 640 bytes (cache-padded), and
+//! two of them per connection made an idle proxied connection's task four times larger than
+//! everything else in it. Instead every connection's [`Shared`] is listed per worker, and the
+//! worker's tick calls [`sweep_idle`], which shuts down the ones whose last byte is older than
+//! their idle timeout (checked every tick, so the timeout fires up to one tick late).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
@@ -63,7 +70,30 @@ impl Mode {
 
 thread_local! {
     /// This worker's idle pipes (a worker is one thread, so thread-local is per-core).
-    static PIPES: std::cell::RefCell<Vec<sys::Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PIPES: RefCell<Vec<sys::Pipe>> = const { RefCell::new(Vec::new()) };
+    /// This worker's relayed connections, for [`sweep_idle`].
+    static RELAYED: RefCell<Vec<Weak<Shared>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Shut down this worker's connections that have been idle for their timeout. Called from
+/// the worker's tick; costs a few nanoseconds per open connection.
+pub fn sweep_idle(now: Instant) {
+    RELAYED.with(|relayed| {
+        relayed.borrow_mut().retain(|entry| {
+            let Some(shared) = entry.upgrade() else {
+                return false;
+            };
+            if shared.aborted.get() {
+                return false;
+            }
+            if now.saturating_duration_since(shared.last_activity.get()) >= shared.idle {
+                shared.idle_expired.set(true);
+                shared.abort();
+                return false;
+            }
+            true
+        });
+    });
 }
 
 fn take_pipe() -> io::Result<sys::Pipe> {
@@ -107,6 +137,8 @@ pub struct Shared {
     idle: Duration,
     last_activity: Cell<Instant>,
     aborted: Cell<bool>,
+    /// The abort came from the idle sweep.
+    idle_expired: Cell<bool>,
     /// Which direction saw EOF first (for the DC/UC response flags).
     pub first_eof: Cell<Option<Direction>>,
     pub bytes_to_upstream: Cell<u64>,
@@ -119,11 +151,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(idle: Duration, client: &TcpStream, upstream: &TcpStream, mode: Mode) -> Shared {
-        Shared {
+    /// State for one proxied pair, registered with this worker's idle sweep.
+    pub fn new(idle: Duration, client: &TcpStream, upstream: &TcpStream, mode: Mode) -> Rc<Shared> {
+        let shared = Rc::new(Shared {
             idle,
             last_activity: Cell::new(Instant::now()),
             aborted: Cell::new(false),
+            idle_expired: Cell::new(false),
             first_eof: Cell::new(None),
             bytes_to_upstream: Cell::new(0),
             bytes_to_downstream: Cell::new(0),
@@ -131,6 +165,17 @@ impl Shared {
             upstream_fd: upstream.as_raw_fd(),
             mode,
             nonblocking: Cell::new(false),
+        });
+        RELAYED.with(|relayed| relayed.borrow_mut().push(Rc::downgrade(&shared)));
+        shared
+    }
+
+    /// How a direction ends when it finds the pair aborted.
+    fn aborted_end(&self) -> End {
+        if self.idle_expired.get() {
+            End::Idle
+        } else {
+            End::Aborted
         }
     }
 
@@ -143,10 +188,6 @@ impl Shared {
             self.nonblocking.set(true);
         }
         Ok(())
-    }
-
-    fn idle_deadline(&self) -> Instant {
-        self.last_activity.get() + self.idle
     }
 
     /// Shut both sockets down so that the other direction's readiness wait wakes and ends.
@@ -173,21 +214,19 @@ pub async fn pump(
     };
     let mut splicing = shared.mode == Mode::Splice;
     loop {
-        match wait_until(shared, source.readable(false)).await {
-            Wait::Ready => {}
-            Wait::Idle => return End::Idle,
-            Wait::Failed => {
-                shared.abort();
-                return End::Error;
-            }
+        if source.readable(false).await.is_err() {
+            shared.abort();
+            return End::Error;
         }
         if shared.aborted.get() {
-            return End::Aborted;
+            return shared.aborted_end();
         }
         if splicing {
             // Without a pipe (out of descriptors) this wake copies instead.
             if let Ok(pipe) = shared.prepare_splice().and_then(|()| take_pipe()) {
-                match splice_burst(
+                // Boxed, like `flush` below: these states are short-lived, and inline they
+                // would enlarge every idle connection's task.
+                match Box::pin(splice_burst(
                     source_fd,
                     destination,
                     &pipe,
@@ -195,7 +234,7 @@ pub async fn pump(
                     direction,
                     counter,
                     total,
-                )
+                ))
                 .await
                 {
                     Ok(()) => give_back(pipe),
@@ -254,7 +293,7 @@ pub async fn pump(
                 }
                 Read::Backlog(pending, read) => {
                     account(shared, counter, total, read);
-                    if let Err(end) = flush(destination, shared, &pending).await {
+                    if let Err(end) = Box::pin(flush(destination, shared, &pending)).await {
                         return end;
                     }
                     break;
@@ -301,15 +340,7 @@ async fn splice_burst(
                     shared.last_activity.set(Instant::now());
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    match wait_until(shared, destination.writable(false)).await {
-                        Wait::Ready if !shared.aborted.get() => {}
-                        Wait::Ready => return Err(End::Aborted),
-                        Wait::Idle => return Err(End::Idle),
-                        Wait::Failed => {
-                            shared.abort();
-                            return Err(End::Error);
-                        }
-                    }
+                    wait_writable(destination, shared).await?;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -355,17 +386,7 @@ pub async fn flush(destination: &TcpStream, shared: &Shared, mut data: &[u8]) ->
                 shared.last_activity.set(Instant::now());
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                match wait_until(shared, destination.writable(false)).await {
-                    Wait::Ready => {}
-                    Wait::Idle => return Err(End::Idle),
-                    Wait::Failed => {
-                        shared.abort();
-                        return Err(End::Error);
-                    }
-                }
-                if shared.aborted.get() {
-                    return Err(End::Aborted);
-                }
+                wait_writable(destination, shared).await?;
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
@@ -377,35 +398,14 @@ pub async fn flush(destination: &TcpStream, shared: &Shared, mut data: &[u8]) ->
     Ok(())
 }
 
-enum Wait {
-    Ready,
-    Idle,
-    Failed,
-}
-
-/// Await a readiness future under the shared idle deadline. Activity in the other direction
-/// moves the deadline, so a timer firing only ends the connection if nothing moved at all.
-async fn wait_until(
-    shared: &Shared,
-    readiness: impl std::future::Future<Output = io::Result<()>>,
-) -> Wait {
-    let mut readiness = std::pin::pin!(readiness);
-    loop {
-        let deadline = shared.idle_deadline();
-        match monoio::time::timeout_at(
-            monoio::time::Instant::from_std(deadline),
-            readiness.as_mut(),
-        )
-        .await
-        {
-            Ok(Ok(())) => return Wait::Ready,
-            Ok(Err(_)) => return Wait::Failed,
-            Err(_elapsed) => {
-                if Instant::now() >= shared.idle_deadline() {
-                    shared.abort();
-                    return Wait::Idle;
-                }
-            }
-        }
+/// Wait until `destination` takes bytes again, or the pair is aborted (error, idle sweep).
+async fn wait_writable(destination: &TcpStream, shared: &Shared) -> Result<(), End> {
+    if destination.writable(false).await.is_err() {
+        shared.abort();
+        return Err(End::Error);
     }
+    if shared.aborted.get() {
+        return Err(shared.aborted_end());
+    }
+    Ok(())
 }
