@@ -54,6 +54,8 @@ pub struct Control {
     /// The configuration the snapshot in force was built from.
     pub config: Mutex<Config>,
     pub ready: AtomicBool,
+    /// `gateway mesh`: routes come from the control plane; a reload keeps them.
+    pub routes_from_control_plane: AtomicBool,
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
@@ -94,6 +96,7 @@ impl Control {
             config_path: parts.config_path,
             config: Mutex::new(parts.config),
             ready: AtomicBool::new(false),
+            routes_from_control_plane: AtomicBool::new(false),
             notifier: parts.notifier,
             log_filter: parts.log_filter,
             access_log: parts.access_log,
@@ -150,8 +153,12 @@ impl Control {
         if self.draining() {
             return Err(vec!["draining: reloads are refused".into()]);
         }
-        let config = Config::load(&self.config_path)?;
+        let mut config = Config::load(&self.config_path)?;
         let mut current = lock(&self.config);
+        if self.routes_from_control_plane.load(Ordering::Relaxed) {
+            config.routes = current.routes.clone();
+            config.default_route = None;
+        }
         let generation = self.snapshot.load().generation + 1;
         let snapshot = Snapshot::build(&config, generation, &self.metrics).map_err(|e| vec![e])?;
         let plan = self.plan_listeners(&config.listeners)?;

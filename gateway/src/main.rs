@@ -38,6 +38,11 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// A mesh gateway registered with controlplane-lite, following its routes (the guide's
+    /// `consul connect envoy -mesh-gateway -register`). Flags take one dash like Consul's.
+    Mesh(gateway::consul_cli::MeshCommand),
+    /// The mutual-TLS sidecar of one service (the guide's `consul connect envoy -sidecar-for`).
+    Sidecar(gateway::consul_cli::SidecarCommand),
 }
 
 /// Built once per process (clap wants a `'static` string).
@@ -53,7 +58,7 @@ fn version_text() -> &'static str {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(gateway::consul_cli::rewrite_single_dash(std::env::args_os()));
     let log_filter = gateway::logging::init(
         cli.log_level.as_deref(),
         matches!(cli.log_format, LogFormat::Json),
@@ -77,12 +82,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => match gateway::run::run(&config, Some(log_filter)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("gateway: {error:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run { config } => exit(gateway::run::run(&config, Some(log_filter))),
+        Command::Mesh(command) => {
+            let args = command.into_args();
+            let config = args.config.clone().unwrap_or_default();
+            exit(gateway::run::serve(&config, Some(log_filter), Some(args)))
+        }
+        Command::Sidecar(command) => exit(gateway::sidecar::run(command.into_args())),
+    }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gateway: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

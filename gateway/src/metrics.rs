@@ -310,6 +310,8 @@ pub struct ControlStats {
     pub max_connections: AtomicU64,
     /// Access-log lines dropped because the writer could not keep up (shared with it).
     pub access_log_dropped: Arc<AtomicU64>,
+    /// `gateway mesh`: the control-plane follower's state (rendered only in that mode).
+    pub control_plane: crate::cp_client::ControlPlaneStats,
 }
 
 impl ControlStats {
@@ -788,6 +790,7 @@ impl Metrics {
             "gateway_access_log_dropped_total {}",
             control.access_log_dropped.load(Ordering::Relaxed)
         );
+        control.control_plane.render(&mut out);
         self.render_endpoints(&mut out, snapshot, &destinations);
         crate::process_metrics::render(&mut out, self.start_unix);
         out

@@ -21,6 +21,16 @@ use crate::worker::{self, Shared};
 const RESERVED_FDS: u64 = 128;
 
 pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<()> {
+    serve(config_path, log_filter, None)
+}
+
+/// `gateway run`, or with `mesh` the same runtime with its routes followed from the control
+/// plane (`gateway mesh`; `config_path` is then its `--config`, possibly empty).
+pub fn serve(
+    config_path: &Path,
+    log_filter: Option<LogFilter>,
+    mesh: Option<crate::mesh::Args>,
+) -> anyhow::Result<()> {
     let fd_limit = match crate::sys::raise_fd_limit() {
         Ok((before, hard)) => {
             tracing::info!(
@@ -36,7 +46,11 @@ pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<
             1024
         }
     };
-    let config = Config::load(config_path).map_err(|errors| {
+    let config = match &mesh {
+        Some(args) => crate::mesh::initial_config(args),
+        None => Config::load(config_path),
+    }
+    .map_err(|errors| {
         anyhow!(
             "{} has {} error(s):\n  {}",
             config_path.display(),
@@ -241,9 +255,26 @@ pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<
             Some(socket) => Some(tokio::net::TcpListener::from_std(socket)?),
             None => None,
         };
+        let follower = mesh.map(|args| Arc::new(crate::mesh::Follower::new(args)));
+        if let Some(follower) = &follower {
+            control
+                .routes_from_control_plane
+                .store(true, Ordering::Relaxed);
+            tokio::spawn(Arc::clone(follower).follow(Arc::clone(&control)));
+        }
         control.ready.store(true, Ordering::Relaxed);
         control.notifier.ready("serving");
         crate::lifecycle::run(Arc::clone(&control), admin, events).await;
+        if let Some(follower) = follower {
+            // With a hand-over socket a successor may have taken over and keeps the
+            // registration; otherwise a clean stop leaves the catalog.
+            let successor_possible = crate::control::lock(&control.config)
+                .handover_socket
+                .is_some();
+            if !successor_possible {
+                follower.deregister().await;
+            }
+        }
         anyhow::Ok(())
     })?;
     Ok(())

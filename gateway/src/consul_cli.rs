@@ -1,0 +1,213 @@
+//! The command lines of `gateway mesh` and `gateway sidecar`, shaped like Consul's
+//! `consul connect envoy`: single-dash long flags (`-sidecar-for socat`, `-token=T`), and
+//! `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` from the environment when the flags are absent.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The subcommands whose flags may be written with one dash.
+const CONSUL_STYLE: [&str; 2] = ["mesh", "sidecar"];
+
+/// Rewrite `-long-flag` to `--long-flag` after a Consul-style subcommand, so clap parses
+/// Consul's spelling. Short flags (`-c`), values and anything after `--` stay as they are. A
+/// value that itself starts with `-letter` must be written `-flag=value`.
+pub fn rewrite_single_dash(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut consul_style = false;
+    let mut rest_verbatim = false;
+    for arg in args {
+        let Some(text) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if rest_verbatim {
+            out.push(arg);
+            continue;
+        }
+        if text == "--" {
+            rest_verbatim = true;
+            out.push(arg);
+            continue;
+        }
+        if !consul_style && CONSUL_STYLE.contains(&text) {
+            consul_style = true;
+            out.push(arg);
+            continue;
+        }
+        let single_dash_long = consul_style
+            && text.len() > 2
+            && text.starts_with('-')
+            && !text.starts_with("--")
+            && text[1..].starts_with(|c: char| c.is_ascii_alphabetic());
+        if single_dash_long {
+            out.push(OsString::from(format!("-{text}")));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+fn http_addr(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
+        .filter(|address| !address.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:8500".to_owned())
+}
+
+fn token(flag: Option<String>) -> Option<String> {
+    flag.or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok())
+        .filter(|token| !token.is_empty())
+}
+
+/// `gateway mesh -register -service-name N -address A -wan-address W -token T -http-addr CP`
+#[derive(Debug, clap::Args)]
+pub struct MeshCommand {
+    /// Register the gateway in the catalog (and deregister it on a clean stop).
+    #[arg(long)]
+    register: bool,
+    /// Accepted for compatibility with `consul connect envoy -mesh-gateway`.
+    #[arg(long)]
+    mesh_gateway: bool,
+    /// The gateway's service name and ID.
+    #[arg(long, default_value = "mesh-gateway")]
+    service_name: String,
+    /// LAN address (ip:port): this datacenter's sidecars dial it; the gateway listens on it
+    /// unless --config names listeners.
+    #[arg(long)]
+    address: SocketAddr,
+    /// WAN address (ip:port) other datacenters dial; defaults to --address.
+    #[arg(long)]
+    wan_address: Option<SocketAddr>,
+    /// ACL token (default: CONSUL_HTTP_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// Control-plane HTTP address (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// TOML file for listeners, admin, workers, timeouts (its routes are ignored).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Admin address when there is no --config.
+    #[arg(long, default_value = "127.0.0.1:19000")]
+    admin_bind: SocketAddr,
+}
+
+impl MeshCommand {
+    pub fn into_args(self) -> crate::mesh::Args {
+        crate::mesh::Args {
+            register: self.register,
+            service_name: self.service_name,
+            address: self.address,
+            wan_address: self.wan_address.unwrap_or(self.address),
+            token: token(self.token),
+            http_addr: http_addr(self.http_addr),
+            config: self.config,
+            admin_bind: self.admin_bind,
+        }
+    }
+}
+
+/// `gateway sidecar -sidecar-for NAME -token T -http-addr CP`
+#[derive(Debug, clap::Args)]
+pub struct SidecarCommand {
+    /// The service this sidecar fronts.
+    #[arg(long)]
+    sidecar_for: String,
+    /// The proxy's service ID (default: <sidecar-for>-sidecar-proxy).
+    #[arg(long)]
+    proxy_id: Option<String>,
+    /// ACL token (default: CONSUL_HTTP_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// Control-plane HTTP address (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Serve /metrics and /ready here.
+    #[arg(long)]
+    admin_bind: Option<SocketAddr>,
+    /// Bind the public listener here instead of the registered address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+impl SidecarCommand {
+    pub fn into_args(self) -> crate::sidecar::Args {
+        crate::sidecar::Args {
+            sidecar_for: self.sidecar_for,
+            proxy_id: self.proxy_id,
+            token: token(self.token),
+            http_addr: http_addr(self.http_addr),
+            admin_bind: self.admin_bind,
+            listen: self.listen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(args: &[&str]) -> Vec<String> {
+        rewrite_single_dash(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|arg| arg.into_string().expect("utf-8"))
+            .collect()
+    }
+
+    #[test]
+    fn single_dash_long_flags_become_double_dash_after_mesh_and_sidecar() {
+        assert_eq!(
+            rewrite(&[
+                "gateway",
+                "sidecar",
+                "-sidecar-for",
+                "socat",
+                "-token=abc",
+                "-c",
+                "x"
+            ]),
+            [
+                "gateway",
+                "sidecar",
+                "--sidecar-for",
+                "socat",
+                "--token=abc",
+                "-c",
+                "x"
+            ]
+        );
+        assert_eq!(
+            rewrite(&[
+                "gateway",
+                "--log-level",
+                "debug",
+                "mesh",
+                "-register",
+                "--address",
+                "1.2.3.4:1"
+            ]),
+            [
+                "gateway",
+                "--log-level",
+                "debug",
+                "mesh",
+                "--register",
+                "--address",
+                "1.2.3.4:1"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_subcommands_values_and_the_rest_after_double_dash_are_untouched() {
+        assert_eq!(
+            rewrite(&["gateway", "run", "-c", "file.toml"]),
+            ["gateway", "run", "-c", "file.toml"]
+        );
+        assert_eq!(
+            rewrite(&["gateway", "sidecar", "-token", "-1", "--", "-keep"]),
+            ["gateway", "sidecar", "--token", "-1", "--", "-keep"]
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! `gateway mesh`: the static gateway's runtime (workers, snapshots, admin), with its routes
+//! followed from controlplane-lite instead of a file — the guide's
+//! `consul connect envoy -mesh-gateway -register`.
+//!
+//! The follower registers the gateway (a `mesh-gateway` service with `lan`/`wan` tagged
+//! addresses and a TCP check), then follows `/v1/internal/mesh-gateway/routes` with blocking
+//! queries and publishes each changed table as a new snapshot: new connections use it,
+//! established ones keep theirs. While the control plane is unreachable the last snapshot
+//! stays in force; requests are retried with back-off, and `/metrics` says so
+//! (`gateway_control_plane_connected`, `gateway_control_plane_snapshot_age_seconds`). A clean
+//! stop deregisters. The gateway never holds a private key and never decrypts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::control::{lock, Control};
+use crate::cp_client::{backoff, next_index, Client};
+use crate::routes::{Pattern, RouteSpec};
+use crate::snapshot::Snapshot;
+
+pub const ROUTES_PATH: &str = "/v1/internal/mesh-gateway/routes";
+
+/// Command-line arguments of `gateway mesh`.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// Register (and on a clean stop deregister) the gateway in the catalog.
+    pub register: bool,
+    pub service_name: String,
+    /// The LAN address: sidecars of this datacenter dial it; the gateway listens on it
+    /// unless `--config` names the listeners.
+    pub address: SocketAddr,
+    /// The address other datacenters' gateways and sidecars dial.
+    pub wan_address: SocketAddr,
+    pub token: Option<String>,
+    pub http_addr: String,
+    /// Listeners, admin, workers, timeouts; its `[[route]]`s are ignored.
+    pub config: Option<PathBuf>,
+    /// The admin address when there is no `--config` (Consul's `-admin-bind`).
+    pub admin_bind: SocketAddr,
+}
+
+/// The configuration the runtime starts with: the file's, or one listener on `-address`.
+/// Routes come from the control plane only.
+pub fn initial_config(args: &Args) -> Result<Config, Vec<String>> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::parse(&format!(
+            "[[listener]]\nname = \"mesh\"\naddress = \"{}\"\n\n[admin]\naddress = \"{}\"\n",
+            args.address, args.admin_bind
+        ))?,
+    };
+    config.routes.clear();
+    config.default_route = None;
+    Ok(config)
+}
+
+/// The registration body (spec §7.1, the guide's gateway).
+pub fn registration(args: &Args) -> serde_json::Value {
+    let tagged = |address: SocketAddr| serde_json::json!({ "address": address.ip().to_string(), "port": address.port() });
+    serde_json::json!({
+        "Kind": "mesh-gateway",
+        "ID": args.service_name,
+        "Name": args.service_name,
+        "Address": args.address.ip().to_string(),
+        "Port": args.address.port(),
+        "TaggedAddresses": { "lan": tagged(args.address), "wan": tagged(args.wan_address) },
+        "Check": {
+            "Name": "Mesh Gateway Listening",
+            "TCP": args.address.to_string(),
+            "Interval": "10s",
+            "DeregisterCriticalServiceAfter": "6h"
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct WireRoutes {
+    generation: u64,
+    routes: Vec<WireRoute>,
+}
+
+#[derive(Deserialize)]
+struct WireRoute {
+    sni: String,
+    endpoints: Vec<String>,
+}
+
+/// A route table from the control plane, parsed into the gateway's own types. Routes that
+/// do not parse are left out and reported (one bad name must not stop the others); an
+/// endpoint that is not `ip:port` is left out the same way.
+pub fn parse_routes(body: &[u8]) -> Result<(u64, Vec<RouteSpec>, Vec<String>), String> {
+    let wire: WireRoutes =
+        serde_json::from_slice(body).map_err(|error| format!("route table: {error}"))?;
+    let mut routes = Vec::with_capacity(wire.routes.len());
+    let mut problems = Vec::new();
+    for route in wire.routes {
+        let pattern = match Pattern::parse(&route.sni) {
+            Ok(pattern) => pattern,
+            Err(error) => {
+                problems.push(error);
+                continue;
+            }
+        };
+        let mut endpoints = Vec::with_capacity(route.endpoints.len());
+        for endpoint in &route.endpoints {
+            match endpoint.parse::<SocketAddr>() {
+                Ok(address) => endpoints.push(address),
+                Err(_) => problems.push(format!(
+                    "route `{}`: endpoint {endpoint:?} is not ip:port",
+                    route.sni
+                )),
+            }
+        }
+        if endpoints.is_empty() {
+            problems.push(format!("route `{}` has no usable endpoint", route.sni));
+            continue;
+        }
+        routes.push(RouteSpec { pattern, endpoints });
+    }
+    Ok((wire.generation, routes, problems))
+}
+
+/// Publish `routes` as a new snapshot (the file's listeners, timeouts and limits stay).
+/// Returns the gateway's new generation.
+pub fn publish(control: &Control, routes: Vec<RouteSpec>) -> Result<u64, String> {
+    let mut current = lock(&control.config);
+    let mut next = current.clone();
+    next.routes = routes;
+    let generation = control.snapshot.load().generation + 1;
+    let snapshot = Snapshot::build(&next, generation, &control.metrics)?;
+    control.snapshot.store(Arc::new(snapshot));
+    control
+        .metrics
+        .control
+        .config_generation
+        .store(generation, Ordering::Relaxed);
+    *current = next;
+    Ok(generation)
+}
+
+/// Registration and route following for one `gateway mesh` process.
+pub struct Follower {
+    client: Client,
+    args: Args,
+}
+
+impl Follower {
+    pub fn new(args: Args) -> Follower {
+        Follower {
+            client: Client::new(&args.http_addr, args.token.clone()),
+            args,
+        }
+    }
+
+    async fn register(&self) -> bool {
+        if !self.args.register {
+            return true;
+        }
+        match self
+            .client
+            .put("/v1/agent/service/register", &registration(&self.args))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(service = %self.args.service_name, lan = %self.args.address, wan = %self.args.wan_address, "registered the mesh gateway");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot register the mesh gateway; retrying");
+                false
+            }
+        }
+    }
+
+    /// Deregister on a clean stop (best effort: the control plane may be gone).
+    pub async fn deregister(&self) {
+        if !self.args.register {
+            return;
+        }
+        let path = format!("/v1/agent/service/deregister/{}", self.args.service_name);
+        match self.client.put(&path, &serde_json::json!(null)).await {
+            Ok(_) => tracing::info!(service = %self.args.service_name, "deregistered"),
+            Err(error) => tracing::warn!(%error, "could not deregister"),
+        }
+    }
+
+    /// Register, then follow the route table until the process stops. Never returns an
+    /// error: the last snapshot serves while the control plane is away.
+    pub async fn follow(self: Arc<Self>, control: Arc<Control>) {
+        let stats = &control.metrics.control.control_plane;
+        stats.enabled.store(true, Ordering::Relaxed);
+        let mut registered = false;
+        let mut index = 0;
+        let mut failures = 0u32;
+        let mut published: Option<Vec<RouteSpec>> = None;
+        loop {
+            if !registered {
+                registered = self.register().await;
+            }
+            let answer = if index == 0 {
+                self.client.get(ROUTES_PATH).await
+            } else {
+                self.client.get_blocking(ROUTES_PATH, index).await
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(error) => {
+                    stats.connected.store(false, Ordering::Relaxed);
+                    stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "control plane unreachable; serving the last snapshot");
+                    tokio::time::sleep(backoff(failures)).await;
+                    failures = failures.saturating_add(1);
+                    // The control plane may come back with a lower index (restored): ask
+                    // for the current table rather than wait for an index it never reaches.
+                    index = 0;
+                    // Re-register after an outage: a control plane that lost its catalog
+                    // must learn about us again (PUT is idempotent).
+                    registered = false;
+                    continue;
+                }
+            };
+            if failures > 0 {
+                tracing::info!("control plane reachable again");
+                failures = 0;
+            }
+            index = next_index(index, answer.index);
+            let (generation, routes, problems) = match parse_routes(&answer.body) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "unusable route table; keeping the snapshot in force");
+                    tokio::time::sleep(backoff(0)).await;
+                    continue;
+                }
+            };
+            for problem in &problems {
+                tracing::warn!(problem = %problem, "route left out");
+            }
+            stats.received(generation);
+            if published.as_ref() == Some(&routes) {
+                continue;
+            }
+            let count = routes.len();
+            match publish(&control, routes.clone()) {
+                Ok(local) => {
+                    tracing::info!(
+                        control_plane_generation = generation,
+                        generation = local,
+                        routes = count,
+                        "published routes from the control plane"
+                    );
+                    published = Some(routes);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "route table refused; keeping the snapshot in force")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> Args {
+        Args {
+            register: true,
+            service_name: "gateway-primary".into(),
+            address: "10.0.0.5:8443".parse().expect("addr"),
+            wan_address: "192.0.2.1:443".parse().expect("addr"),
+            token: None,
+            http_addr: "127.0.0.1:8500".into(),
+            config: None,
+            admin_bind: "127.0.0.1:19000".parse().expect("addr"),
+        }
+    }
+
+    #[test]
+    fn registration_has_tagged_addresses_and_a_tcp_check() {
+        let body = registration(&args());
+        assert_eq!(body["Kind"], "mesh-gateway");
+        assert_eq!(body["Name"], "gateway-primary");
+        assert_eq!(body["Port"], 8443);
+        assert_eq!(body["TaggedAddresses"]["lan"]["address"], "10.0.0.5");
+        assert_eq!(body["TaggedAddresses"]["wan"]["address"], "192.0.2.1");
+        assert_eq!(body["TaggedAddresses"]["wan"]["port"], 443);
+        assert_eq!(body["Check"]["TCP"], "10.0.0.5:8443");
+    }
+
+    #[test]
+    fn initial_config_listens_on_the_lan_address_without_routes() {
+        let config = initial_config(&args()).expect("config");
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].address, args().address);
+        assert_eq!(config.admin, Some(args().admin_bind));
+        assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn route_tables_parse_and_bad_routes_are_left_out() {
+        let body = br#"{"generation": 12, "routes": [
+            {"sni": "socat.default.primary.internal.td.consul", "endpoints": ["127.0.0.1:21000"]},
+            {"sni": "*.secondary.internal.td.consul", "endpoints": ["192.0.2.2:8444", "gw.example:1"]},
+            {"sni": "not a name", "endpoints": ["127.0.0.1:1"]},
+            {"sni": "empty.default.primary.internal.td.consul", "endpoints": []}]}"#;
+        let (generation, routes, problems) = parse_routes(body).expect("parse");
+        assert_eq!(generation, 12);
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            routes[1].pattern,
+            Pattern::Wildcard("secondary.internal.td.consul".into())
+        );
+        assert_eq!(routes[1].endpoints.len(), 1);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(parse_routes(b"{}").is_err());
+    }
+}

@@ -1,0 +1,344 @@
+//! The sidecar's decisions, sans-IO: SPIFFE identities, intention evaluation, and when to
+//! renew a leaf. Plain functions over values; no sockets, no clock (`now` is an argument).
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+/// A Connect service identity: `spiffe://<trust-domain>/ns/<ns>/dc/<dc>/svc/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub datacenter: String,
+    pub service: String,
+}
+
+impl SpiffeId {
+    /// Parse strictly (Consul's shape): lower-case trust domain, exactly
+    /// `/ns/<ns>/dc/<dc>/svc/<name>`, no port, query or fragment.
+    pub fn parse(uri: &str) -> Option<SpiffeId> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (host, path) = rest.split_once('/')?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !host_ok {
+            return None;
+        }
+        let segment_ok = |segment: &str| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        };
+        match path.split('/').collect::<Vec<_>>().as_slice() {
+            ["ns", ns, "dc", dc, "svc", svc] if [ns, dc, svc].iter().all(|s| segment_ok(s)) => {
+                Some(SpiffeId {
+                    trust_domain: host.to_owned(),
+                    namespace: (*ns).to_owned(),
+                    datacenter: (*dc).to_owned(),
+                    service: (*svc).to_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/dc/{}/svc/{}",
+            self.trust_domain, self.namespace, self.datacenter, self.service
+        )
+    }
+}
+
+/// The URI SANs of a DER certificate; `None` if it does not parse.
+pub fn uri_sans(certificate_der: &[u8]) -> Option<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, certificate) = x509_parser::parse_x509_certificate(certificate_der).ok()?;
+    let mut uris = Vec::new();
+    if let Ok(Some(extension)) = certificate.subject_alternative_name() {
+        for name in &extension.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                uris.push((*uri).to_owned());
+            }
+        }
+    }
+    Some(uris)
+}
+
+/// The one SPIFFE service identity a leaf carries. A leaf with no URI SAN, a malformed one, or
+/// several is refused: a connection must be attributable to exactly one service.
+pub fn leaf_identity(certificate_der: &[u8]) -> Result<SpiffeId, &'static str> {
+    let uris = uri_sans(certificate_der).ok_or("certificate does not parse")?;
+    match uris.as_slice() {
+        [uri] => SpiffeId::parse(uri).ok_or("URI SAN is not a SPIFFE service ID"),
+        [] => Err("certificate has no URI SAN"),
+        _ => Err("certificate has several URI SANs"),
+    }
+}
+
+/// `allow` or `deny`, as controlplane-lite stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// The fields of an intention the decision reads (Consul's JSON shape).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Intention {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(rename = "SourceNS", default = "default_namespace")]
+    pub source_ns: String,
+    pub source_name: String,
+    #[serde(rename = "DestinationNS", default = "default_namespace")]
+    pub destination_ns: String,
+    pub destination_name: String,
+    pub action: Action,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+const WILDCARD: &str = "*";
+
+/// Consul's precedence (spec §4.2): exact values in the destination (namespace, name) give
+/// 9, 6 or 3; minus `2 - exact values in the source`.
+pub fn precedence(intention: &Intention) -> u8 {
+    let exact = |ns: &str, name: &str| u8::from(ns != WILDCARD) + u8::from(name != WILDCARD);
+    let top = match exact(&intention.destination_ns, &intention.destination_name) {
+        2 => 9,
+        1 => 6,
+        _ => 3,
+    };
+    top - (2 - exact(&intention.source_ns, &intention.source_name))
+}
+
+/// The default when no intention matches: Consul takes it from the ACL default policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultDecision {
+    Allow,
+    Deny,
+}
+
+/// The outcome of an authorization, with the reason that goes into the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// Whether `client` may connect to `destination` (Consul's `ConnectAuthorize`): the first
+/// matching intention in precedence order decides (ties broken by names, as Consul sorts),
+/// otherwise the default. The client's trust domain was already checked by the chain to our
+/// roots; its datacenter is not compared (intentions are global).
+pub fn authorize(
+    intentions: &[Intention],
+    client: &SpiffeId,
+    destination: &str,
+    default: DefaultDecision,
+) -> Decision {
+    let matches_name = |pattern: &str, name: &str| pattern == WILDCARD || pattern == name;
+    let mut applicable: Vec<&Intention> = intentions
+        .iter()
+        .filter(|i| {
+            matches_name(&i.destination_ns, "default")
+                && matches_name(&i.destination_name, destination)
+                && matches_name(&i.source_ns, &client.namespace)
+                && matches_name(&i.source_name, &client.service)
+        })
+        .collect();
+    applicable.sort_by(|a, b| {
+        precedence(b).cmp(&precedence(a)).then_with(|| {
+            (
+                &a.source_ns,
+                &a.source_name,
+                &a.destination_ns,
+                &a.destination_name,
+            )
+                .cmp(&(
+                    &b.source_ns,
+                    &b.source_name,
+                    &b.destination_ns,
+                    &b.destination_name,
+                ))
+        })
+    });
+    match applicable.first() {
+        Some(intention) => Decision {
+            allowed: intention.action == Action::Allow,
+            reason: format!(
+                "intention {} {}/{} => {}/{} (ID {}, precedence {})",
+                if intention.action == Action::Allow {
+                    "ALLOW"
+                } else {
+                    "DENY"
+                },
+                intention.source_ns,
+                intention.source_name,
+                intention.destination_ns,
+                intention.destination_name,
+                intention.id,
+                precedence(intention)
+            ),
+        },
+        None => Decision {
+            allowed: default == DefaultDecision::Allow,
+            reason: format!(
+                "no intention matches; default {} (ACL default policy)",
+                if default == DefaultDecision::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            ),
+        },
+    }
+}
+
+/// When to renew a leaf valid from `not_before` to `not_after`: at `fraction` of its
+/// lifetime, where the caller draws `fraction` uniformly from [0.6, 0.9] (Consul renews at a
+/// random point in that window so that a fleet does not renew at once). Returns how long to
+/// wait from `now` (zero if that point has passed).
+pub fn renewal_delay(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    fraction: f64,
+    now: SystemTime,
+) -> Duration {
+    let fraction = fraction.clamp(RENEW_AT_LEAST, RENEW_AT_MOST);
+    let lifetime = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    let renew_at = not_before + lifetime.mul_f64(fraction);
+    renew_at.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// The renewal window, as fractions of a leaf's lifetime (spec §5: "renew at 60–90 %").
+pub const RENEW_AT_LEAST: f64 = 0.6;
+pub const RENEW_AT_MOST: f64 = 0.9;
+
+/// Map 32 random bits uniformly onto the renewal window.
+pub fn renewal_fraction(random: u32) -> f64 {
+    RENEW_AT_LEAST + (RENEW_AT_MOST - RENEW_AT_LEAST) * (f64::from(random) / f64::from(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(service: &str) -> SpiffeId {
+        SpiffeId::parse(&format!(
+            "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/secondary/svc/{service}"
+        ))
+        .expect("valid")
+    }
+
+    fn intention(source: &str, destination: &str, action: Action) -> Intention {
+        Intention {
+            id: format!("{source}->{destination}"),
+            source_ns: "default".into(),
+            source_name: source.into(),
+            destination_ns: "default".into(),
+            destination_name: destination.into(),
+            action,
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_parse_strictly_and_round_trip() {
+        let text = "spiffe://td.consul/ns/default/dc/primary/svc/socat";
+        let parsed = SpiffeId::parse(text).expect("valid");
+        assert_eq!(parsed.service, "socat");
+        assert_eq!(parsed.datacenter, "primary");
+        assert_eq!(parsed.to_string(), text);
+        for bad in [
+            "spiffe://td.consul",
+            "spiffe://TD.consul/ns/default/dc/primary/svc/socat",
+            "spiffe://td.consul:8443/ns/default/dc/primary/svc/socat",
+            "spiffe://td.consul/ns/default/dc/primary/svc/socat/extra",
+            "spiffe://td.consul/ns/default/dc/primary/svc/",
+            "spiffe://td.consul/ns/default/dc/primary/svc/socat?x=1",
+            "https://td.consul/ns/default/dc/primary/svc/socat",
+        ] {
+            assert_eq!(SpiffeId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_intention_takes_the_default() {
+        let deny = authorize(&[], &id("web"), "socat", DefaultDecision::Deny);
+        assert!(!deny.allowed);
+        assert!(deny.reason.contains("default deny"), "{}", deny.reason);
+        assert!(authorize(&[], &id("web"), "socat", DefaultDecision::Allow).allowed);
+    }
+
+    #[test]
+    fn exact_beats_wildcard_in_either_order() {
+        let intentions = vec![
+            intention("*", "socat", Action::Deny),
+            intention("web", "socat", Action::Allow),
+            intention("*", "*", Action::Deny),
+        ];
+        let decision = authorize(&intentions, &id("web"), "socat", DefaultDecision::Deny);
+        assert!(decision.allowed, "{}", decision.reason);
+        assert!(decision.reason.contains("precedence 9"));
+        let other = authorize(&intentions, &id("api"), "socat", DefaultDecision::Allow);
+        assert!(!other.allowed);
+        assert!(other.reason.contains("precedence 8"), "{}", other.reason);
+    }
+
+    #[test]
+    fn wildcard_destination_applies_and_other_destinations_do_not() {
+        let intentions = vec![
+            intention("web", "*", Action::Allow),
+            intention("web", "db", Action::Deny),
+        ];
+        assert!(authorize(&intentions, &id("web"), "socat", DefaultDecision::Deny).allowed);
+        assert!(!authorize(&intentions, &id("web"), "db", DefaultDecision::Allow).allowed);
+        assert_eq!(precedence(&intentions[0]), 6);
+    }
+
+    #[test]
+    fn deny_intention_beats_an_allow_default() {
+        let intentions = vec![intention("web", "socat", Action::Deny)];
+        assert!(!authorize(&intentions, &id("web"), "socat", DefaultDecision::Allow).allowed);
+    }
+
+    #[test]
+    fn renewal_falls_between_sixty_and_ninety_percent() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_secs(1000);
+        assert_eq!(
+            renewal_delay(start, end, renewal_fraction(0), start),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            renewal_delay(start, end, renewal_fraction(u32::MAX), start),
+            Duration::from_secs(900)
+        );
+        // Measured from `now`, and never negative.
+        assert_eq!(
+            renewal_delay(start, end, 0.6, start + Duration::from_secs(100)),
+            Duration::from_secs(500)
+        );
+        assert_eq!(renewal_delay(start, end, 0.9, end), Duration::ZERO);
+        // Out-of-window fractions are clamped.
+        assert_eq!(
+            renewal_delay(start, end, 0.1, start),
+            Duration::from_secs(600)
+        );
+        let middle = renewal_fraction(u32::MAX / 2);
+        assert!((0.74..0.76).contains(&middle));
+    }
+}

@@ -1,0 +1,90 @@
+//! The guide across two federated datacenters on one machine: controlplane-lite primary and
+//! secondary, a `gateway mesh` in each, socat and its sidecar in primary, web (and a second
+//! client) with sidecars in secondary. Echo through mode `local` (the guide's proxy-defaults:
+//! web → secondary's gateway → primary's gateway → socat's sidecar) and mode `remote` (→
+//! primary's gateway directly). Mode `none` across datacenters needs the remote catalog,
+//! which controlplane-lite does not replicate (its sidecar config lists no endpoints).
+
+mod mesh_support;
+
+use mesh_support::*;
+
+#[test]
+fn echo_across_datacenters_in_modes_local_and_remote() {
+    let primary = ControlPlane::start("fed-primary");
+    let secondary = ControlPlane::start_secondary("fed-secondary", &primary);
+
+    // The guide's proxy-defaults.json, verbatim ("MeshGateway": "local"), written in primary.
+    let proxy_defaults = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../controlplane-lite/testdata/proxy-defaults.json"
+    ))
+    .expect("proxy-defaults.json");
+    primary.ok("PUT", "/v1/config", Some(&proxy_defaults));
+
+    let (socat_port, socat_sidecar) = (free_port(), free_port());
+    let _socat = socat_echo(socat_port);
+    primary.register_socat(socat_port, socat_sidecar);
+    primary.allow("web", "socat");
+    primary.allow("api", "socat");
+
+    let (gateway_primary, gateway_secondary) = (free_port(), free_port());
+    let _gw_primary = mesh_gateway(
+        &primary,
+        &primary.token,
+        gateway_primary,
+        free_port(),
+        "fed-gw-p",
+    );
+    let _gw_secondary = mesh_gateway(
+        &secondary,
+        &secondary.token,
+        gateway_secondary,
+        free_port(),
+        "fed-gw-s",
+    );
+
+    let (web_sidecar, web_upstream) = (free_port(), free_port());
+    let (api_sidecar, api_upstream) = (free_port(), free_port());
+    secondary.register_client("web", web_sidecar, web_upstream, None);
+    secondary.register_client("api", api_sidecar, api_upstream, Some("remote"));
+
+    // Wait until federation states made each datacenter's gateway known to the other, and
+    // the sidecars' upstreams resolve to gateways.
+    wait_for(
+        "the secondary's web upstream to resolve to its local gateway",
+        || {
+            let config = secondary.ok("GET", "/v1/internal/sidecar/web-sidecar-proxy", None);
+            config["upstreams"][0]["mesh_gateway_mode"] == "local"
+                && config["upstreams"][0]["endpoints"][0]
+                    == format!("127.0.0.1:{gateway_secondary}")
+        },
+    );
+    wait_for(
+        "the api upstream to resolve to primary's gateway (remote)",
+        || {
+            let config = secondary.ok("GET", "/v1/internal/sidecar/api-sidecar-proxy", None);
+            config["upstreams"][0]["mesh_gateway_mode"] == "remote"
+                && config["upstreams"][0]["endpoints"][0] == format!("127.0.0.1:{gateway_primary}")
+        },
+    );
+    wait_for("secondary's gateway to route primary's names", || {
+        let routes = secondary.ok("GET", "/v1/internal/mesh-gateway/routes", None);
+        routes["routes"].as_array().is_some_and(|routes| {
+            routes.iter().any(|r| {
+                r["sni"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("*.primary."))
+            })
+        })
+    });
+
+    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
+    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
+    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
+
+    let local = eventually_echo(&format!("127.0.0.1:{web_upstream}"), "web via local\n");
+    assert_eq!(local, "web via local\n");
+    let remote = eventually_echo(&format!("127.0.0.1:{api_upstream}"), "api via remote\n");
+    assert_eq!(remote, "api via remote\n");
+}
