@@ -69,6 +69,7 @@ pub fn run(config: &Config, progress: &Progress) -> anyhow::Result<Outcome> {
     // (when, total bytes received then) at the start and the end of the measurement window.
     let mut window_start: Option<(Instant, u64)> = None;
     let mut window_end: Option<(Instant, u64)> = None;
+    let mut hot: Vec<usize> = Vec::new();
     loop {
         let now = Instant::now();
         let total_received: u64 = streams.iter().map(|s| s.received).sum();
@@ -105,12 +106,18 @@ pub fn run(config: &Config, progress: &Progress) -> anyhow::Result<Outcome> {
                 stop_at.saturating_duration_since(now)
             })
         };
+        // Streams that stopped on their byte budget are still ready: poll without waiting and
+        // drive them again (mio is edge-triggered, so no new event would come for them).
+        let wait = if hot.is_empty() { wait } else { Duration::ZERO };
         match poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
-        let tokens: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+        let mut tokens: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+        tokens.append(&mut hot);
+        tokens.sort_unstable();
+        tokens.dedup();
         for index in tokens {
             let Some(stream) = streams.get_mut(index) else {
                 continue;
@@ -119,9 +126,13 @@ pub fn run(config: &Config, progress: &Progress) -> anyhow::Result<Outcome> {
                 continue;
             }
             let before = stream.received;
-            if let Err(name) = drive(stream, &config.hello, write_size, &mut scratch) {
-                stream.failed = true;
-                outcome.error(name, progress);
+            match drive(stream, &config.hello, write_size, &mut scratch) {
+                Ok(Drive::Blocked) => {}
+                Ok(Drive::BudgetSpent) => hot.push(index),
+                Err(name) => {
+                    stream.failed = true;
+                    outcome.error(name, progress);
+                }
             }
             progress
                 .bytes
@@ -144,17 +155,29 @@ pub fn run(config: &Config, progress: &Progress) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
-/// Writes and reads until the socket would block in both directions.
+/// Bytes one stream may move per call to [`drive`]: when the proxy keeps up, a stream never
+/// blocks, and without a budget the loop would never get back to its clock.
+const DRIVE_BUDGET: u64 = 4 << 20;
+
+enum Drive {
+    /// Both directions would block: wait for the next event.
+    Blocked,
+    /// The byte budget ran out while the stream was still ready.
+    BudgetSpent,
+}
+
+/// Writes and reads until the socket would block in both directions, or the budget is spent.
 fn drive(
     stream: &mut Stream,
     hello: &[u8],
     write_size: usize,
     scratch: &mut [u8],
-) -> Result<(), String> {
+) -> Result<Drive, String> {
+    let budget_end = stream.received + DRIVE_BUDGET;
     if !stream.connected {
         match client::connect_finished(&stream.stream) {
             Ok(true) => stream.connected = true,
-            Ok(false) => return Ok(()),
+            Ok(false) => return Ok(Drive::Blocked),
             Err(e) => return Err(client::error_name("connect", &e)),
         }
     }
@@ -200,7 +223,10 @@ fn drive(
             Err(e) => return Err(client::error_name("read", &e)),
         }
         if !progressed {
-            return Ok(());
+            return Ok(Drive::Blocked);
+        }
+        if stream.received >= budget_end {
+            return Ok(Drive::BudgetSpent);
         }
     }
 }

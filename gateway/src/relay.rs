@@ -68,6 +68,10 @@ impl Mode {
     }
 }
 
+/// How long after passing a reset on a pair may still be open before its write sides are
+/// shut down too (see [`Shared::abort`]).
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
 thread_local! {
     /// This worker's idle pipes (a worker is one thread, so thread-local is per-core).
     static PIPES: RefCell<Vec<sys::Pipe>> = const { RefCell::new(Vec::new()) };
@@ -83,12 +87,21 @@ pub fn sweep_idle(now: Instant) {
             let Some(shared) = entry.upgrade() else {
                 return false;
             };
+            if let Some(aborted_at) = shared.aborted_at.get() {
+                if now.saturating_duration_since(aborted_at) < ABORT_GRACE {
+                    return true;
+                }
+                // Still open after a reset: a direction is stuck writing to a peer that does
+                // not read. Shutting the write sides down wakes it.
+                let _ = sys::shutdown(shared.client_fd, Shutdown::Both);
+                let _ = sys::shutdown(shared.upstream_fd, Shutdown::Both);
+                return false;
+            }
             if shared.aborted.get() {
                 return false;
             }
             if now.saturating_duration_since(shared.last_activity.get()) >= shared.idle {
-                shared.idle_expired.set(true);
-                shared.abort();
+                shared.close_idle();
                 return false;
             }
             true
@@ -139,6 +152,8 @@ pub struct Shared {
     aborted: Cell<bool>,
     /// The abort came from the idle sweep.
     idle_expired: Cell<bool>,
+    /// When a reset was passed on (see [`Shared::abort`]).
+    aborted_at: Cell<Option<Instant>>,
     /// Which direction saw EOF first (for the DC/UC response flags).
     pub first_eof: Cell<Option<Direction>>,
     pub bytes_to_upstream: Cell<u64>,
@@ -158,6 +173,7 @@ impl Shared {
             last_activity: Cell::new(Instant::now()),
             aborted: Cell::new(false),
             idle_expired: Cell::new(false),
+            aborted_at: Cell::new(None),
             first_eof: Cell::new(None),
             bytes_to_upstream: Cell::new(0),
             bytes_to_downstream: Cell::new(0),
@@ -190,8 +206,25 @@ impl Shared {
         Ok(())
     }
 
-    /// Shut both sockets down so that the other direction's readiness wait wakes and ends.
+    /// A reset or IO error on either side: pass it on as a reset. Both sockets get
+    /// `SO_LINGER` 0, so closing them sends RST and leaves no TIME_WAIT behind (which would
+    /// otherwise make the kernel's ephemeral-port search for new upstream connections the
+    /// largest single cost per connection; see perf/RESULTS.md). Their read sides are shut,
+    /// which wakes a direction waiting to read without putting a FIN on the wire; a direction
+    /// waiting to write to the broken socket wakes on its error. The rare direction waiting to
+    /// write to the healthy side is woken by [`sweep_idle`] after [`ABORT_GRACE`].
     fn abort(&self) {
+        self.aborted.set(true);
+        self.aborted_at.set(Some(Instant::now()));
+        for fd in [self.client_fd, self.upstream_fd] {
+            let _ = sys::set_linger_zero(fd);
+            let _ = sys::shutdown(fd, Shutdown::Read);
+        }
+    }
+
+    /// The idle timeout: close both sides gracefully (FIN), which wakes both directions.
+    fn close_idle(&self) {
+        self.idle_expired.set(true);
         self.aborted.set(true);
         let _ = sys::shutdown(self.client_fd, Shutdown::Both);
         let _ = sys::shutdown(self.upstream_fd, Shutdown::Both);

@@ -581,3 +581,41 @@ fn endpoints_take_turns_and_no_sni_uses_the_default_route() {
         .expect("send");
     assert_eq!(read_to_end(&mut stream), b"default");
 }
+
+#[test]
+fn a_client_reset_is_passed_on_as_a_reset() {
+    // The backend reports how its read ended: a reset, or an orderly FIN.
+    let (ended, endings) = std::sync::mpsc::channel();
+    let ended = std::sync::Mutex::new(ended);
+    let backend = spawn_backend(move |mut stream| {
+        let mut buffer = [0u8; 4096];
+        let outcome = loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break "fin",
+                Ok(n) => {
+                    let _ = stream.write_all(&buffer[..n]);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(_) => break "error",
+            }
+        };
+        let _ = ended.lock().map(|sender| sender.send(outcome));
+    });
+    let gateway = Gateway::start(&route(&testdata_sni(HELLO), &[backend.address]));
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    stream.read_exact(&mut echoed).expect("echo");
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream); // RST
+    let outcome = endings
+        .recv_timeout(Duration::from_secs(5))
+        .expect("backend saw the end");
+    assert_eq!(
+        outcome, "reset",
+        "a client reset reaches the upstream as a reset"
+    );
+}
