@@ -49,7 +49,12 @@ pub fn init(level: Option<&str>, json: bool) -> LogFilter {
             .init();
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            // Colours only on a terminal: journald and log files get plain text.
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .init();
     }
     LogFilter { handle }
