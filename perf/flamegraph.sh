@@ -44,47 +44,13 @@ if [ -z "${BENCH:-}" ]; then
 fi
 mkdir -p "$OUT"
 
-BACKEND_PID="" GATEWAY_PID=""
-stop_pid() {
-    local pid=$1
-    kill "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-    [ -n "$GATEWAY_PID" ] && stop_pid "$GATEWAY_PID"
-    [ -n "$BACKEND_PID" ] && stop_pid "$BACKEND_PID"
-    return 0
-}
-trap cleanup EXIT
-wait_listening() {
-    for _ in $(seq 1 100); do
-        ss -Hltn "sport = :$1" | grep -q . && return 0
-        sleep 0.05
-    done
-    return 1
-}
+. "$ROOT/perf/lib.sh"
+trap stop_backend_and_gateway EXIT
 
 "$BENCH" backend --listen "127.0.0.1:$BACKEND_PORT" > "$OUT/backend.log" 2>&1 &
 BACKEND_PID=$!
 SNI=$("$BENCH" hello --info "$HELLO" | cut -f1)
-cat > "$OUT/gateway.toml" <<CFG
-[[listener]]
-name = "bench"
-address = "127.0.0.1:$PROXY_PORT"
-
-[admin]
-address = "127.0.0.1:$ADMIN_PORT"
-
-[workers]
-count = 1
-pin = false
-
-[[route]]
-sni = "$SNI"
-endpoints = ["127.0.0.1:$BACKEND_PORT"]
-CFG
+write_gateway_config "$OUT/gateway.toml" bench "$PROXY_PORT" "$ADMIN_PORT" "$SNI" "$BACKEND_PORT"
 pin=()
 [ -n "${CPU:-}" ] && pin=(taskset -c "$CPU")
 "${pin[@]}" "$GATEWAY_BIN" run --config "$OUT/gateway.toml" > "$OUT/gateway.log" 2>&1 &

@@ -1,0 +1,50 @@
+# Shared by perf/callgrind.sh, perf/flamegraph.sh and scripts/bench-smoke: start a fake-TLS
+# backend and one gateway in front of it, and stop both on exit. Source it; it defines
+# functions and BACKEND_PID/GATEWAY_PID only.
+
+BACKEND_PID="" GATEWAY_PID=""
+
+# Stop a process: SIGTERM, up to 5 s to exit (the gateway drains), then SIGKILL.
+stop_pid() {
+    local pid=$1
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_backend_and_gateway() {
+    [ -n "$GATEWAY_PID" ] && stop_pid "$GATEWAY_PID"
+    [ -n "$BACKEND_PID" ] && stop_pid "$BACKEND_PID"
+    return 0
+}
+
+# wait_listening PORT [TRIES] [INTERVAL]: until something listens on 127.0.0.1:PORT.
+wait_listening() {
+    local tries=${2:-200} interval=${3:-0.05}
+    for _ in $(seq 1 "$tries"); do
+        ss -Hltn "sport = :$1" | grep -q . && return 0
+        sleep "$interval"
+    done
+    return 1
+}
+
+# write_gateway_config FILE LISTENER_NAME PROXY_PORT ADMIN_PORT SNI BACKEND_PORT [WORKERS]
+write_gateway_config() {
+    cat > "$1" <<CFG
+[[listener]]
+name = "$2"
+address = "127.0.0.1:$3"
+
+[admin]
+address = "127.0.0.1:$4"
+
+[workers]
+count = ${7:-1}
+pin = false
+
+[[route]]
+sni = "$5"
+endpoints = ["127.0.0.1:$6"]
+CFG
+}
