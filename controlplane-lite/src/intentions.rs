@@ -197,33 +197,27 @@ fn name(value: &str, field: &str) -> Result<()> {
     crate::catalog::validate_name(value, field)
 }
 
-/// Consul's precedence number (9 = most specific).
+impl Intention {
+    /// The names the shared intention model works on.
+    pub fn names(&self) -> mesh_model::Names<'_> {
+        mesh_model::Names {
+            source_ns: &self.source_ns,
+            source_name: &self.source_name,
+            destination_ns: &self.destination_ns,
+            destination_name: &self.destination_name,
+        }
+    }
+}
+
+/// Consul's precedence number (9 = most specific); the rule lives in `mesh-model`, shared with
+/// the sidecars that enforce intentions.
 pub fn precedence(intention: &Intention) -> u8 {
-    let exact = |ns: &str, name: &str| u8::from(ns != WILDCARD) + u8::from(name != WILDCARD);
-    let max = match exact(&intention.destination_ns, &intention.destination_name) {
-        2 => 9,
-        1 => 6,
-        _ => 3,
-    };
-    max - (2 - exact(&intention.source_ns, &intention.source_name))
+    mesh_model::precedence(intention.names())
 }
 
 /// Evaluation order: precedence descending, then lexicographic.
 pub fn evaluation_order(a: &Intention, b: &Intention) -> Ordering {
-    b.precedence.cmp(&a.precedence).then_with(|| {
-        (
-            &a.source_ns,
-            &a.source_name,
-            &a.destination_ns,
-            &a.destination_name,
-        )
-            .cmp(&(
-                &b.source_ns,
-                &b.source_name,
-                &b.destination_ns,
-                &b.destination_name,
-            ))
-    })
+    mesh_model::evaluation_order(a.names(), b.names())
 }
 
 /// Which side `/match` matches on.
@@ -267,23 +261,27 @@ pub fn authorize(
     destination: &str,
     default: DefaultPolicy,
 ) -> Decision {
-    for intention in matches(all, MatchBy::Destination, destination) {
-        if intention.source_name == source || intention.source_name == WILDCARD {
-            let allowed = intention.action == Action::Allow;
-            return Decision {
-                allowed,
-                reason: format!(
-                    "Matched intention: {} {}/{} => {}/{} (ID: {}, Precedence: {})",
-                    if allowed { "ALLOW" } else { "DENY" },
-                    intention.source_ns,
-                    intention.source_name,
-                    intention.destination_ns,
-                    intention.destination_name,
-                    intention.id,
-                    intention.precedence
-                ),
-            };
-        }
+    let deciding = mesh_model::deciding(
+        all,
+        Intention::names,
+        (DEFAULT_NAMESPACE, source),
+        (DEFAULT_NAMESPACE, destination),
+    );
+    if let Some(intention) = deciding {
+        let allowed = intention.action == Action::Allow;
+        return Decision {
+            allowed,
+            reason: format!(
+                "Matched intention: {} {}/{} => {}/{} (ID: {}, Precedence: {})",
+                if allowed { "ALLOW" } else { "DENY" },
+                intention.source_ns,
+                intention.source_name,
+                intention.destination_ns,
+                intention.destination_name,
+                intention.id,
+                intention.precedence
+            ),
+        };
     }
     Decision {
         allowed: default == DefaultPolicy::Allow,

@@ -110,18 +110,22 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
-const WILDCARD: &str = "*";
+impl Intention {
+    /// The names the shared intention model (`mesh-model`, also used by controlplane-lite)
+    /// works on.
+    pub fn names(&self) -> mesh_model::Names<'_> {
+        mesh_model::Names {
+            source_ns: &self.source_ns,
+            source_name: &self.source_name,
+            destination_ns: &self.destination_ns,
+            destination_name: &self.destination_name,
+        }
+    }
+}
 
-/// Consul's precedence (spec §4.2): exact values in the destination (namespace, name) give
-/// 9, 6 or 3; minus `2 - exact values in the source`.
+/// Consul's precedence (spec §4.2), from the shared intention model.
 pub fn precedence(intention: &Intention) -> u8 {
-    let exact = |ns: &str, name: &str| u8::from(ns != WILDCARD) + u8::from(name != WILDCARD);
-    let top = match exact(&intention.destination_ns, &intention.destination_name) {
-        2 => 9,
-        1 => 6,
-        _ => 3,
-    };
-    top - (2 - exact(&intention.source_ns, &intention.source_name))
+    mesh_model::precedence(intention.names())
 }
 
 /// The default when no intention matches: Consul takes it from the ACL default policy.
@@ -148,33 +152,13 @@ pub fn authorize(
     destination: &str,
     default: DefaultDecision,
 ) -> Decision {
-    let matches_name = |pattern: &str, name: &str| pattern == WILDCARD || pattern == name;
-    let mut applicable: Vec<&Intention> = intentions
-        .iter()
-        .filter(|i| {
-            matches_name(&i.destination_ns, "default")
-                && matches_name(&i.destination_name, destination)
-                && matches_name(&i.source_ns, &client.namespace)
-                && matches_name(&i.source_name, &client.service)
-        })
-        .collect();
-    applicable.sort_by(|a, b| {
-        precedence(b).cmp(&precedence(a)).then_with(|| {
-            (
-                &a.source_ns,
-                &a.source_name,
-                &a.destination_ns,
-                &a.destination_name,
-            )
-                .cmp(&(
-                    &b.source_ns,
-                    &b.source_name,
-                    &b.destination_ns,
-                    &b.destination_name,
-                ))
-        })
-    });
-    match applicable.first() {
+    let deciding = mesh_model::deciding(
+        intentions,
+        Intention::names,
+        (client.namespace.as_str(), client.service.as_str()),
+        ("default", destination),
+    );
+    match deciding {
         Some(intention) => Decision {
             allowed: intention.action == Action::Allow,
             reason: format!(
