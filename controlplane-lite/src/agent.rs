@@ -61,6 +61,9 @@ pub struct Agent {
     /// Set to `true` when the agent shuts down, so blocking queries answer at once instead of
     /// holding graceful shutdown for up to ten minutes.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The HTTP address other datacenters reach this agent at, once it listens (published
+    /// in this datacenter's federation state).
+    pub http_address: std::sync::OnceLock<String>,
 }
 
 impl Agent {
@@ -92,6 +95,7 @@ impl Agent {
             metrics,
             primary,
             shutdown,
+            http_address: std::sync::OnceLock::new(),
         });
         agent.initialise(OffsetDateTime::now_utc())?;
         if let Some(root) = agent.active_root()? {
@@ -270,6 +274,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     );
     // A line on stdout that scripts and tests can wait for.
     println!("controlplane-lite agent listening on http://{local}");
+    // Set before the federation-state publisher starts, so its first state carries it.
+    let _ = agent.http_address.set(crate::remote_dc::advertised_address(
+        local,
+        &agent.config.node_address,
+    ));
     crate::replication::runner::spawn(&agent);
     let stopping = agent.clone();
     axum::serve(listener, crate::http::router(agent))

@@ -19,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod intentions;
 pub mod metrics;
+pub mod remote_dc;
 pub mod replication;
 pub mod routes;
 pub mod spiffe;

@@ -30,6 +30,10 @@ pub struct FederationState {
     /// only states it published itself, so an override for it stands.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_catalog: bool,
+    /// `host:port` of the datacenter's agent HTTP API, so that other datacenters can forward
+    /// cross-datacenter reads to it (see `remote_dc`). Empty in an operator's override.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_address: String,
 }
 
 /// The addresses of one mesh gateway.
@@ -53,6 +57,9 @@ impl FederationState {
             return Err(Error::bad_request(
                 "field `MeshGateways`: at least one gateway is required",
             ));
+        }
+        if !self.agent_address.is_empty() {
+            check_host_port(&self.agent_address, "AgentAddress")?;
         }
         for (i, gateway) in self.mesh_gateways.iter().enumerate() {
             check_host_port(
@@ -378,6 +385,7 @@ mod tests {
                 }],
                 modify_index: 1,
                 from_catalog: false,
+                agent_address: String::new(),
             },
             FederationState {
                 datacenter: "primary".into(),
@@ -388,6 +396,7 @@ mod tests {
                 }],
                 modify_index: 1,
                 from_catalog: false,
+                agent_address: String::new(),
             },
         ];
         let view = MeshView {

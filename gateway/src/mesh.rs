@@ -8,7 +8,8 @@
 //! established ones keep theirs. While the control plane is unreachable the last snapshot
 //! stays in force; requests are retried with back-off, and `/metrics` says so
 //! (`gateway_control_plane_connected`, `gateway_control_plane_snapshot_age_seconds`). A clean
-//! stop deregisters. The gateway never holds a private key and never decrypts.
+//! stop deregisters. `/ready` answers 503 until the first route table has been applied. The
+//! gateway never holds a private key and never decrypts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -255,6 +256,11 @@ impl Follower {
                         "published routes from the control plane"
                     );
                     published = Some(routes);
+                    // The first applied table makes the gateway ready (`/ready` 200); an
+                    // outage later keeps it ready, as it serves the last table.
+                    if !control.ready.swap(true, Ordering::Relaxed) {
+                        tracing::info!("ready: first route table from the control plane applied");
+                    }
                 }
                 Err(error) => {
                     tracing::error!(%error, "route table refused; keeping the snapshot in force")

@@ -262,7 +262,12 @@ pub fn serve(
                 .store(true, Ordering::Relaxed);
             tokio::spawn(Arc::clone(follower).follow(Arc::clone(&control)));
         }
-        control.ready.store(true, Ordering::Relaxed);
+        // A mesh gateway routes nothing until its first route table arrives: `/ready` stays
+        // 503 until the follower has applied it (the process itself is up, so the service
+        // manager is told it started).
+        if follower.is_none() {
+            control.ready.store(true, Ordering::Relaxed);
+        }
         control.notifier.ready("serving");
         crate::lifecycle::run(Arc::clone(&control), admin, events).await;
         if let Some(follower) = follower {

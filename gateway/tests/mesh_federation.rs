@@ -2,15 +2,15 @@
 //! secondary, a `gateway mesh` in each, socat and its sidecar in primary, web (and a second
 //! client) with sidecars in secondary. Echo through mode `local` (the guide's proxy-defaults:
 //! web → secondary's gateway → primary's gateway → socat's sidecar) and mode `remote` (→
-//! primary's gateway directly). Mode `none` across datacenters needs the remote catalog,
-//! which controlplane-lite does not replicate (its sidecar config lists no endpoints).
+//! primary's gateway directly), and mode `none` (a third client's sidecar dials socat's
+//! sidecar directly: the secondary's agent reads primary's catalog from primary's agent).
 
 mod mesh_support;
 
 use mesh_support::*;
 
 #[test]
-fn echo_across_datacenters_in_modes_local_and_remote() {
+fn echo_across_datacenters_in_modes_local_remote_and_none() {
     let primary = ControlPlane::start("fed-primary");
     let secondary = ControlPlane::start_secondary("fed-secondary", &primary);
 
@@ -27,6 +27,7 @@ fn echo_across_datacenters_in_modes_local_and_remote() {
     primary.register_socat(socat_port, socat_sidecar);
     primary.allow("web", "socat");
     primary.allow("api", "socat");
+    primary.allow("cli", "socat");
 
     let (gateway_primary, gateway_secondary) = (free_port(), free_port());
     let _gw_primary = mesh_gateway(
@@ -48,6 +49,8 @@ fn echo_across_datacenters_in_modes_local_and_remote() {
     let (api_sidecar, api_upstream) = (free_port(), free_port());
     secondary.register_client("web", web_sidecar, web_upstream, None);
     secondary.register_client("api", api_sidecar, api_upstream, Some("remote"));
+    let (cli_sidecar, cli_upstream) = (free_port(), free_port());
+    secondary.register_client("cli", cli_sidecar, cli_upstream, Some("none"));
 
     // Wait until federation states made each datacenter's gateway known to the other, and
     // the sidecars' upstreams resolve to gateways.
@@ -68,6 +71,14 @@ fn echo_across_datacenters_in_modes_local_and_remote() {
                 && config["upstreams"][0]["endpoints"][0] == format!("127.0.0.1:{gateway_primary}")
         },
     );
+    wait_for(
+        "the cli upstream to resolve to socat's sidecar in primary (none)",
+        || {
+            let config = secondary.ok("GET", "/v1/internal/sidecar/cli-sidecar-proxy", None);
+            config["upstreams"][0]["mesh_gateway_mode"] == "none"
+                && config["upstreams"][0]["endpoints"][0] == format!("127.0.0.1:{socat_sidecar}")
+        },
+    );
     wait_for("secondary's gateway to route primary's names", || {
         let routes = secondary.ok("GET", "/v1/internal/mesh-gateway/routes", None);
         routes["routes"].as_array().is_some_and(|routes| {
@@ -82,9 +93,12 @@ fn echo_across_datacenters_in_modes_local_and_remote() {
     let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
     let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
     let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
+    let _cli_proxy = sidecar(&secondary, "cli", free_port(), &[]);
 
     let local = eventually_echo(&format!("127.0.0.1:{web_upstream}"), "web via local\n");
     assert_eq!(local, "web via local\n");
     let remote = eventually_echo(&format!("127.0.0.1:{api_upstream}"), "api via remote\n");
     assert_eq!(remote, "api via remote\n");
+    let none = eventually_echo(&format!("127.0.0.1:{cli_upstream}"), "cli via none\n");
+    assert_eq!(none, "cli via none\n");
 }

@@ -207,3 +207,41 @@ fn a_clean_stop_deregisters_the_gateway() {
     assert!(status.success(), "{status:?}");
     assert!(!registered(), "still in the catalog after a clean stop");
 }
+
+/// `/ready` says 503 until the first route table from the control plane is applied: before
+/// that the gateway listens but routes nothing, and a load balancer must not send it
+/// traffic. The control plane is unreachable at first (nothing listens on the address the
+/// gateway is given), then a relay to a real one appears there.
+#[test]
+fn ready_only_once_the_first_route_table_is_applied() {
+    let cp = ControlPlane::start("mesh-ready");
+    let relay_port = free_port();
+    let (listen, admin) = (free_port(), free_port());
+    let _gateway = mesh_gateway_named(
+        &format!("127.0.0.1:{relay_port}"),
+        &cp.token,
+        "mesh-gateway",
+        listen,
+        admin,
+        "mesh-ready",
+    );
+    let admin = format!("127.0.0.1:{admin}");
+    wait_listening(&admin);
+    wait_listening(&format!("127.0.0.1:{listen}"));
+    for _ in 0..10 {
+        let (status, body) = http(&admin, "GET", "/ready", None, None);
+        assert_eq!(status, 503, "ready without routes: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http(&admin, "GET", "/healthz", None, None).0, 200);
+
+    let target = cp.address.parse().expect("control plane address");
+    let _relay = Recorder::start(
+        format!("127.0.0.1:{relay_port}").parse().expect("addr"),
+        target,
+    );
+    wait_for("/ready to say 200 after the first route table", || {
+        http(&admin, "GET", "/ready", None, None).0 == 200
+    });
+    assert!(metric(&admin, "gateway_control_plane_connected").is_some_and(|v| v == 1.0));
+}

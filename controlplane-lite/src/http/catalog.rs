@@ -155,12 +155,40 @@ pub async fn health_service(
     rows(agent, ctx, name, by_name, health_row).await
 }
 
-/// `GET /v1/health/connect/:name`: what gateways route `name`'s SNI to.
+/// `GET /v1/health/connect/:name`: what gateways route `name`'s SNI to. With `?dc=` naming
+/// another datacenter, that datacenter's agent answers (its catalog is not replicated here).
 pub async fn health_connect(
     State(agent): State<AgentState>,
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
+    if let Some(dc) = ctx
+        .query
+        .get("dc")
+        .filter(|dc| !dc.is_empty() && **dc != agent.config.datacenter)
+    {
+        crate::catalog::validate_name(&name, "service name")?;
+        // Validated first, so only well-formed blocking parameters travel.
+        let blocking = crate::blocking::BlockingQuery::parse(
+            ctx.query.get("index").map(String::as_str),
+            ctx.query.get("wait").map(String::as_str),
+        )?;
+        let (path, timeout) = if blocking.index > 0 {
+            let wait = blocking.wait.as_millis();
+            let path = format!(
+                "/v1/health/connect/{name}?index={}&wait={wait}ms",
+                blocking.index
+            );
+            (path, super::remote::BLOCKING_READ_TIMEOUT)
+        } else {
+            (
+                format!("/v1/health/connect/{name}"),
+                super::remote::READ_TIMEOUT,
+            )
+        };
+        let answer = super::remote::get(&agent, dc, path, ctx.token(), timeout).await?;
+        return Ok(super::remote::passthrough(answer, dc));
+    }
     rows(agent, ctx, name, connect_for, health_row).await
 }
 

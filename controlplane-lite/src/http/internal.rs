@@ -5,12 +5,17 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::Response;
 
-use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
+use super::{
+    blocking_json, json_body, json_with_index, remote, wait_blocking, write, AgentState, Ctx,
+};
 use crate::acl::require;
 use crate::catalog::{from_value, validate_name, ServiceInstance};
 use crate::config_entries::ConfigEntry;
 use crate::error::{Error, Result};
-use crate::routes::{mesh_gateway_routes, sidecar_config, FederationState, MeshView};
+use crate::remote_dc::{health_endpoints, remote_none_upstreams, REMOTE_POLL};
+use crate::routes::{
+    mesh_gateway_routes, sidecar_config, FederationState, MeshView, SidecarConfig,
+};
 use crate::store::Table;
 
 const ROUTE_TABLES: [Table; 3] = [Table::Services, Table::FederationStates, Table::System];
@@ -69,13 +74,18 @@ pub async fn routes(State(agent): State<AgentState>, ctx: Ctx) -> Result<Respons
 
 /// `GET /v1/internal/sidecar/:proxy_id`: listeners and upstreams of one sidecar. Needs
 /// `service:write` on the service it fronts (the same right that signs its leaf).
+///
+/// An upstream in mode `none` towards another datacenter dials that datacenter's sidecars,
+/// which only its agent knows: they are read from it (`health/connect`, the caller's token)
+/// when answering. Remote changes do not move the local index, so such a query blocks at
+/// most `REMOTE_POLL` and the sidecar picks up remote changes within that time.
 pub async fn sidecar(
     State(agent): State<AgentState>,
     ctx: Ctx,
     Path(proxy_id): Path<String>,
 ) -> Result<Response> {
     let authorizer = ctx.authorizer(&agent)?;
-    blocking_json(&agent, &ctx, &SIDECAR_TABLES, |generation| {
+    let compute = |generation| -> Result<SidecarConfig> {
         let trust_domain = agent.require_trust_domain()?;
         let services: Vec<ServiceInstance> = agent.store.list(Table::Services)?;
         let federation: Vec<FederationState> = agent.store.list(Table::FederationStates)?;
@@ -96,8 +106,35 @@ pub async fn sidecar(
             format!("service:write on {}", config.service)
         })?;
         Ok(config)
-    })
-    .await
+    };
+    let before = compute(agent.store.max_index(&SIDECAR_TABLES))?;
+    let cap = (!remote_none_upstreams(&before).is_empty()).then_some(REMOTE_POLL);
+    let index = wait_blocking(&agent, &ctx, &SIDECAR_TABLES, cap).await?;
+    let mut config = compute(index)?;
+    for i in remote_none_upstreams(&config) {
+        let (name, dc) = (
+            config.upstreams[i].destination_name.clone(),
+            config.upstreams[i].datacenter.clone(),
+        );
+        let path = format!("/v1/health/connect/{name}");
+        let answer = remote::get(&agent, &dc, path, ctx.token(), remote::READ_TIMEOUT).await;
+        let endpoints = answer.and_then(|answer| match answer.status {
+            200 => health_endpoints(&answer.body),
+            status => Err(Error::Unavailable(format!(
+                "{dc} answered {status}: {}",
+                String::from_utf8_lossy(&answer.body).trim()
+            ))),
+        });
+        match endpoints {
+            Ok(endpoints) => config.upstreams[i].endpoints = endpoints,
+            // Left empty: the sidecar refuses new connections to it (`no_endpoints`) until
+            // the next answer, rather than dialling addresses nobody vouches for.
+            Err(error) => {
+                tracing::warn!(%error, upstream = %name, datacenter = %dc, "cannot read the remote catalog")
+            }
+        }
+    }
+    Ok(json_with_index(index, &config))
 }
 
 /// `GET /v1/internal/federation-states` (`operator:read`).

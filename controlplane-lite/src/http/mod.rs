@@ -12,6 +12,7 @@ pub use catalog::register_local;
 mod config;
 mod intentions;
 mod internal;
+mod remote;
 mod replication;
 
 use std::collections::BTreeMap;
@@ -212,6 +213,11 @@ impl Ctx {
         agent.authorizer(self.token.as_deref())
     }
 
+    /// The request's token, if any (forwarded as is to another datacenter).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// A required query parameter.
     pub fn param(&self, name: &str) -> Result<&str> {
         self.query
@@ -261,18 +267,21 @@ impl Drop for BlockingGuard {
     }
 }
 
-/// Answers a possibly-blocking read: waits (per `?index=&wait=`) until one of `tables` moves
-/// past the client's index, then computes the body from current state.
-pub async fn blocking_json<T: Serialize>(
+/// Waits (per `?index=&wait=`, the wait capped at `cap` if given) until one of `tables`
+/// moves past the client's index; returns the index to answer with.
+pub async fn wait_blocking(
     agent: &AgentState,
     ctx: &Ctx,
     tables: &[Table],
-    compute: impl FnOnce(u64) -> Result<T>,
-) -> Result<Response> {
-    let query = BlockingQuery::parse(
+    cap: Option<std::time::Duration>,
+) -> Result<u64> {
+    let mut query = BlockingQuery::parse(
         ctx.query.get("index").map(String::as_str),
         ctx.query.get("wait").map(String::as_str),
     )?;
+    if let Some(cap) = cap {
+        query.wait = query.wait.min(cap);
+    }
     if query.should_wait(agent.store.max_index(tables)) {
         let receivers = tables.iter().map(|t| agent.store.subscribe(*t)).collect();
         agent.metrics.blocking_queries(1);
@@ -283,7 +292,18 @@ pub async fn blocking_json<T: Serialize>(
             _ = shutdown.wait_for(|stopping| *stopping) => {}
         }
     }
-    let index = agent.store.max_index(tables);
+    Ok(agent.store.max_index(tables))
+}
+
+/// Answers a possibly-blocking read: waits (per `?index=&wait=`) until one of `tables` moves
+/// past the client's index, then computes the body from current state.
+pub async fn blocking_json<T: Serialize>(
+    agent: &AgentState,
+    ctx: &Ctx,
+    tables: &[Table],
+    compute: impl FnOnce(u64) -> Result<T>,
+) -> Result<Response> {
+    let index = wait_blocking(agent, ctx, tables, None).await?;
     let value = compute(index)?;
     Ok(json_with_index(index, &value))
 }

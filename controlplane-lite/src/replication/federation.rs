@@ -31,21 +31,35 @@ pub fn local_gateways(services: &[ServiceInstance], node_address: &str) -> Vec<G
 /// Whether the stored state must be replaced by what the catalog says. Registered gateways
 /// always win; with none registered, only a state this datacenter published itself is
 /// withdrawn (an operator's `PUT /v1/internal/federation-state/:dc` override stands).
-pub fn needs_publish(desired: &[GatewayAddresses], stored: Option<&FederationState>) -> bool {
+/// A changed agent address (a restart on another port) is published too.
+pub fn needs_publish(
+    desired: &[GatewayAddresses],
+    agent_address: &str,
+    stored: Option<&FederationState>,
+) -> bool {
     match stored {
         None => !desired.is_empty(),
         Some(state) if desired.is_empty() => state.from_catalog,
-        Some(state) => !state.from_catalog || state.mesh_gateways != desired,
+        Some(state) => {
+            !state.from_catalog
+                || state.mesh_gateways != desired
+                || state.agent_address != agent_address
+        }
     }
 }
 
-/// The state to store or push for `datacenter`.
-pub fn state_for(datacenter: &str, gateways: Vec<GatewayAddresses>) -> FederationState {
+/// The state to store or push for `datacenter`, whose agent listens on `agent_address`.
+pub fn state_for(
+    datacenter: &str,
+    gateways: Vec<GatewayAddresses>,
+    agent_address: &str,
+) -> FederationState {
     FederationState {
         datacenter: datacenter.to_owned(),
         mesh_gateways: gateways,
         modify_index: 0,
         from_catalog: true,
+        agent_address: agent_address.to_owned(),
     }
 }
 
@@ -94,19 +108,22 @@ mod tests {
         assert_eq!(wan, ["127.0.0.1:8443", "192.0.2.2:8444"]);
         assert_eq!(gateways[1].lan_address, "10.0.0.2:8443");
 
-        assert!(needs_publish(&gateways, None));
-        assert!(!needs_publish(&[], None));
-        let stored = state_for("secondary", gateways.clone());
-        assert!(!needs_publish(&gateways, Some(&stored)));
-        assert!(needs_publish(&[], Some(&stored)));
-        assert!(needs_publish(&gateways[..1], Some(&stored)));
+        let agent = "10.0.0.2:8500";
+        assert!(needs_publish(&gateways, agent, None));
+        assert!(!needs_publish(&[], agent, None));
+        let stored = state_for("secondary", gateways.clone(), agent);
+        assert!(!needs_publish(&gateways, agent, Some(&stored)));
+        assert!(needs_publish(&[], agent, Some(&stored)));
+        assert!(needs_publish(&gateways[..1], agent, Some(&stored)));
+        // The agent moved: other datacenters must learn its new address.
+        assert!(needs_publish(&gateways, "10.0.0.2:8501", Some(&stored)));
         // An operator's override stands while the datacenter has no gateways of its own, and
         // is replaced as soon as it has.
         let overridden = FederationState {
             from_catalog: false,
             ..stored
         };
-        assert!(!needs_publish(&[], Some(&overridden)));
-        assert!(needs_publish(&gateways, Some(&overridden)));
+        assert!(!needs_publish(&[], agent, Some(&overridden)));
+        assert!(needs_publish(&gateways, agent, Some(&overridden)));
     }
 }

@@ -322,12 +322,15 @@ fn publish_once(
     let stored: Option<FederationState> = agent.store.get(Table::FederationStates, datacenter)?;
     // In a secondary the stored copy changes only once replication brings our push back, so
     // do not push the same value again in the meantime.
-    if !needs_publish(&desired, stored.as_ref()) || last_published == Some(&desired[..]) {
+    let agent_address = agent.http_address.get().map_or("", String::as_str);
+    if !needs_publish(&desired, agent_address, stored.as_ref())
+        || last_published == Some(&desired[..])
+    {
         return Ok(None);
     }
     match &agent.primary {
         None => {
-            let state = state_for(datacenter, desired.clone());
+            let state = state_for(datacenter, desired.clone(), agent_address);
             let key = datacenter.clone();
             agent.store.write(move |tx| {
                 if state.mesh_gateways.is_empty() {
@@ -345,8 +348,9 @@ fn publish_once(
             let answer = if desired.is_empty() {
                 client.send("DELETE", &path, None, None, None)?
             } else {
-                let body = serde_json::to_vec(&state_for(datacenter, desired.clone()))
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&state_for(datacenter, desired.clone(), agent_address))
+                        .map_err(|e| Error::Internal(e.to_string()))?;
                 client.send("PUT", &path, None, Some(body), None)?
             };
             answer.ok_json()?;

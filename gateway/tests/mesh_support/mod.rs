@@ -370,6 +370,19 @@ pub fn socat_echo(port: u16) -> Proc {
 /// `gateway mesh -register` on 127.0.0.1:`listen` (LAN and WAN), with a `--config` file for
 /// admin, one worker and a drain without announce period.
 pub fn mesh_gateway(cp: &ControlPlane, token: &str, listen: u16, admin: u16, tag: &str) -> Proc {
+    mesh_gateway_named(&cp.address, token, "mesh-gateway", listen, admin, tag)
+}
+
+/// `mesh_gateway` registered under `service_name` with the control plane at `http_addr`: the
+/// name is also the registration's ID, so two gateways of one datacenter need two names.
+pub fn mesh_gateway_named(
+    http_addr: &str,
+    token: &str,
+    service_name: &str,
+    listen: u16,
+    admin: u16,
+    tag: &str,
+) -> Proc {
     let dir = temp_dir(tag);
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -385,9 +398,9 @@ pub fn mesh_gateway(cp: &ControlPlane, token: &str, listen: u16, admin: u16, tag
     Proc::spawn(
         "gateway mesh",
         Command::new(GATEWAY)
-            .args(["mesh", "-register", "-service-name", "mesh-gateway"])
+            .args(["mesh", "-register", "-service-name", service_name])
             .args(["-address", &address, "-wan-address", &address])
-            .args(["-token", token, "-http-addr", &cp.address])
+            .args(["-token", token, "-http-addr", http_addr])
             .arg("--config")
             .arg(&config),
     )

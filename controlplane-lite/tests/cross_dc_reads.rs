@@ -1,0 +1,142 @@
+//! Cross-datacenter reads between two real agents: `health/connect/<svc>?dc=<other>` is
+//! answered by the other datacenter's agent (the secondary reaches the primary through
+//! `-primary-address`, the primary reaches the secondary through the agent address in its
+//! federation state), and a sidecar upstream in mode `none` towards another datacenter gets
+//! that datacenter's sidecars as endpoints.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, TempDir};
+use serde_json::{json, Value};
+
+const REPLICATION_POLICY: &str =
+    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ok(answer: common::Answer) -> Value {
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    serde_json::from_str(&answer.text).unwrap_or(Value::Null)
+}
+
+fn register(agent: &Agent, token: &str, body: Value) {
+    ok(agent.put("/v1/agent/service/register", Some(token), &body.to_string()));
+}
+
+fn gateway(wan_port: u16) -> Value {
+    json!({"Kind": "mesh-gateway", "Name": "mesh-gateway", "Port": wan_port, "Address": "127.0.0.1"})
+}
+
+#[test]
+fn reads_with_dc_are_answered_by_the_other_datacenter() {
+    let (primary_dir, secondary_dir) = (TempDir::new("xdc-primary"), TempDir::new("xdc-secondary"));
+    let primary = Agent::start_in(
+        primary_dir.path(),
+        "primary",
+        &["-acl-default-policy", "deny"],
+    );
+    let management = primary.bootstrap();
+    let token = management.as_str();
+    let policy = json!({"Name": "replication", "Rules": REPLICATION_POLICY});
+    ok(primary.put("/v1/acl/policy", Some(token), &policy.to_string()));
+    let replication = ok(primary.put(
+        "/v1/acl/token",
+        Some(token),
+        r#"{"Description": "replication", "Policies": [{"Name": "replication"}]}"#,
+    ))["SecretID"]
+        .as_str()
+        .expect("SecretID")
+        .to_owned();
+    let secondary = Agent::start_in(
+        secondary_dir.path(),
+        "secondary",
+        &[
+            "-acl-default-policy",
+            "deny",
+            "-primary-datacenter",
+            "primary",
+            "-primary-address",
+            &primary.address,
+            "-replication-token",
+            &replication,
+        ],
+    );
+    eventually("the secondary knows the management token", || {
+        secondary.get("/v1/acl/token/self", Some(token)).status == 200
+    });
+
+    // socat and its sidecar in primary; web, whose upstream is socat in mode none, in
+    // secondary; a gateway in each (a datacenter publishes its state, and with it its agent
+    // address, once it has gateways).
+    register(
+        &primary,
+        token,
+        json!({"Name": "socat", "Port": 8181, "Connect": {"SidecarService": {"Port": 21000}}}),
+    );
+    register(
+        &secondary,
+        token,
+        json!({"Name": "web", "Port": 8080, "Connect": {"SidecarService": {"Port": 21001,
+            "Proxy": {"Upstreams": [{"DestinationName": "socat", "Datacenter": "primary",
+                "LocalBindPort": 8181, "MeshGateway": {"Mode": "none"}}]}}}}),
+    );
+    register(&primary, token, gateway(8443));
+    register(&secondary, token, gateway(8444));
+
+    let socat_here = ok(primary.get("/v1/health/connect/socat", Some(token)));
+    assert_eq!(socat_here.as_array().map(Vec::len), Some(1), "{socat_here}");
+    let web_here = ok(secondary.get("/v1/health/connect/web", Some(token)));
+    assert_eq!(web_here.as_array().map(Vec::len), Some(1), "{web_here}");
+
+    // Secondary → primary (through -primary-address).
+    let there = secondary.get("/v1/health/connect/socat?dc=primary", Some(token));
+    assert_eq!(ok(there), socat_here);
+    // Without a token the primary answers for the anonymous token (default deny: nothing),
+    // never with the replication token's rights.
+    assert_eq!(
+        ok(secondary.get("/v1/health/connect/socat?dc=primary", None)),
+        json!([])
+    );
+
+    // Primary → secondary, once the secondary's federation state carries its address.
+    eventually("the secondary's agent address in the primary", || {
+        let state = primary.get("/v1/internal/federation-state/secondary", Some(token));
+        state.status == 200 && state.json()["AgentAddress"] == json!(secondary.address)
+    });
+    assert_eq!(
+        ok(primary.get("/v1/health/connect/web?dc=secondary", Some(token))),
+        web_here
+    );
+    // And the primary's own address reaches the secondary through replication.
+    eventually("the primary's agent address in the secondary", || {
+        let state = secondary.get("/v1/internal/federation-state/primary", Some(token));
+        state.status == 200 && state.json()["AgentAddress"] == json!(primary.address)
+    });
+
+    let unknown = secondary.get("/v1/health/connect/socat?dc=elsewhere", Some(token));
+    assert_eq!(unknown.status, 503, "{}", unknown.text);
+
+    // Mode none across datacenters: the web sidecar dials socat's sidecar in primary.
+    let sidecar = ok(secondary.get("/v1/internal/sidecar/web-sidecar-proxy", Some(token)));
+    let upstream = &sidecar["upstreams"][0];
+    assert_eq!(upstream["mesh_gateway_mode"], "none");
+    let expected = format!(
+        "{}:{}",
+        socat_here[0]["Node"]["Address"]
+            .as_str()
+            .expect("node address"),
+        21000
+    );
+    assert_eq!(upstream["endpoints"], json!([expected]));
+}

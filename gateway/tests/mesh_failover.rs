@@ -1,0 +1,136 @@
+//! Two mesh gateways in the primary datacenter, one killed mid-test (SIGKILL, so it cannot
+//! deregister): every new connection still echoes, in mode `remote` (the sidecar dials
+//! primary's gateways and moves to the next endpoint on a refused connect) and mode `local`
+//! (secondary's gateway dials primary's gateways with the same fallback).
+
+mod mesh_support;
+
+use mesh_support::*;
+
+/// New connections opened after the kill, per mode: enough that round robin starts on the
+/// dead gateway many times.
+const NEW_CONNECTIONS: usize = 20;
+
+/// A socket bound to 127.0.0.1:`port` in the gateway's `SO_REUSEPORT` group, never
+/// listening: it gets no connections while the gateway lives, and once the gateway is dead
+/// it keeps the port refusing connects — no other process can take the freed port and
+/// accept (then reset) what was meant for the dead gateway, as happened on a busy machine.
+fn hold_port(port: u16) -> socket2::Socket {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    socket
+        .bind(&address.into())
+        .expect("join the gateway's port");
+    socket
+}
+
+#[test]
+fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
+    let primary = ControlPlane::start("fo-primary");
+    let secondary = ControlPlane::start_secondary("fo-secondary", &primary);
+
+    let (socat_port, socat_sidecar) = (free_port(), free_port());
+    let _socat = socat_echo(socat_port);
+    primary.register_socat(socat_port, socat_sidecar);
+    primary.allow("web", "socat");
+    primary.allow("api", "socat");
+
+    let (gw_p1, gw_p2, gw_s) = (free_port(), free_port(), free_port());
+    let mut gateway_one = mesh_gateway_named(
+        &primary.address,
+        &primary.token,
+        "gateway-primary-1",
+        gw_p1,
+        free_port(),
+        "fo-gw-p1",
+    );
+    let _gateway_two = mesh_gateway_named(
+        &primary.address,
+        &primary.token,
+        "gateway-primary-2",
+        gw_p2,
+        free_port(),
+        "fo-gw-p2",
+    );
+    let _gateway_secondary =
+        mesh_gateway(&secondary, &secondary.token, gw_s, free_port(), "fo-gw-s");
+
+    let (web_sidecar, web_upstream) = (free_port(), free_port());
+    let (api_sidecar, api_upstream) = (free_port(), free_port());
+    secondary.register_client("web", web_sidecar, web_upstream, Some("local"));
+    secondary.register_client("api", api_sidecar, api_upstream, Some("remote"));
+
+    let both = |endpoints: &serde_json::Value| {
+        let endpoints = endpoints.as_array().cloned().unwrap_or_default();
+        [gw_p1, gw_p2]
+            .iter()
+            .all(|port| endpoints.contains(&serde_json::json!(format!("127.0.0.1:{port}"))))
+    };
+    wait_for(
+        "the api upstream to list both of primary's gateways",
+        || {
+            let config = secondary.ok("GET", "/v1/internal/sidecar/api-sidecar-proxy", None);
+            both(&config["upstreams"][0]["endpoints"])
+        },
+    );
+    wait_for(
+        "secondary's gateway to route primary's names to both gateways",
+        || {
+            let routes = secondary.ok("GET", "/v1/internal/mesh-gateway/routes", None);
+            routes["routes"].as_array().is_some_and(|routes| {
+                routes.iter().any(|r| {
+                    r["sni"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("*.primary."))
+                        && both(&r["endpoints"])
+                })
+            })
+        },
+    );
+
+    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
+    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
+    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
+    let web = format!("127.0.0.1:{web_upstream}");
+    let api = format!("127.0.0.1:{api_upstream}");
+    assert_eq!(eventually_echo(&web, "before, local\n"), "before, local\n");
+    assert_eq!(
+        eventually_echo(&api, "before, remote\n"),
+        "before, remote\n"
+    );
+    // Through both gateways while both are alive (round robin alternates).
+    for i in 0..4 {
+        let line = format!("warm {i}\n");
+        assert_eq!(echo_once(&api, &line).as_deref(), Some(line.as_str()));
+    }
+
+    let _hold = hold_port(gw_p1);
+    gateway_one.signal("KILL");
+    assert!(gateway_one
+        .wait_exit(std::time::Duration::from_secs(5))
+        .is_some());
+    // Should this fail, another process joined the port (a concurrent test's gateway whose
+    // `free_port` got the same number also binds with SO_REUSEPORT): not a data-plane bug.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", gw_p1)).is_err(),
+        "something else still listens on the dead gateway's port {gw_p1}"
+    );
+    // The data plane must move to the surviving gateway.
+
+    for (mode, address) in [("local", &web), ("remote", &api)] {
+        let mut failed = Vec::new();
+        for i in 0..NEW_CONNECTIONS {
+            let line = format!("{mode} after kill {i}\n");
+            if echo_once(address, &line).as_deref() != Some(line.as_str()) {
+                failed.push(i);
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "mode {mode}: connections {failed:?} of {NEW_CONNECTIONS} failed"
+        );
+    }
+}
