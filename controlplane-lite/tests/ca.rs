@@ -5,22 +5,10 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{field, Agent, TempDir};
-use rcgen::{CertificateParams, KeyPair, SanType};
+use common::{csr, field, Agent, TempDir};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::json;
 use webpki::{anchor_from_trusted_cert, EndEntityCert, KeyUsage};
-
-fn csr(uri: &str) -> String {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(uri.to_owned().try_into().expect("ia5"))];
-    params
-        .serialize_request(&key)
-        .expect("csr")
-        .pem()
-        .expect("pem")
-}
 
 fn der(pem_text: &str) -> Vec<u8> {
     let body: String = pem_text

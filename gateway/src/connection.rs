@@ -48,7 +48,7 @@ impl<'a> Record<'a> {
     fn new(
         worker: &'a Worker,
         listener_index: usize,
-        client: &TcpStream,
+        local: Option<SocketAddr>,
         peer: SocketAddr,
         started: Instant,
     ) -> Record<'a> {
@@ -56,7 +56,7 @@ impl<'a> Record<'a> {
             listener: worker.listener_name(listener_index),
             worker: worker.id,
             client: peer,
-            local: client.local_addr().ok(),
+            local,
             started,
             started_wall: std::time::SystemTime::now(),
             server_name: None,
@@ -90,9 +90,10 @@ pub fn serve(
         let _active = ActiveGuard::new(&[&listener_stats.active, &stats.connections_active]);
         // The record exists only with an access log: it would cost ~260 bytes for the whole life
         // of every connection otherwise.
-        let mut record = worker
-            .access_log_enabled()
-            .then(|| Box::new(Record::new(&worker, listener_index, &client, peer, started)));
+        let mut record = worker.access_log_enabled().then(|| {
+            let local = client.local_addr().ok();
+            Box::new(Record::new(&worker, listener_index, local, peer, started))
+        });
 
         // Phase 1, boxed: its state (the first flight, the deadline and connect timers) is freed
         // as soon as relaying begins, so an idle connection's task holds only phase 2.
@@ -290,6 +291,26 @@ fn finish(
         CloseReason::Error => ("error", "-"),
     };
     log(worker, record, termination, flags);
+}
+
+/// The access-log line of a connection refused right after accept (e.g. `max_connections`,
+/// Envoy's UO): the same record as every other connection, so the fields cannot drift apart.
+pub fn log_refused(
+    worker: &Worker,
+    listener_index: usize,
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+    termination: &'static str,
+    flags: &'static str,
+) {
+    let mut record = Some(Box::new(Record::new(
+        worker,
+        listener_index,
+        local,
+        peer,
+        Instant::now(),
+    )));
+    log(worker, &mut record, termination, flags);
 }
 
 /// Write the access-log line, if there is an access log.

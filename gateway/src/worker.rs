@@ -257,29 +257,16 @@ impl Worker {
 
     /// The access-log line of a connection refused for `limits.max_connections` (Envoy's UO).
     fn log_overflow(&self, slot: usize, stream: &std::net::TcpStream, peer: SocketAddr) {
-        let Some(log) = &self.access_log else {
-            return;
-        };
-        let start_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
-        let line = serde_json::json!({
-            "start_time": start_time,
-            "listener": self.listener_name(slot),
-            "worker": self.id,
-            "downstream_remote_address": if log.redact_addresses { "redacted".to_owned() } else { peer.to_string() },
-            "downstream_local_address": stream.local_addr().ok().map(|a| a.to_string()),
-            "requested_server_name": null,
-            "route_name": null,
-            "upstream_host": null,
-            "bytes_received": 0,
-            "bytes_sent": 0,
-            "duration_ms": 0.0,
-            "upstream_connect_ms": null,
-            "connection_termination_details": "max_connections",
-            "response_flags": "UO",
-        });
-        log.send(line.to_string());
+        if self.access_log_enabled() {
+            crate::connection::log_refused(
+                self,
+                slot,
+                stream.local_addr().ok(),
+                peer,
+                "max_connections",
+                "UO",
+            );
+        }
     }
 }
 

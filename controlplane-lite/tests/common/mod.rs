@@ -231,3 +231,16 @@ pub fn field(output: &str, label: &str) -> String {
         .map(|rest| rest.trim().to_owned())
         .unwrap_or_else(|| panic!("no {label} in {output}"))
 }
+
+/// A PEM CSR for a fresh P-256 key whose only SAN is `uri` (the key is discarded: tests only
+/// look at what the CA signs).
+pub fn csr(uri: &str) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.to_owned().try_into().expect("ia5"))];
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
