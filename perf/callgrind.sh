@@ -6,7 +6,7 @@
 #   perf/callgrind.sh                       # ~2 minutes
 #   N=2000 K=200 perf/callgrind.sh
 #
-# 1. gateway/examples/hotpath.rs with N and 2N iterations, per ClientHello capture and per
+# 1. gateway-proto/examples/hotpath.rs with N and 2N iterations, per ClientHello capture and per
 #    kind of route lookup: (Ir(2N) - Ir(N)) / N is the cost of one parse (one lookup: divided
 #    by the 100 names per pass too). The subtraction removes process start, file reading and
 #    building the 1020-route table.
@@ -38,11 +38,11 @@ command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installe
 mkdir -p "$OUT"
 
 if [ -z "${HOTPATH:-}" ]; then
-    nice -n 10 cargo build --release -q -p gateway --example hotpath
+    nice -n 10 cargo build --release -q -p gateway-proto --example hotpath
     HOTPATH=$CARGO_TARGET_DIR/release/examples/hotpath
 fi
 if [ -z "${GATEWAY_BIN:-}" ]; then
-    nice -n 10 cargo build --release -q -p gateway
+    nice -n 10 cargo build --release -q -p gateway-cli
     GATEWAY_BIN=$CARGO_TARGET_DIR/release/gateway
 fi
 if [ -z "${BENCH:-}" ]; then
@@ -76,7 +76,7 @@ per_op() {
 SUMMARY=$OUT/summary.tsv
 printf 'what\tbytes\tinstructions_per_op\n' > "$SUMMARY"
 echo "== ClientHello parse (instructions per parse, N=$N vs 2N)" >&2
-for capture in gateway/testdata/clienthello/*.bin; do
+for capture in gateway-proto/testdata/clienthello/*.bin; do
     name=$(basename "$capture")
     ir=$(per_op "parse:$name" 1)
     bytes=$(stat -c %s "$capture")

@@ -35,7 +35,7 @@ if ! command -v inferno-flamegraph >/dev/null; then
     nice -n 10 cargo install -q inferno
 fi
 if [ -z "${GATEWAY_BIN:-}" ]; then
-    nice -n 10 cargo build --release -q -p gateway
+    nice -n 10 cargo build --release -q -p gateway-cli
     GATEWAY_BIN=$CARGO_TARGET_DIR/release/gateway
 fi
 if [ -z "${BENCH:-}" ]; then

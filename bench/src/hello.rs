@@ -481,7 +481,7 @@ mod tests {
         // The gateway's full capture set, when it is in the tree next to us.
         let directory = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../gateway/testdata/clienthello"
+            "/../gateway-proto/testdata/clienthello"
         );
         let Ok(manifest) = std::fs::read_to_string(format!("{directory}/MANIFEST.tsv")) else {
             return;

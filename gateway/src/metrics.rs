@@ -310,8 +310,9 @@ pub struct ControlStats {
     pub max_connections: AtomicU64,
     /// Access-log lines dropped because the writer could not keep up (shared with it).
     pub access_log_dropped: Arc<AtomicU64>,
-    /// `gateway mesh`: the control-plane follower's state (rendered only in that mode).
-    pub control_plane: crate::cp_client::ControlPlaneStats,
+    /// The route source's own metrics (`gateway mesh`: the control-plane follower's), set
+    /// once at start-up when routes do not come from the file.
+    pub route_source: OnceLock<Arc<dyn crate::route_source::RouteSource>>,
 }
 
 impl ControlStats {
@@ -790,7 +791,9 @@ impl Metrics {
             "gateway_access_log_dropped_total {}",
             control.access_log_dropped.load(Ordering::Relaxed)
         );
-        control.control_plane.render(&mut out);
+        if let Some(source) = control.route_source.get() {
+            source.render_metrics(&mut out);
+        }
         self.render_endpoints(&mut out, snapshot, &destinations);
         crate::process_metrics::render(&mut out, self.start_unix);
         out

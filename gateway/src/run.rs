@@ -13,6 +13,7 @@ use crate::control::{Control, ControlParts, ListenerEntry};
 use crate::logging::LogFilter;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::route_source::RouteSource;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
 
@@ -24,12 +25,12 @@ pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<
     serve(config_path, log_filter, None)
 }
 
-/// `gateway run`, or with `mesh` the same runtime with its routes followed from the control
-/// plane (`gateway mesh`; `config_path` is then its `--config`, possibly empty).
+/// `gateway run`, or with `source` the same runtime with its routes from that source (`gateway
+/// mesh` follows the control plane; `config_path` is then its `--config`, possibly empty).
 pub fn serve(
     config_path: &Path,
     log_filter: Option<LogFilter>,
-    mesh: Option<crate::mesh::Args>,
+    source: Option<Arc<dyn RouteSource>>,
 ) -> anyhow::Result<()> {
     let fd_limit = match crate::sys::raise_fd_limit() {
         Ok((before, hard)) => {
@@ -46,8 +47,8 @@ pub fn serve(
             1024
         }
     };
-    let config = match &mesh {
-        Some(args) => crate::mesh::initial_config(args),
+    let config = match &source {
+        Some(source) => source.initial_config(),
         None => Config::load(config_path),
     }
     .map_err(|errors| {
@@ -255,30 +256,36 @@ pub fn serve(
             Some(socket) => Some(tokio::net::TcpListener::from_std(socket)?),
             None => None,
         };
-        let follower = mesh.map(|args| Arc::new(crate::mesh::Follower::new(args)));
-        if let Some(follower) = &follower {
+        if let Some(source) = &source {
             control
                 .routes_from_control_plane
                 .store(true, Ordering::Relaxed);
-            tokio::spawn(Arc::clone(follower).follow(Arc::clone(&control)));
+            if control
+                .metrics
+                .control
+                .route_source
+                .set(Arc::clone(source))
+                .is_err()
+            {
+                tracing::warn!("a route source was already installed");
+            }
+            tokio::spawn(Arc::clone(source).follow(Arc::clone(&control)));
         }
         // A mesh gateway routes nothing until its first route table arrives: `/ready` stays
         // 503 until the follower has applied it (the process itself is up, so the service
         // manager is told it started).
-        if follower.is_none() {
+        if source.is_none() {
             control.ready.store(true, Ordering::Relaxed);
         }
         control.notifier.ready("serving");
         crate::lifecycle::run(Arc::clone(&control), admin, events).await;
-        if let Some(follower) = follower {
+        if let Some(source) = source {
             // With a hand-over socket a successor may have taken over and keeps the
             // registration; otherwise a clean stop leaves the catalog.
             let successor_possible = crate::control::lock(&control.config)
                 .handover_socket
                 .is_some();
-            if !successor_possible {
-                follower.deregister().await;
-            }
+            source.stop(successor_possible).await;
         }
         anyhow::Ok(())
     })?;

@@ -60,6 +60,42 @@ fn token(flag: Option<String>) -> Option<String> {
         .filter(|token| !token.is_empty())
 }
 
+/// Command-line arguments of `gateway mesh`.
+#[derive(Debug, Clone)]
+pub struct MeshArgs {
+    /// Register (and on a clean stop deregister) the gateway in the catalog.
+    pub register: bool,
+    pub service_name: String,
+    /// The LAN address: sidecars of this datacenter dial it; the gateway listens on it
+    /// unless `--config` names the listeners.
+    pub address: SocketAddr,
+    /// The address other datacenters' gateways and sidecars dial.
+    pub wan_address: SocketAddr,
+    pub token: Option<String>,
+    pub http_addr: String,
+    /// Listeners, admin, workers, timeouts; its `[[route]]`s are ignored.
+    pub config: Option<PathBuf>,
+    /// The admin address when there is no `--config` (Consul's `-admin-bind`).
+    pub admin_bind: SocketAddr,
+}
+
+/// Command-line arguments of `gateway sidecar`.
+#[derive(Debug, Clone)]
+pub struct SidecarArgs {
+    /// The service this sidecar fronts.
+    pub sidecar_for: String,
+    /// The proxy's service ID; Consul's default is `<service>-sidecar-proxy`.
+    pub proxy_id: Option<String>,
+    pub token: Option<String>,
+    /// The control plane's HTTP address.
+    pub http_addr: String,
+    /// Where `/metrics` and `/ready` are served (like Envoy's admin); none if unset.
+    pub admin_bind: Option<SocketAddr>,
+    /// Bind the public listener here instead of the registered address (for a sidecar
+    /// behind a port mapping; the catalog still advertises the registered one).
+    pub listen: Option<SocketAddr>,
+}
+
 /// `gateway mesh -register -service-name N -address A -wan-address W -token T -http-addr CP`
 #[derive(Debug, clap::Args)]
 pub struct MeshCommand {
@@ -94,8 +130,8 @@ pub struct MeshCommand {
 }
 
 impl MeshCommand {
-    pub fn into_args(self) -> crate::mesh::Args {
-        crate::mesh::Args {
+    pub fn into_args(self) -> MeshArgs {
+        MeshArgs {
             register: self.register,
             service_name: self.service_name,
             address: self.address,
@@ -132,8 +168,8 @@ pub struct SidecarCommand {
 }
 
 impl SidecarCommand {
-    pub fn into_args(self) -> crate::sidecar::Args {
-        crate::sidecar::Args {
+    pub fn into_args(self) -> SidecarArgs {
+        SidecarArgs {
             sidecar_for: self.sidecar_for,
             proxy_id: self.proxy_id,
             token: token(self.token),

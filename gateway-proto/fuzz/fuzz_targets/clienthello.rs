@@ -5,7 +5,7 @@
 //! - a name it returns is a valid, normalised host name.
 #![no_main]
 
-use gateway::clienthello::{parse, ServerName, Verdict};
+use gateway_proto::clienthello::{parse, ServerName, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 const CAP: usize = 16 * 1024;

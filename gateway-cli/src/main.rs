@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use gateway::config::Config;
+
+mod mesh;
 
 #[derive(Parser)]
 #[command(name = "gateway", about = "Thread-per-core io_uring SNI passthrough mesh gateway", version = version_text())]
@@ -40,9 +43,9 @@ enum Command {
     },
     /// A mesh gateway registered with controlplane-lite, following its routes (the guide's
     /// `consul connect envoy -mesh-gateway -register`). Flags take one dash like Consul's.
-    Mesh(gateway::consul_cli::MeshCommand),
+    Mesh(mesh_client::consul_cli::MeshCommand),
     /// The mutual-TLS sidecar of one service (the guide's `consul connect envoy -sidecar-for`).
-    Sidecar(gateway::consul_cli::SidecarCommand),
+    Sidecar(mesh_client::consul_cli::SidecarCommand),
 }
 
 /// Built once per process (clap wants a `'static` string).
@@ -58,7 +61,9 @@ fn version_text() -> &'static str {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(gateway::consul_cli::rewrite_single_dash(std::env::args_os()));
+    let cli = Cli::parse_from(mesh_client::consul_cli::rewrite_single_dash(
+        std::env::args_os(),
+    ));
     let log_filter = gateway::logging::init(
         cli.log_level.as_deref(),
         matches!(cli.log_format, LogFormat::Json),
@@ -86,9 +91,10 @@ fn main() -> ExitCode {
         Command::Mesh(command) => {
             let args = command.into_args();
             let config = args.config.clone().unwrap_or_default();
-            exit(gateway::run::serve(&config, Some(log_filter), Some(args)))
+            let source = Arc::new(mesh::Follower::new(args));
+            exit(gateway::run::serve(&config, Some(log_filter), Some(source)))
         }
-        Command::Sidecar(command) => exit(gateway::sidecar::run(command.into_args())),
+        Command::Sidecar(command) => exit(gateway_sidecar::run(command.into_args())),
     }
 }
 

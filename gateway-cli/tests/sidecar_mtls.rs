@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use mesh_support::*;
 
-use gateway::cp_client::Client;
-use gateway::sidecar::identity::SpiffeId;
-use gateway::sidecar::tls::{Credentials, TlsState};
+use gateway_sidecar::identity::SpiffeId;
+use gateway_sidecar::tls::{Credentials, TlsState};
+use mesh_client::cp_client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[test]
@@ -121,12 +121,12 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
         // The client verifies socat's sidecar with the real roots, so only our certificate
         // is wrong.
         let client = Client::new(&cp.address, Some(cp.token.clone()));
-        let (roots, _) = gateway::sidecar::follow::fetch_roots(&client, 0)
+        let (roots, _) = gateway_sidecar::follow::fetch_roots(&client, 0)
             .await
             .expect("roots");
         let state = TlsState::new(
             foreign,
-            gateway::sidecar::tls::root_store(&roots.pems).expect("roots"),
+            gateway_sidecar::tls::root_store(&roots.pems).expect("roots"),
         )
         .expect("tls");
         let socat_id = SpiffeId::parse(&format!(

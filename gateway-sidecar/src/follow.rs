@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::identity::{renewal_delay, renewal_fraction, DefaultDecision, Intention, SpiffeId};
 use super::tls::{certificates_from_pem, root_store, Credentials, TlsState};
 use super::{reconcile_upstreams, Authorization, Shared, SidecarConfig};
-use crate::cp_client::{backoff, next_index, Client, ClientError};
+use mesh_client::cp_client::{backoff, next_index, Client, ClientError};
 
 /// The trust roots as the control plane lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,7 @@ async fn blocking_or_plain(
     client: &Client,
     path: &str,
     index: u64,
-) -> Result<crate::cp_client::Answer, ClientError> {
+) -> Result<mesh_client::cp_client::Answer, ClientError> {
     if index == 0 {
         client.get(path).await
     } else {

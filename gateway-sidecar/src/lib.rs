@@ -25,26 +25,12 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::cp_client::{Client, ControlPlaneStats};
 use identity::{DefaultDecision, Intention, SpiffeId};
+use mesh_client::cp_client::{Client, ControlPlaneStats};
 use tls::TlsState;
 
 /// Command-line arguments of `gateway sidecar`.
-#[derive(Debug, Clone)]
-pub struct Args {
-    /// The service this sidecar fronts.
-    pub sidecar_for: String,
-    /// The proxy's service ID; Consul's default is `<service>-sidecar-proxy`.
-    pub proxy_id: Option<String>,
-    pub token: Option<String>,
-    /// The control plane's HTTP address.
-    pub http_addr: String,
-    /// Where `/metrics` and `/ready` are served (like Envoy's admin); none if unset.
-    pub admin_bind: Option<SocketAddr>,
-    /// Bind the public listener here instead of the registered address (for a sidecar
-    /// behind a port mapping; the catalog still advertises the registered one).
-    pub listen: Option<SocketAddr>,
-}
+pub use mesh_client::consul_cli::SidecarArgs as Args;
 
 /// The sidecar's configuration as the control plane resolves it (`/v1/internal/sidecar/:id`),
 /// parsed into typed values at the edge.

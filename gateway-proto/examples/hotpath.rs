@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Each step runs N times over its inputs: every ClientHello capture in
-//! `gateway/testdata/clienthello/*.bin` through `clienthello::parse`, and route lookups in a
+//! `gateway-proto/testdata/clienthello/*.bin` through `clienthello::parse`, and route lookups in a
 //! table of 1000 exact Consul-style names plus 20 wildcards (exact hits, wildcard hits and
 //! misses). It prints what it did, so the work cannot be optimised away and a wrong capture
 //! shows up. Running it with N and 2N and subtracting removes the fixed costs (process
@@ -17,8 +17,8 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use gateway::clienthello::{self, Verdict};
-use gateway::routes::{Lookup, Pattern, RouteSpec, RouteTable};
+use gateway_proto::clienthello::{self, Verdict};
+use gateway_proto::routes::{Lookup, Pattern, RouteSpec, RouteTable};
 
 /// The gateway's default cap on a buffered first flight (`limits.client_hello_max_bytes`).
 const MAX_HELLO_BYTES: usize = 32 * 1024;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use mesh_support::*;
 
-use gateway::cp_client::Client;
-use gateway::sidecar::identity::SpiffeId;
-use gateway::sidecar::tls::{root_store, TlsState};
+use gateway_sidecar::identity::SpiffeId;
+use gateway_sidecar::tls::{root_store, TlsState};
+use mesh_client::cp_client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::client::TlsStream;
 
@@ -35,10 +35,10 @@ async fn web_client(cp: &ControlPlane, trust_domain: &str) -> Arc<rustls::Client
         "spiffe://{trust_domain}/ns/default/dc/primary/svc/web"
     ))
     .expect("web id");
-    let leaf = gateway::sidecar::follow::sign_leaf(&client, "web", &web)
+    let leaf = gateway_sidecar::follow::sign_leaf(&client, "web", &web)
         .await
         .expect("leaf");
-    let (roots, _) = gateway::sidecar::follow::fetch_roots(&client, 0)
+    let (roots, _) = gateway_sidecar::follow::fetch_roots(&client, 0)
         .await
         .expect("roots");
     let state = TlsState::new(leaf.credentials, root_store(&roots.pems).expect("roots"))

@@ -12,38 +12,20 @@
 //! gateway never holds a private key and never decrypts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use gateway::config::Config;
+use gateway::control::Control;
+use gateway::route_source::{publish, RouteSource, SourceFuture};
+use gateway::routes::{Pattern, RouteSpec};
+use mesh_client::cp_client::{backoff, next_index, Client, ControlPlaneStats};
 use serde::Deserialize;
-
-use crate::config::Config;
-use crate::control::{lock, Control};
-use crate::cp_client::{backoff, next_index, Client};
-use crate::routes::{Pattern, RouteSpec};
-use crate::snapshot::Snapshot;
 
 pub const ROUTES_PATH: &str = "/v1/internal/mesh-gateway/routes";
 
 /// Command-line arguments of `gateway mesh`.
-#[derive(Debug, Clone)]
-pub struct Args {
-    /// Register (and on a clean stop deregister) the gateway in the catalog.
-    pub register: bool,
-    pub service_name: String,
-    /// The LAN address: sidecars of this datacenter dial it; the gateway listens on it
-    /// unless `--config` names the listeners.
-    pub address: SocketAddr,
-    /// The address other datacenters' gateways and sidecars dial.
-    pub wan_address: SocketAddr,
-    pub token: Option<String>,
-    pub http_addr: String,
-    /// Listeners, admin, workers, timeouts; its `[[route]]`s are ignored.
-    pub config: Option<PathBuf>,
-    /// The admin address when there is no `--config` (Consul's `-admin-bind`).
-    pub admin_bind: SocketAddr,
-}
+pub use mesh_client::consul_cli::MeshArgs as Args;
 
 /// The configuration the runtime starts with: the file's, or one listener on `-address`.
 /// Routes come from the control plane only.
@@ -126,28 +108,12 @@ pub fn parse_routes(body: &[u8]) -> Result<(u64, Vec<RouteSpec>, Vec<String>), S
     Ok((wire.generation, routes, problems))
 }
 
-/// Publish `routes` as a new snapshot (the file's listeners, timeouts and limits stay).
-/// Returns the gateway's new generation.
-pub fn publish(control: &Control, routes: Vec<RouteSpec>) -> Result<u64, String> {
-    let mut current = lock(&control.config);
-    let mut next = current.clone();
-    next.routes = routes;
-    let generation = control.snapshot.load().generation + 1;
-    let snapshot = Snapshot::build(&next, generation, &control.metrics)?;
-    control.snapshot.store(Arc::new(snapshot));
-    control
-        .metrics
-        .control
-        .config_generation
-        .store(generation, Ordering::Relaxed);
-    *current = next;
-    Ok(generation)
-}
-
 /// Registration and route following for one `gateway mesh` process.
 pub struct Follower {
     client: Client,
     args: Args,
+    /// Rendered in `/metrics` as `gateway_control_plane_*`.
+    stats: ControlPlaneStats,
 }
 
 impl Follower {
@@ -155,6 +121,7 @@ impl Follower {
         Follower {
             client: Client::new(&args.http_addr, args.token.clone()),
             args,
+            stats: ControlPlaneStats::default(),
         }
     }
 
@@ -192,8 +159,8 @@ impl Follower {
 
     /// Register, then follow the route table until the process stops. Never returns an
     /// error: the last snapshot serves while the control plane is away.
-    pub async fn follow(self: Arc<Self>, control: Arc<Control>) {
-        let stats = &control.metrics.control.control_plane;
+    pub async fn follow_routes(self: Arc<Self>, control: Arc<Control>) {
+        let stats = &self.stats;
         stats.enabled.store(true, Ordering::Relaxed);
         let mut registered = false;
         let mut index = 0;
@@ -267,6 +234,28 @@ impl Follower {
                 }
             }
         }
+    }
+}
+
+impl RouteSource for Follower {
+    fn initial_config(&self) -> Result<Config, Vec<String>> {
+        initial_config(&self.args)
+    }
+
+    fn follow(self: Arc<Self>, control: Arc<Control>) -> SourceFuture {
+        Box::pin(self.follow_routes(control))
+    }
+
+    fn stop(self: Arc<Self>, successor_possible: bool) -> SourceFuture {
+        Box::pin(async move {
+            if !successor_possible {
+                self.deregister().await;
+            }
+        })
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.stats.render(out);
     }
 }
 

@@ -15,7 +15,7 @@ pub const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
 
 pub fn testdata(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/clienthello")
+        .join("../gateway-proto/testdata/clienthello")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -23,7 +23,8 @@ pub fn testdata(name: &str) -> Vec<u8> {
 /// The SNI of a captured hello (from the manifest), for building matching routes.
 pub fn testdata_sni(name: &str) -> String {
     let manifest = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/clienthello/MANIFEST.tsv"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../gateway-proto/testdata/clienthello/MANIFEST.tsv"),
     )
     .expect("manifest");
     manifest

@@ -1,0 +1,5 @@
+//! What `gateway mesh` and `gateway sidecar` share to talk to controlplane-lite: the HTTP
+//! client with its blocking-query rules, and the Consul-shaped command lines.
+
+pub mod consul_cli;
+pub mod cp_client;
