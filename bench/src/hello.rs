@@ -1,179 +1,42 @@
-//! TLS ClientHello bytes: finding where one ends in a byte stream, reading its SNI, and
-//! building synthetic ones so that the bench works without captured hellos.
+//! TLS ClientHello bytes: building synthetic ones so that the bench works without captured
+//! hellos, and reading them with the gateway's own parser (`gateway-proto`), so the bench
+//! and the gateway cannot disagree on where a hello ends or what it names.
 //!
 //! Everything here is sans-IO: plain functions over byte slices.
 
-use std::fmt;
+use gateway_proto::clienthello::{self, Reject, Verdict};
 
+/// RFC 8446 §5.1: "The length MUST NOT exceed 2^14 bytes."
+pub const MAX_RECORD_PAYLOAD: usize = clienthello::MAX_RECORD_PAYLOAD;
+/// The largest ClientHello we accept: the gateway's default cap.
+pub const MAX_CLIENT_HELLO: usize = clienthello::DEFAULT_MAX_HELLO_BYTES;
+const RECORD_HEADER: usize = 5;
+const HANDSHAKE_HEADER: usize = 4;
 /// TLSPlaintext.type for handshake records (RFC 8446 §5.1, `handshake(22)`).
 const CONTENT_TYPE_HANDSHAKE: u8 = 22;
 /// HandshakeType `client_hello(1)` (RFC 8446 §4).
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
-/// RFC 8446 §5.1: "The length MUST NOT exceed 2^14 bytes."
-pub const MAX_RECORD_PAYLOAD: usize = 1 << 14;
-/// The largest ClientHello we accept. Real ones are 0.5–2 KiB, post-quantum ones up to ~6 KiB
-/// (an Envoy-generated 5,476-byte hello is the largest reported); 64 KiB leaves ample room while
-/// bounding what a misbehaving peer can make the backend buffer.
-pub const MAX_CLIENT_HELLO: usize = 64 * 1024;
-const RECORD_HEADER: usize = 5;
-const HANDSHAKE_HEADER: usize = 4;
-
-/// Why a byte stream is not a TLS ClientHello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotClientHello {
-    /// A record before the end of the hello is not a handshake record.
-    NotHandshakeRecord,
-    /// The first handshake message is not a ClientHello.
-    WrongHandshakeType,
-    /// A record is empty or longer than 2^14 bytes.
-    BadRecordLength,
-    /// The ClientHello declares a length above [`MAX_CLIENT_HELLO`].
-    TooLong,
-}
-
-impl fmt::Display for NotClientHello {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = match self {
-            NotClientHello::NotHandshakeRecord => "record is not a handshake record",
-            NotClientHello::WrongHandshakeType => "handshake message is not a ClientHello",
-            NotClientHello::BadRecordLength => "record length is zero or above 2^14",
-            NotClientHello::TooLong => "ClientHello is longer than the cap",
-        };
-        f.write_str(text)
-    }
-}
-
-impl std::error::Error for NotClientHello {}
 
 /// Returns the offset just past the record that completes the first ClientHello in `stream`,
 /// `Ok(None)` if more bytes are needed, or why the stream is not a ClientHello.
-///
-/// RFC 8446 §5.1: "Handshake messages MAY be coalesced into a single TLSPlaintext record or
-/// fragmented across several records", so the 4-byte handshake header itself may be split.
-pub fn client_hello_end(stream: &[u8]) -> Result<Option<usize>, NotClientHello> {
-    let mut position = 0;
-    let mut header = [0u8; HANDSHAKE_HEADER];
-    let mut header_filled = 0;
-    let mut body_seen = 0usize;
-    loop {
-        let Some(record_header) = stream.get(position..position + RECORD_HEADER) else {
-            // Reject early on a wrong content type even before the whole header is here.
-            if stream.len() > position && stream[position] != CONTENT_TYPE_HANDSHAKE {
-                return Err(NotClientHello::NotHandshakeRecord);
-            }
-            return Ok(None);
-        };
-        if record_header[0] != CONTENT_TYPE_HANDSHAKE {
-            return Err(NotClientHello::NotHandshakeRecord);
-        }
-        let length = usize::from(u16::from_be_bytes([record_header[3], record_header[4]]));
-        // RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake types".
-        if length == 0 || length > MAX_RECORD_PAYLOAD {
-            return Err(NotClientHello::BadRecordLength);
-        }
-        let fragment_start = position + RECORD_HEADER;
-        let Some(fragment) = stream.get(fragment_start..fragment_start + length) else {
-            return Ok(None);
-        };
-        let header_part = (HANDSHAKE_HEADER - header_filled).min(fragment.len());
-        header[header_filled..header_filled + header_part]
-            .copy_from_slice(&fragment[..header_part]);
-        header_filled += header_part;
-        body_seen += fragment.len() - header_part;
-        position = fragment_start + length;
-        if header_filled < HANDSHAKE_HEADER {
-            continue;
-        }
-        if header[0] != HANDSHAKE_CLIENT_HELLO {
-            return Err(NotClientHello::WrongHandshakeType);
-        }
-        let hello_length =
-            usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
-        if hello_length > MAX_CLIENT_HELLO {
-            return Err(NotClientHello::TooLong);
-        }
-        if body_seen >= hello_length {
-            return Ok(Some(position));
-        }
+pub fn client_hello_end(stream: &[u8]) -> Result<Option<usize>, Reject> {
+    match clienthello::parse(stream, MAX_CLIENT_HELLO) {
+        Verdict::NeedMore => Ok(None),
+        Verdict::Done(hello) => Ok(Some(hello.hello_bytes)),
+        Verdict::Reject(reason) => Err(reason),
     }
 }
 
-/// A cursor over a ClientHello body that fails softly on truncation.
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
-        let (head, tail) = (self.bytes.get(..count)?, self.bytes.get(count..)?);
-        self.bytes = tail;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<usize> {
-        self.take(1).map(|b| usize::from(b[0]))
-    }
-    fn u16(&mut self) -> Option<usize> {
-        self.take(2)
-            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-    }
-}
-
-/// Reads the `host_name` of the server_name extension (RFC 6066 §3) from a complete ClientHello
-/// (records included). Returns `None` if there is none or the bytes are malformed.
+/// The `host_name` of a complete ClientHello (records included), or `None` if it has none or
+/// is not a ClientHello the gateway would route.
 pub fn server_name(stream: &[u8]) -> Option<String> {
-    let end = client_hello_end(stream).ok()??;
-    // Reassemble the handshake message from its records.
-    let mut message = Vec::new();
-    let mut position = 0;
-    while position < end {
-        let length = usize::from(u16::from_be_bytes([
-            stream[position + 3],
-            stream[position + 4],
-        ]));
-        message.extend_from_slice(
-            &stream[position + RECORD_HEADER..position + RECORD_HEADER + length],
-        );
-        position += RECORD_HEADER + length;
+    match clienthello::parse(stream, MAX_CLIENT_HELLO) {
+        Verdict::Done(hello) => hello.server_name.map(|name| name.as_str().to_owned()),
+        Verdict::NeedMore | Verdict::Reject(_) => None,
     }
-    let mut reader = Reader {
-        bytes: message.get(HANDSHAKE_HEADER..)?,
-    };
-    reader.take(2 + 32)?; // legacy_version, random
-    let session_id = reader.u8()?;
-    reader.take(session_id)?;
-    let suites = reader.u16()?;
-    reader.take(suites)?;
-    let compression = reader.u8()?;
-    reader.take(compression)?;
-    let extensions_length = reader.u16()?;
-    let mut extensions = Reader {
-        bytes: reader.take(extensions_length)?,
-    };
-    while !extensions.bytes.is_empty() {
-        let kind = extensions.u16()?;
-        let length = extensions.u16()?;
-        let data = extensions.take(length)?;
-        if kind != EXTENSION_SERVER_NAME {
-            continue;
-        }
-        let mut names = Reader { bytes: data };
-        let list_length = names.u16()?;
-        let mut list = Reader {
-            bytes: names.take(list_length)?,
-        };
-        while !list.bytes.is_empty() {
-            let name_type = list.u8()?;
-            let name_length = list.u16()?;
-            let name = list.take(name_length)?;
-            if name_type == 0 {
-                return String::from_utf8(name.to_vec()).ok();
-            }
-        }
-    }
-    None
 }
 
-const EXTENSION_SERVER_NAME: usize = 0;
+const EXTENSION_SERVER_NAME: u16 = 0;
 const EXTENSION_SUPPORTED_GROUPS: u16 = 10;
 const EXTENSION_EC_POINT_FORMATS: u16 = 11;
 const EXTENSION_SIGNATURE_ALGORITHMS: u16 = 13;
@@ -302,7 +165,7 @@ fn hello_body(spec: &HelloSpec, padding: Option<usize>) -> Vec<u8> {
     sni.push(0); // name_type host_name
     push_u16(&mut sni, name.len());
     sni.extend_from_slice(name);
-    push_extension(&mut extensions, 0, &sni);
+    push_extension(&mut extensions, EXTENSION_SERVER_NAME, &sni);
 
     let mut groups_list = vec![GROUP_X25519, 0x0017, 0x0018];
     if spec.post_quantum {
@@ -409,30 +272,24 @@ mod tests {
 
     #[test]
     fn non_tls_and_non_hello_are_rejected() {
-        assert_eq!(
-            client_hello_end(b"GET / HTTP/1.1\r\n"),
-            Err(NotClientHello::NotHandshakeRecord)
-        );
-        assert_eq!(
-            client_hello_end(b"G"),
-            Err(NotClientHello::NotHandshakeRecord)
-        );
+        assert_eq!(client_hello_end(b"GET / HTTP/1.1\r\n"), Err(Reject::NotTls));
+        assert_eq!(client_hello_end(b"G"), Err(Reject::NotTls));
         // A ServerHello (type 2) in a handshake record.
         assert_eq!(
             client_hello_end(&[22, 3, 3, 0, 4, 2, 0, 0, 0]),
-            Err(NotClientHello::WrongHandshakeType)
+            Err(Reject::NotClientHello)
         );
         assert_eq!(
             client_hello_end(&[22, 3, 3, 0, 0]),
-            Err(NotClientHello::BadRecordLength)
+            Err(Reject::EmptyRecord)
         );
         assert_eq!(
             client_hello_end(&[22, 3, 3, 0x40, 1]),
-            Err(NotClientHello::BadRecordLength)
+            Err(Reject::BadRecord)
         );
         assert_eq!(
             client_hello_end(&[22, 3, 3, 0, 4, 1, 0x10, 0, 0]),
-            Err(NotClientHello::TooLong)
+            Err(Reject::TooLarge)
         );
         // A record of another type after a fragment that left the hello incomplete.
         let hello = sample();
@@ -440,10 +297,7 @@ mod tests {
         message.truncate(50);
         let mut stream = into_records(&message, 16384);
         stream.extend_from_slice(&[23, 3, 3, 0, 1, 0]);
-        assert_eq!(
-            client_hello_end(&stream),
-            Err(NotClientHello::NotHandshakeRecord)
-        );
+        assert_eq!(client_hello_end(&stream), Err(Reject::NotHandshakeRecord));
     }
 
     #[test]
