@@ -388,6 +388,7 @@ impl Control {
                 "sockets": l.sockets.len(),
             })).collect::<Vec<_>>(),
             "admin": config.admin.map(|a| a.to_string()),
+            "admin_bound": lock(&self.admin_socket).as_ref().and_then(|socket| socket.local_addr().ok()).map(|a| a.to_string()),
             "handover_socket": config.handover_socket.as_ref().map(|p| p.display().to_string()),
             "workers": { "count": self.metrics.workers.len(), "pin": config.workers.pin },
             "timeouts": {

@@ -17,6 +17,28 @@ use crate::route_source::RouteSource;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
 
+/// Tell whoever started us the addresses we bound, one line each on stdout, then
+/// `gateway bound: done`. A listener or admin address with port 0 is only known here, so
+/// tests and scripts read these lines instead of choosing a port and handing it on. Written
+/// whatever the log filter, and never fatal (stdout may be closed).
+fn report_bound(entries: &[ListenerEntry], admin: Option<&std::net::TcpListener>) {
+    use std::io::Write as _;
+    let mut text = String::new();
+    for entry in entries {
+        text.push_str(&format!(
+            "gateway bound: listener {} {}\n",
+            entry.name, entry.resolved
+        ));
+    }
+    if let Some(address) = admin.and_then(|socket| socket.local_addr().ok()) {
+        text.push_str(&format!("gateway bound: admin {address}\n"));
+    }
+    text.push_str(&format!("gateway bound: done pid {}\n", std::process::id()));
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
 /// Descriptors kept back from the connection budget for listeners, the admin server, the
 /// access log, rings and timers.
 const RESERVED_FDS: u64 = 128;
@@ -206,6 +228,7 @@ pub fn serve(
     for entry in &entries {
         tracing::info!(listener = %entry.name, address = %entry.resolved, workers, io_driver, "listening");
     }
+    report_bound(&entries, admin.as_ref());
 
     let handover_path = config.handover_socket.clone();
     let admin_copy = admin
