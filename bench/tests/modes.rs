@@ -2,52 +2,45 @@
 //! bytes came back intact: the bench must be trustworthy before it measures anything else.
 //! No timing assertions: those belong to benchmarks.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
+use test_support::process::{read_lines, Proc};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_bench");
 
-/// A backend process that is killed when the test ends.
+/// A backend process that is killed when the test ends, at the address it reported.
 struct Backend {
-    child: Child,
+    proc: Proc,
     address: String,
 }
 
 impl Backend {
     fn start(mode: &str) -> Backend {
-        let mut child = Command::new(BENCH)
-            .args([
-                "backend",
-                "--listen",
-                "127.0.0.1:0",
-                "--mode",
-                mode,
-                "--duration",
-                "60",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start bench backend");
-        let stdout = child.stdout.take().expect("backend stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the backend's address");
-        let address = line
-            .trim()
+        let mut proc = Proc::spawn(
+            "bench backend",
+            Command::new(BENCH)
+                .args([
+                    "backend",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--mode",
+                    mode,
+                    "--duration",
+                    "60",
+                ])
+                .stdout(Stdio::piped()),
+        );
+        let stdout = proc.child.stdout.take().expect("backend stdout");
+        let ready = |line: &str| line.starts_with("listening on ");
+        let lines = read_lines(stdout, Duration::from_secs(20), ready, ready)
+            .unwrap_or_else(|error| panic!("the backend did not report its address: {error}"));
+        let address = lines[0]
             .strip_prefix("listening on ")
             .expect("backend prints its address")
             .to_owned();
-        Backend { child, address }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Backend { proc, address }
     }
 }
 
@@ -83,7 +76,7 @@ fn assert_clean(report: &Value) {
 #[test]
 fn connrate_closed_and_open_loop_echo_every_payload() {
     let backend = Backend::start("echo");
-    let pid = backend.child.id().to_string();
+    let pid = backend.proc.child.id().to_string();
     let closed = run(&[
         "connrate",
         "--target",
@@ -182,7 +175,7 @@ fn bulk_streams_come_back_byte_for_byte() {
 #[test]
 fn idle_connections_stay_established_and_still_echo() {
     let backend = Backend::start("echo");
-    let pid = backend.child.id().to_string();
+    let pid = backend.proc.child.id().to_string();
     let report = run(&[
         "idle",
         "--target",

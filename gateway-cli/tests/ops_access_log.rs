@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -53,7 +53,8 @@ fn access_log_gateway(extra: &str, routes: &str) -> Gateway {
 fn one_line_per_connection_with_bytes_and_flags() {
     let echo = echo_backend();
     let closes_first = tag_backend("bye");
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let dead_endpoint = dead_endpoint();
+    let dead = dead_endpoint.address;
     let sni = testdata_sni(HELLO);
     let routes = [
         route(&sni, &[echo.address]),

@@ -184,7 +184,8 @@ fn the_log_filter_is_read_and_changed_at_run_time() {
 #[test]
 fn endpoints_held_out_after_a_failed_connect_are_reported_unhealthy() {
     let backend = echo_backend();
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let dead_endpoint = dead_endpoint();
+    let dead = dead_endpoint.address;
     let sni = testdata_sni(HELLO);
     let gateway = Gateway::start_from(
         |listen, admin, _| base_config(listen, admin, &route(&sni, &[dead, backend.address])),
@@ -267,13 +268,18 @@ fn systemd_hears_ready_reloading_watchdog_and_stopping() {
     wait_notification(&socket, &mut seen, |m| m.contains("STOPPING=1"));
     let status = gateway.wait_exit(Duration::from_secs(5)).expect("exit");
     assert!(status.success());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn an_abstract_notify_socket_works_too() {
     use std::os::linux::net::SocketAddrExt;
-    let name = format!("gateway-test-notify-{}-{}", std::process::id(), free_port());
+    // A fresh private directory's name is unique among this run's tests and other runs.
+    let unique = temp_dir("notify-abstract");
+    let name = unique
+        .file_name()
+        .and_then(|name| name.to_str())
+        .expect("name")
+        .to_owned();
     let address =
         std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
     let socket = UnixDatagram::bind_addr(&address).expect("bind");

@@ -94,7 +94,8 @@ fn finish(mut stream: TcpStream) -> Result<(), String> {
 }
 
 fn write_routes(gateway: &Gateway, sni: &str, target: SocketAddr) {
-    let config = base_config(gateway.listen, gateway.admin, &route(sni, &[target]));
+    // The file keeps port 0, as started: the listener and admin are unchanged.
+    let config = base_config(ANY_PORT, ANY_PORT, &route(sni, &[target]));
     std::fs::write(&gateway.config_path, config).expect("rewrite");
 }
 
@@ -304,15 +305,10 @@ fn listeners_added_and_removed_by_reload_keep_established_connections() {
     let mut on_wan = echo(gateway.listen);
 
     // Add a listener.
-    let lan: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let lan_listener = format!("[[listener]]\nname = \"lan\"\naddress = \"{lan}\"\n\n");
+    let lan_listener = format!("[[listener]]\nname = \"lan\"\naddress = \"{ANY_PORT}\"\n\n");
     std::fs::write(
         &gateway.config_path,
-        base_config(
-            gateway.listen,
-            gateway.admin,
-            &format!("{lan_listener}{routes}"),
-        ),
+        base_config(ANY_PORT, ANY_PORT, &format!("{lan_listener}{routes}")),
     )
     .expect("rewrite");
     let (status, body) = http(gateway.admin, "POST", "/reload").expect("reload");
@@ -325,14 +321,16 @@ fn listeners_added_and_removed_by_reload_keep_established_connections() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+    let lan = gateway
+        .bound_listener("lan")
+        .expect("config_dump names the new listener's address");
     let mut on_lan = echo(lan);
 
     // Remove the original one: its established connection stays, new connects are refused.
     std::fs::write(
         &gateway.config_path,
         format!(
-            "[admin]\naddress = \"{}\"\n\n[workers]\ncount = 2\n\n{lan_listener}{routes}",
-            gateway.admin
+            "[admin]\naddress = \"{ANY_PORT}\"\n\n[workers]\ncount = 2\n\n{lan_listener}{routes}"
         ),
     )
     .expect("rewrite");

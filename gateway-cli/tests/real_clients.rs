@@ -93,7 +93,7 @@ fn run_with_input(command: &mut Command, input: &[u8]) -> (String, String) {
 struct Setup {
     gateway: Gateway,
     _servers: Vec<Process>,
-    _dir: std::path::PathBuf,
+    _dir: TempDir,
 }
 
 /// Two TLS servers behind the gateway: `alpha.test` (exact) and `*.beta.test` (wildcard).

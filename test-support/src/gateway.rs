@@ -1,6 +1,5 @@
-//! Shared harness for integration tests: the real `gateway` binary, real sockets, and
-//! backends that say who they are.
-#![allow(dead_code)] // each test binary uses a different subset
+//! The gateway's harness: the real `gateway` binary, real sockets, and backends that say who
+//! they are.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -35,6 +34,84 @@ pub fn testdata_sni(name: &str) -> String {
         .to_owned()
 }
 
+/// `127.0.0.1:0`: the address every test process binds, reporting what it got.
+pub const ANY_PORT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    0,
+));
+
+/// An address that refuses connections for as long as this value lives: a socket bound to
+/// port 0 that never listens, so no other process can take the port in the meantime (a
+/// port closed after `bind` could be reused by anyone before the test connects to it).
+pub struct DeadEndpoint {
+    _socket: socket2::Socket,
+    pub address: SocketAddr,
+}
+
+pub fn dead_endpoint() -> DeadEndpoint {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&ANY_PORT.into()).expect("bind");
+    let address = socket
+        .local_addr()
+        .ok()
+        .and_then(|address| address.as_socket())
+        .expect("bound address");
+    DeadEndpoint {
+        _socket: socket,
+        address,
+    }
+}
+
+/// What a gateway reported on stdout after binding (`gateway bound: ...` lines).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+    pub pid: u32,
+}
+
+impl Bound {
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(listener, _)| listener == name)
+            .map(|(_, address)| *address)
+    }
+}
+
+/// Read a gateway's `gateway bound:` lines (bounded wait).
+pub fn read_bound(stdout: std::process::ChildStdout) -> Result<Bound, String> {
+    let lines = crate::process::read_lines(
+        stdout,
+        Duration::from_secs(30),
+        |line| line.starts_with("gateway bound: "),
+        |line| line.starts_with("gateway bound: done "),
+    )?;
+    let mut bound = Bound {
+        listeners: Vec::new(),
+        admin: None,
+        pid: 0,
+    };
+    for line in &lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["gateway", "bound:", "listener", name, address] => bound.listeners.push((
+                (*name).to_owned(),
+                address.parse().map_err(|_| format!("bad line {line:?}"))?,
+            )),
+            ["gateway", "bound:", "admin", address] => {
+                bound.admin = Some(address.parse().map_err(|_| format!("bad line {line:?}"))?)
+            }
+            ["gateway", "bound:", "done", "pid", pid] => {
+                bound.pid = pid.parse().map_err(|_| format!("bad line {line:?}"))?
+            }
+            _ => return Err(format!("unexpected line {line:?}")),
+        }
+    }
+    Ok(bound)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -42,14 +119,12 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "gateway-test-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+pub use crate::dir::{temp_dir, write_private, TempDir};
+pub use crate::process::send_signal;
+
+/// The `gateway` binary beside the test executable.
+pub fn gateway_binary() -> PathBuf {
+    crate::process::binary("gateway")
 }
 
 /// A running gateway process, killed on drop.
@@ -58,7 +133,7 @@ pub struct Gateway {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
-    pub dir: PathBuf,
+    pub dir: TempDir,
 }
 
 impl Gateway {
@@ -69,8 +144,7 @@ impl Gateway {
 
     pub fn start_with_env(extra_toml: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = temp_dir("gw");
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let (listen, admin) = (ANY_PORT, ANY_PORT);
         let config_path = dir.join("gateway.toml");
         // Two workers unless the test sets its own.
         let workers = if extra_toml.contains("[workers]") {
@@ -81,13 +155,13 @@ impl Gateway {
         let config = format!(
             "[[listener]]\nname = \"wan\"\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n{workers}\n{extra_toml}\n"
         );
-        std::fs::write(&config_path, config).expect("write config");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        write_private(&config_path, config);
+        let mut command = Command::new(gateway_binary());
         command
             .args(["run", "--config"])
             .arg(&config_path)
             .env("GATEWAY_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.join("stderr.log")).expect("log file"),
             ));
@@ -95,10 +169,29 @@ impl Gateway {
             command.env(key, value);
         }
         let child = command.spawn().expect("spawn gateway");
+        Gateway::ready(child, config_path, dir)
+    }
+
+    /// Read the addresses `child` reports, then wait until it answers `/ready` as itself.
+    fn ready(mut child: Child, config_path: PathBuf, dir: TempDir) -> Gateway {
+        let bound = match child.stdout.take().map(read_bound) {
+            Some(Ok(bound)) => bound,
+            Some(Err(error)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                panic!("the gateway did not report its addresses ({error}): {log}");
+            }
+            None => panic!("the gateway's stdout is not piped"),
+        };
+        let listen = bound
+            .listener("wan")
+            .or_else(|| bound.listeners.first().map(|(_, address)| *address))
+            .expect("the gateway reported no listener");
         let gateway = Gateway {
-            child,
             listen,
-            admin,
+            admin: bound.admin.expect("the gateway reported no admin address"),
+            child,
             config_path,
             dir,
         };
@@ -106,15 +199,44 @@ impl Gateway {
         gateway
     }
 
+    /// Wait, bounded, until the admin API says ready, and check that the process answering
+    /// is our child (not another process that happens to hold the address).
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok((200, _)) = http(self.admin, "GET", "/ready") {
+                self.assert_is_our_child();
                 return;
             }
             thread::sleep(Duration::from_millis(25));
         }
         panic!("gateway not ready: {}", self.stderr());
+    }
+
+    /// `/config_dump`'s pid is the child's.
+    pub fn assert_is_our_child(&self) {
+        let (status, body) = http(self.admin, "GET", "/config_dump").expect("config_dump");
+        assert_eq!(status, 200, "{body}");
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("config_dump JSON");
+        assert_eq!(
+            dump["pid"].as_u64(),
+            Some(u64::from(self.child.id())),
+            "{} is answered by another process",
+            self.admin
+        );
+    }
+
+    /// The address a listener of this gateway is bound to now (`/config_dump`'s `bound`).
+    pub fn bound_listener(&self, name: &str) -> Option<SocketAddr> {
+        let (_, body) = http(self.admin, "GET", "/config_dump").ok()?;
+        let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
+        dump["listeners"]
+            .as_array()?
+            .iter()
+            .find(|listener| listener["name"] == name)?["bound"]
+            .as_str()?
+            .parse()
+            .ok()
     }
 
     pub fn stderr(&self) -> String {
@@ -147,7 +269,6 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -305,12 +426,13 @@ pub fn require_tool(name: &str) {
 
 /// Start `gateway run` on a config file, logging to `log`.
 pub fn spawn_gateway(config_path: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    let mut command = Command::new(gateway_binary());
     command
         .args(["run", "--config"])
         .arg(config_path)
         .env("GATEWAY_LOG", "info")
-        .stdout(Stdio::null())
+        // `gateway bound:` lines (a few, then only an access log set to stdout would write).
+        .stdout(Stdio::piped())
         .stderr(Stdio::from(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -324,15 +446,6 @@ pub fn spawn_gateway(config_path: &Path, log: &Path, env: &[(&str, &str)]) -> Ch
     command.spawn().expect("spawn gateway")
 }
 
-/// Send a signal by name (`TERM`, `HUP`, `USR1`, ...) with kill(1).
-pub fn send_signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 impl Gateway {
     /// Start from a whole configuration: `config(listen, admin, dir)` returns the file.
     pub fn start_from(
@@ -340,20 +453,10 @@ impl Gateway {
         env: &[(&str, &str)],
     ) -> Gateway {
         let dir = temp_dir("ops");
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config_path = dir.join("gateway.toml");
-        std::fs::write(&config_path, config(listen, admin, &dir)).expect("write config");
+        write_private(&config_path, config(ANY_PORT, ANY_PORT, &dir));
         let child = spawn_gateway(&config_path, &dir.join("stderr.log"), env);
-        let gateway = Gateway {
-            child,
-            listen,
-            admin,
-            config_path,
-            dir,
-        };
-        gateway.wait_ready();
-        gateway
+        Gateway::ready(child, config_path, dir)
     }
 
     pub fn pid(&self) -> u32 {

@@ -2,96 +2,24 @@
 //! and `gateway sidecar` processes, a real socat echo, and a recording TCP relay.
 //!
 //! controlplane-lite is another crate, so Cargo gives us no `CARGO_BIN_EXE_` for it: it is
-//! expected next to the gateway binary (`cargo test --workspace` builds both) and built with
-//! `cargo build -p controlplane-lite` into the same target directory if it is missing.
-#![allow(dead_code)] // each test binary uses a different subset
+//! expected beside the test executable (`cargo test --workspace` builds it); a missing one
+//! fails the test with a message saying so.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+pub use crate::dir::{temp_dir, TempDir};
+pub use crate::gateway::free_port;
+pub use crate::process::Proc;
 
-// The static gateway's harness: free ports and temporary directories come from there.
-#[path = "../common/mod.rs"]
-mod common;
-#[allow(unused_imports)] // each test binary uses a different subset
-pub use common::{free_port, temp_dir};
-
-/// The controlplane-lite binary next to ours, built on first use if missing.
+/// The controlplane-lite binary beside the test executable.
 pub fn controlplane_binary() -> PathBuf {
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _once = BUILD
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let gateway = Path::new(GATEWAY);
-    let profile_dir = gateway.parent().expect("binary directory");
-    let binary = profile_dir.join("controlplane-lite");
-    if !binary.exists() {
-        let target_dir = profile_dir.parent().expect("target directory");
-        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command
-            .args(["build", "-p", "controlplane-lite"])
-            .env("CARGO_TARGET_DIR", target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir
-            .file_name()
-            .is_some_and(|name| name == "release")
-        {
-            command.arg("--release");
-        }
-        let status = command
-            .status()
-            .expect("run cargo build -p controlplane-lite");
-        assert!(status.success(), "cargo build -p controlplane-lite failed");
-    }
-    binary
-}
-
-/// A child process killed on drop.
-pub struct Proc {
-    pub child: Child,
-    pub name: &'static str,
-}
-
-impl Proc {
-    pub fn spawn(name: &'static str, command: &mut Command) -> Proc {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Proc { child, name }
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Wait for exit up to `limit`; the exit status if it exited.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    crate::process::binary("controlplane-lite")
 }
 
 /// A controlplane-lite agent (primary, ACL default deny) with a bootstrapped management token.
@@ -99,7 +27,7 @@ pub struct ControlPlane {
     pub proc: Proc,
     pub address: String,
     pub token: String,
-    pub dir: PathBuf,
+    pub dir: TempDir,
 }
 
 impl ControlPlane {
@@ -374,25 +302,25 @@ pub fn mesh_gateway_named(
 ) -> Proc {
     let dir = temp_dir(tag);
     let config = dir.join("gateway.toml");
-    std::fs::write(
+    crate::dir::write_private(
         &config,
         format!(
             "[[listener]]\nname = \"lan\"\naddress = \"127.0.0.1:{listen}\"\n\n\
              [admin]\naddress = \"127.0.0.1:{admin}\"\n\n[workers]\ncount = 1\npin = false\n\n\
              [drain]\nannounce = \"0s\"\ntimeout = \"5s\"\n"
         ),
-    )
-    .expect("write config");
+    );
     let address = format!("127.0.0.1:{listen}");
     Proc::spawn(
         "gateway mesh",
-        Command::new(GATEWAY)
+        Command::new(crate::gateway::gateway_binary())
             .args(["mesh", "-register", "-service-name", service_name])
             .args(["-address", &address, "-wan-address", &address])
             .args(["-token", token, "-http-addr", http_addr])
             .arg("--config")
             .arg(&config),
     )
+    .owning(dir)
 }
 
 pub fn wait_listening(address: &str) {
@@ -416,7 +344,7 @@ pub fn sidecar_with_token(
 ) -> Proc {
     Proc::spawn(
         "sidecar",
-        Command::new(GATEWAY)
+        Command::new(crate::gateway::gateway_binary())
             .args(["sidecar", "-sidecar-for", service, "-token", token])
             .args(["-http-addr", &cp.address])
             .args(["-admin-bind", &format!("127.0.0.1:{admin_port}")])
