@@ -10,8 +10,21 @@
 //! | `/reload` | POST | re-read the file (like SIGHUP) |
 //! | `/drain` | POST | start draining (like SIGTERM) |
 //! | `/logging` | GET, POST | read the log filter; `POST /logging?level=FILTER` (or the filter as the body) sets it |
+//!
+//! Guards, checked before any of the above (issue 13 #5; a browser on the same machine can
+//! reach a loopback port):
+//! - The `Host` header must name the address the connection reached (an IP literal, or
+//!   `localhost` on a loopback address) with its port; anything else is 403. A DNS-rebinding
+//!   page reaches the port under the attacker's own name, so its `Host` never matches.
+//! - A mutating request (any method but GET and HEAD) that carries an `Origin` header is 403:
+//!   browsers send `Origin` on cross-site POSTs, and the tools that drive this API (curl,
+//!   systemd, scripts) do not.
+//! - With `[admin] token_file`, mutating requests need `Authorization: Bearer TOKEN` (401
+//!   otherwise). Reads stay open: Prometheus and health checks carry no token.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +40,10 @@ use crate::metrics::ReloadSource;
 
 /// Request bodies (only `/logging` reads one) are tiny.
 const MAX_BODY_BYTES: usize = 4096;
+
+/// The longest admin token accepted from `[admin] token_file` (a generous bound for a random
+/// token; the file is read whole).
+const MAX_TOKEN_BYTES: u64 = 4096;
 
 /// Accept admin connections until `stop` turns true (after a hand-over the new process owns
 /// the admin socket). Cancelling tokio's accept is safe: it is readiness plus accept(2).
@@ -44,11 +61,21 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // The address this connection reached is the one its `Host` must name.
+        let Ok(reached) = stream.local_addr() else {
+            continue;
+        };
         let control = Arc::clone(&control);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let control = Arc::clone(&control);
-                async move { Ok::<_, Infallible>(handle(&control, request).await) }
+                async move {
+                    let response = match guard(&control, reached, &request) {
+                        None => handle(&control, request).await,
+                        Some(refusal) => refusal,
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -56,6 +83,145 @@ pub async fn serve(
         });
     }
     tracing::info!("admin API handed over; no longer serving it");
+}
+
+/// The DNS-rebinding, CSRF and token checks (see the module documentation): the refusal to
+/// send instead of handling the request, if any.
+fn guard(
+    control: &Control,
+    reached: SocketAddr,
+    request: &Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
+    let headers = request.headers();
+    let host = headers
+        .get(hyper::header::HOST)
+        .and_then(|value| value.to_str().ok());
+    if !host.is_some_and(|host| host_names_address(host, reached)) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "the Host header must name the admin address\n",
+        ));
+    }
+    let mutating = !matches!(*request.method(), Method::GET | Method::HEAD);
+    if !mutating {
+        return None;
+    }
+    if headers.contains_key(hyper::header::ORIGIN) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "requests that change state are refused from a browser (Origin header)\n",
+        ));
+    }
+    if let Some(token) = &control.admin_token {
+        let presented = headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if !presented.is_some_and(|presented| token.matches(presented)) {
+            let mut refusal = text(
+                StatusCode::UNAUTHORIZED,
+                "this endpoint needs the admin token (Authorization: Bearer TOKEN)\n",
+            );
+            refusal.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+            return Some(refusal);
+        }
+    }
+    None
+}
+
+/// Whether a `Host` header value names `reached`: the same port (80 when none is given), and
+/// the same IP literal, or `localhost` when `reached` is a loopback address. A name is never
+/// enough: DNS rebinding gives an attacker's name any address it likes.
+fn host_names_address(host: &str, reached: SocketAddr) -> bool {
+    let host = host.trim();
+    // Split off the port: `[v6]:port`, `v4:port`, `name:port`, or no port.
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && (!name.contains(':') || name.ends_with(']')) => {
+            match port.parse::<u16>() {
+                Ok(port) => (name, port),
+                Err(_) => return false,
+            }
+        }
+        _ => (host, 80),
+    };
+    if port != reached.port() {
+        return false;
+    }
+    let name = name
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(name);
+    let reached_ip = canonical(reached.ip());
+    match name.parse::<IpAddr>() {
+        Ok(ip) => canonical(ip) == reached_ip,
+        Err(_) => name.eq_ignore_ascii_case("localhost") && reached_ip.is_loopback(),
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (a dual-stack socket reports those).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// The admin token from `[admin] token_file`. Compared in constant time, and never printed.
+pub struct AdminToken(Vec<u8>);
+
+impl AdminToken {
+    /// Read the token (surrounding whitespace trimmed). The file must not be readable by group
+    /// or others, like an ssh key: a token anyone can read guards nothing.
+    pub fn load(path: &Path) -> Result<AdminToken, String> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let file =
+            std::fs::File::open(path).map_err(|error| format!("{}: {error}", path.display()))?;
+        let metadata = file
+            .metadata()
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        let mode = metadata.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} is readable or writable by group or others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+        let mut text = String::new();
+        file.take(MAX_TOKEN_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        if text.len() as u64 > MAX_TOKEN_BYTES {
+            return Err(format!(
+                "{}: longer than {MAX_TOKEN_BYTES} bytes",
+                path.display()
+            ));
+        }
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("{} is empty", path.display()));
+        }
+        Ok(AdminToken(token.as_bytes().to_vec()))
+    }
+
+    /// Constant-time in the token's bytes: the time taken does not say how much of a guess
+    /// was right.
+    fn matches(&self, presented: &str) -> bool {
+        let presented = presented.trim().as_bytes();
+        if presented.len() != self.0.len() {
+            return false;
+        }
+        let difference = self
+            .0
+            .iter()
+            .zip(presented)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        difference == 0
+    }
 }
 
 async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -224,6 +390,48 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_must_name_the_address_reached() {
+        let v4: SocketAddr = "127.0.0.1:19000".parse().expect("address");
+        let v6: SocketAddr = "[::1]:19000".parse().expect("address");
+        let lan: SocketAddr = "10.0.0.5:19000".parse().expect("address");
+        let mapped: SocketAddr = "[::ffff:10.0.0.5]:19000".parse().expect("address");
+        for (host, reached) in [
+            ("127.0.0.1:19000", v4),
+            ("localhost:19000", v4),
+            ("LOCALHOST:19000", v4),
+            ("[::1]:19000", v6),
+            ("localhost:19000", v6),
+            ("10.0.0.5:19000", lan),
+            ("10.0.0.5:19000", mapped),
+        ] {
+            assert!(host_names_address(host, reached), "{host} for {reached}");
+        }
+        for (host, reached) in [
+            ("attacker.example:19000", v4),
+            ("127.0.0.1:19001", v4),
+            ("127.0.0.1", v4),
+            ("127.0.0.2:19000", v4),
+            ("localhost:19000", lan),
+            ("[::1]:19000", v4),
+            ("::1:19000", v6),
+            ("127.0.0.1:x", v4),
+            ("", v4),
+            (":19000", v4),
+        ] {
+            assert!(!host_names_address(host, reached), "{host} for {reached}");
+        }
+    }
+
+    #[test]
+    fn tokens_match_exactly() {
+        let token = AdminToken(b"abc123".to_vec());
+        assert!(token.matches("abc123"));
+        for wrong in ["", "abc12", "abc1234", "abc124", "ABC123"] {
+            assert!(!token.matches(wrong), "{wrong}");
+        }
+    }
 
     #[test]
     fn query_values_are_percent_decoded() {

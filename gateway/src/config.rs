@@ -20,6 +20,9 @@ pub struct Config {
     /// `[admin] handover_socket`: the Unix socket through which a new gateway process takes
     /// the listening sockets over from this one (zero-downtime upgrade).
     pub handover_socket: Option<PathBuf>,
+    /// `[admin] token_file`: a file holding the bearer token that mutating admin requests
+    /// (`POST /reload`, `/drain`, `/logging`) must carry. Read once at start.
+    pub admin_token_file: Option<PathBuf>,
     pub workers: Workers,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -182,11 +185,27 @@ impl Config {
         }
 
         let mut handover_socket = None;
+        let mut admin_token_file = None;
         let admin = sub_table(table, "admin", errors).and_then(|admin| {
-            errors.unknown_keys("admin", admin, &["address", "handover_socket"]);
+            errors.unknown_keys(
+                "admin",
+                admin,
+                &["address", "handover_socket", "token_file"],
+            );
             if admin.contains_key("handover_socket") {
                 handover_socket =
                     required_string(admin, "admin", "handover_socket", errors).map(PathBuf::from);
+            }
+            if admin.contains_key("token_file") {
+                admin_token_file = required_string(admin, "admin", "token_file", errors)
+                    .filter(|path| {
+                        let empty = path.trim().is_empty();
+                        if empty {
+                            errors.push("admin.token_file", "must name a file".into());
+                        }
+                        !empty
+                    })
+                    .map(PathBuf::from);
             }
             required_address(admin, "admin", "address", errors)
         });
@@ -311,6 +330,7 @@ impl Config {
             listeners,
             admin,
             handover_socket,
+            admin_token_file,
             workers,
             timeouts,
             limits,
@@ -642,6 +662,7 @@ address = "127.0.0.1:1"
 [admin]
 address = "127.0.0.1:2"
 handover_socket = "/run/gateway/handover.sock"
+token_file = "/etc/gateway/admin.token"
 [drain]
 announce = "0s"
 timeout = "2s"
@@ -654,6 +675,10 @@ redact_addresses = true
             config.handover_socket,
             Some(PathBuf::from("/run/gateway/handover.sock"))
         );
+        assert_eq!(
+            config.admin_token_file,
+            Some(PathBuf::from("/etc/gateway/admin.token"))
+        );
         assert_eq!(config.drain.announce, Duration::ZERO);
         assert_eq!(config.drain.timeout, Duration::from_secs(2));
         assert_eq!(config.access_log.target, AccessLogTarget::Stdout);
@@ -665,6 +690,11 @@ redact_addresses = true
         )
         .expect_err("invalid");
         assert_eq!(bad.len(), 2, "{bad:?}");
+        let bad = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"127.0.0.1:2\"\ntoken_file = 7\n",
+        )
+        .expect_err("invalid");
+        assert!(bad[0].starts_with("admin.token_file:"), "{bad:?}");
     }
 
     #[test]

@@ -179,7 +179,11 @@ async fn establish(
             listener_stats.hello(outcome);
             let reason = hello_failure_name(outcome);
             log(worker, record, reason, "NR");
-            tracing::debug!(client = %peer, reason, "closed before routing");
+            if worker.redact_addresses() {
+                tracing::debug!(reason, "closed before routing");
+            } else {
+                tracing::debug!(client = %peer, reason, "closed before routing");
+            }
             return None;
         }
     };
@@ -209,8 +213,13 @@ async fn establish(
         Lookup::NoRoute => {
             metrics::add(&listener_stats.route_no_route, 1);
             log(worker, record, "no_route", "NR");
-            // Never the raw name at info level: it is client-controlled.
-            tracing::debug!(client = %peer, server_name = ?server_name, "no route");
+            // Never the raw name at info level: it is client-controlled. With redaction on, not
+            // at debug level either: a name can say who the client is.
+            if worker.redact_addresses() {
+                tracing::debug!("no route");
+            } else {
+                tracing::debug!(client = %peer, server_name = ?server_name, "no route");
+            }
             return None;
         }
     };

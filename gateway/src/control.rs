@@ -59,6 +59,8 @@ pub struct Control {
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
+    /// `[admin] token_file`'s token, required by mutating admin requests when set.
+    pub admin_token: Option<crate::admin::AdminToken>,
     pub started: Instant,
     heartbeats: Mutex<Vec<(u64, Instant)>>,
     listeners: Mutex<Vec<ListenerEntry>>,
@@ -79,6 +81,7 @@ pub struct ControlParts {
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
+    pub admin_token: Option<crate::admin::AdminToken>,
     pub listeners: Vec<ListenerEntry>,
     pub worker_commands: Vec<Sender<WorkerCommand>>,
     pub admin_socket: Option<std::net::TcpListener>,
@@ -100,6 +103,7 @@ impl Control {
             notifier: parts.notifier,
             log_filter: parts.log_filter,
             access_log: parts.access_log,
+            admin_token: parts.admin_token,
             started: Instant::now(),
             heartbeats: Mutex::new(vec![(0, Instant::now()); workers]),
             listeners: Mutex::new(parts.listeners),
@@ -390,6 +394,7 @@ impl Control {
             "admin": config.admin.map(|a| a.to_string()),
             "admin_bound": lock(&self.admin_socket).as_ref().and_then(|socket| socket.local_addr().ok()).map(|a| a.to_string()),
             "handover_socket": config.handover_socket.as_ref().map(|p| p.display().to_string()),
+            "admin_token_file": config.admin_token_file.as_ref().map(|p| p.display().to_string()),
             "workers": { "count": self.metrics.workers.len(), "pin": config.workers.pin },
             "timeouts": {
                 "client_hello": format!("{:?}", config.timeouts.client_hello),
@@ -434,6 +439,9 @@ fn static_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.handover_socket != new.handover_socket {
         changed.push("admin.handover_socket");
+    }
+    if old.admin_token_file != new.admin_token_file {
+        changed.push("admin.token_file");
     }
     if old.workers != new.workers {
         changed.push("workers");

@@ -82,6 +82,14 @@ pub fn serve(
         )
     })?;
 
+    // Read before anything is bound, so a bad token file fails the start cleanly.
+    let admin_token = config
+        .admin_token_file
+        .as_deref()
+        .map(crate::admin::AdminToken::load)
+        .transpose()
+        .map_err(|error| anyhow!("admin.token_file: {error}"))?;
+
     let cpus = crate::sys::allowed_cpus();
     let workers = config.workers.count.unwrap_or(cpus.len().max(1));
     let io_driver = worker::io_driver_name();
@@ -203,6 +211,7 @@ pub fn serve(
         access_log: access_log_sender,
         max_connections_per_worker: max_connections.div_ceil(workers),
         accepting: AtomicBool::new(true),
+        redact_addresses: config.access_log.redact_addresses,
     });
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut worker_commands = Vec::with_capacity(workers);
@@ -244,6 +253,7 @@ pub fn serve(
         notifier: Notifier::from_env(),
         log_filter,
         access_log: access_log_control,
+        admin_token,
         listeners: entries,
         worker_commands,
         admin_socket: admin_copy,

@@ -72,6 +72,9 @@ pub struct Shared {
     /// Cleared once to stop accepting for good (drain or hand-over); every accept loop then
     /// closes its socket within one `TICK`.
     pub accepting: AtomicBool,
+    /// `[access_log] redact_addresses`: no client address and no unrouted server name in any
+    /// log line, at any level (the access log applies it to its own lines).
+    pub redact_addresses: bool,
 }
 
 /// The snapshot a connection works with, plus this worker's round-robin cursors for it.
@@ -119,6 +122,11 @@ impl Worker {
 
     pub fn listener_name(&self, index: usize) -> &str {
         self.shared.metrics.listener_name(index)
+    }
+
+    /// Whether log lines must leave out client addresses and client-sent names.
+    pub fn redact_addresses(&self) -> bool {
+        self.shared.redact_addresses
     }
 
     pub fn access_log_enabled(&self) -> bool {

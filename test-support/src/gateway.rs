@@ -285,7 +285,7 @@ pub fn http(address: SocketAddr, method: &str, path: &str) -> std::io::Result<(u
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
