@@ -70,14 +70,9 @@ impl Agent {
     /// Opens the store and performs first-start initialisation: the built-in management policy,
     /// the anonymous token and, in the primary datacenter, the cluster id and CA root.
     pub fn open(config: AgentConfig) -> Result<Arc<Agent>> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            Error::Startup(format!(
-                "cannot create data dir {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
+        let state_file = crate::datadir::prepare(&config.data_dir)?;
         let metrics = Arc::new(Metrics::default());
-        let store = Store::open(&config.data_dir.join("state.redb"), metrics.clone())?;
+        let store = Store::open(&state_file, metrics.clone())?;
         let shutdown = tokio::sync::watch::channel(false).0;
         let primary = match (
             &config.primary_address,

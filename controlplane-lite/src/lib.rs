@@ -15,6 +15,7 @@ pub mod casing;
 pub mod catalog;
 pub mod cli;
 pub mod config_entries;
+pub mod datadir;
 pub mod error;
 pub mod http;
 pub mod intentions;

@@ -6,10 +6,12 @@
 
 pub mod hcl;
 pub mod json;
+pub mod render;
 pub mod rules;
 
 use serde::{Deserialize, Serialize};
 
+pub use render::render_token;
 pub use rules::{Access, Rules};
 
 use crate::error::{Error, Result};

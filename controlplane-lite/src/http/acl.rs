@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
 use crate::acl::{
-    require, Authorizer, Policy, PolicyLink, Rules, ServiceIdentity, Token, ANONYMOUS_ACCESSOR_ID,
-    MANAGEMENT_POLICY_ID,
+    render_token, require, Authorizer, Policy, PolicyLink, Rules, ServiceIdentity, Token,
+    ANONYMOUS_ACCESSOR_ID, MANAGEMENT_POLICY_ID,
 };
 use crate::agent::ACL_BOOTSTRAP_KEY;
 use crate::ca::rfc3339;
@@ -58,7 +58,8 @@ pub async fn bootstrap(State(agent): State<AgentState>) -> Result<Response> {
         Ok(token)
     })
     .await?;
-    let token = with_policy_names(&agent, token)?;
+    // The caller has just become the holder of a management token, so it sees its secret.
+    let token = render_token(with_policy_names(&agent, token)?, &Authorizer::management());
     Ok(json_with_index(agent.store.index(Table::AclTokens), &token))
 }
 
@@ -289,7 +290,7 @@ pub async fn create_token(
             &format!("ServiceIdentities[{i}].ServiceName"),
         )?;
     }
-    acl_write(&agent, &ctx)?;
+    let authorizer = acl_write(&agent, &ctx)?;
     let now = rfc3339(OffsetDateTime::now_utc());
     let token = write(&agent, move |tx| {
         let policies: Vec<Policy> = tx.list(Table::AclPolicies)?;
@@ -344,6 +345,7 @@ pub async fn create_token(
         Ok(token)
     })
     .await?;
+    let token = render_token(token, &authorizer);
     Ok(json_with_index(agent.store.index(Table::AclTokens), &token))
 }
 
@@ -363,7 +365,7 @@ pub async fn read_token(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    acl_read(&agent, &ctx)?;
+    let authorizer = acl_read(&agent, &ctx)?;
     blocking_json(
         &agent,
         &ctx,
@@ -373,7 +375,7 @@ pub async fn read_token(
                 .store
                 .get::<Token>(Table::AclTokens, &id)?
                 .ok_or_else(|| Error::NotFound(format!("ACL token {id:?} not found")))?;
-            with_policy_names(&agent, token)
+            Ok(render_token(with_policy_names(&agent, token)?, &authorizer))
         },
     )
     .await
@@ -382,7 +384,7 @@ pub async fn read_token(
 /// `GET /v1/acl/token/self`: the caller's own token.
 pub async fn token_self(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
     // Resolving proves the secret is valid (403 "ACL not found" otherwise).
-    ctx.authorizer(&agent)?;
+    let authorizer = ctx.authorizer(&agent)?;
     let secret = ctx
         .token
         .clone()
@@ -396,11 +398,11 @@ pub async fn token_self(State(agent): State<AgentState>, ctx: Ctx) -> Result<Res
         .ok_or(Error::AclNotFound)?;
     Ok(json_with_index(
         agent.store.index(Table::AclTokens),
-        &with_policy_names(&agent, token)?,
+        &render_token(with_policy_names(&agent, token)?, &authorizer),
     ))
 }
 
-/// `GET /v1/acl/tokens`: secrets are shown only to `acl:write` holders.
+/// `GET /v1/acl/tokens`: secrets are shown only to `acl:write` holders ([`render_token`]).
 pub async fn list_tokens(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
     let authorizer = acl_read(&agent, &ctx)?;
     blocking_json(
@@ -409,11 +411,8 @@ pub async fn list_tokens(State(agent): State<AgentState>, ctx: Ctx) -> Result<Re
         &[Table::AclTokens, Table::AclPolicies],
         |_| {
             let mut tokens = Vec::new();
-            for mut token in agent.store.list::<Token>(Table::AclTokens)? {
-                if !authorizer.acl_write() {
-                    token.secret_id = "<hidden>".to_owned();
-                }
-                tokens.push(with_policy_names(&agent, token)?);
+            for token in agent.store.list::<Token>(Table::AclTokens)? {
+                tokens.push(render_token(with_policy_names(&agent, token)?, &authorizer));
             }
             Ok(tokens)
         },

@@ -10,7 +10,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, AgentState, Ctx};
-use crate::acl::require;
+use crate::acl::{render_token, require, Authorizer, Token};
 use crate::ca::{self, SigningKey};
 use crate::catalog::from_value;
 use crate::error::{Error, Result};
@@ -54,11 +54,29 @@ pub async fn snapshot(
             .entries(kind.table())?
             .into_iter()
             .filter(|(_, value)| !kind.is_local_only(value))
-            .map(|(key, value)| Entry { key, value })
-            .collect();
+            .map(|(key, value)| {
+                let value = match kind {
+                    Kind::AclTokens => render_token_value(value, &authorizer)?,
+                    _ => value,
+                };
+                Ok(Entry { key, value })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(TableSnapshot { index, entries })
     })
     .await
+}
+
+/// A stored token row as the caller may see it: through the one token renderer, like every
+/// other answer that carries a token.
+fn render_token_value(
+    value: serde_json::Value,
+    authorizer: &Authorizer,
+) -> Result<serde_json::Value> {
+    let token: Token = serde_json::from_value(value)
+        .map_err(|e| Error::Internal(format!("stored token is not a token: {e}")))?;
+    serde_json::to_value(render_token(token, authorizer))
+        .map_err(|e| Error::Internal(format!("token does not serialize: {e}")))
 }
 
 #[derive(Deserialize)]
