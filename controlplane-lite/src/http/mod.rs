@@ -90,7 +90,9 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/acl/token/self", get(acl::token_self))
         .route(
             "/v1/acl/token/{id}",
-            get(acl::read_token).delete(acl::delete_token),
+            get(acl::read_token)
+                .put(acl::update_token)
+                .delete(acl::delete_token),
         )
         .route("/v1/connect/ca/roots", get(ca::roots))
         .route("/v1/connect/ca/leaf/sign", post(ca::sign).put(ca::sign))
