@@ -241,6 +241,18 @@ pub fn sign_leaf(
     })
 }
 
+/// A fresh P-256 key and a CSR for `identity`, for clients that let the agent make their key
+/// (Consul's `agent/connect/ca/leaf`). Returns (CSR PEM, private key PEM).
+pub fn agent_csr(identity: &SpiffeId) -> Result<(String, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        identity.to_string().try_into().map_err(internal)?,
+    )];
+    let csr = params.serialize_request(&key).map_err(internal)?;
+    Ok((csr.pem().map_err(internal)?, key.serialize_pem()))
+}
+
 /// The CSR policy: exactly one SAN, a URI equal to the expected SPIFFE ID, and not a CA.
 pub fn check_csr(params: &CertificateParams, expected: &SpiffeId) -> Result<()> {
     let uris: Vec<&str> = params

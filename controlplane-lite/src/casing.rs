@@ -3,6 +3,10 @@
 //! translates snake_case keys. We normalise every key to PascalCase before deserialising into
 //! strict (`deny_unknown_fields`) types, so the rest of the code sees one spelling.
 //!
+//! A key whose value is `null` is dropped: Go's decoder treats `null` as the zero value, so
+//! clients (HashiCorp's own `api` package among them) send `"Datacenters": null` meaning
+//! "none". Dropping it lets every `#[serde(default)]` field read null as absent.
+//!
 //! Opaque maps keep their keys untouched: `Meta` and `Config` (user data), and the keys of
 //! `TaggedAddresses` (`lan`, `wan`) whose values are still normalised.
 
@@ -57,6 +61,9 @@ pub fn normalize(value: Value) -> Value {
         Value::Object(map) => {
             let mut out = Map::with_capacity(map.len());
             for (key, inner) in map {
+                if inner.is_null() {
+                    continue;
+                }
                 let key = pascal_case(&key);
                 let inner = match key.as_str() {
                     "Meta" | "Config" | "NodeMeta" => inner,
@@ -103,6 +110,10 @@ mod tests {
             "DestinationServiceID"
         );
         assert_eq!(pascal_case("id"), "ID");
+        assert_eq!(
+            normalize(json!({"Datacenters": null, "Meta": {"k": null}, "Name": "x"})),
+            json!({"Meta": {"k": null}, "Name": "x"})
+        );
         assert_eq!(pascal_case("ID"), "ID");
     }
 }

@@ -131,6 +131,13 @@ pub struct ProxyDefaults {
     /// Raft index of the last change.
     #[serde(default)]
     pub modify_index: u64,
+    /// Namespace and partition, as Consul's `api` structs carry them; accepted and ignored
+    /// (only the defaults exist here), never stored.
+    #[serde(default, skip_serializing)]
+    pub namespace: Option<serde::de::IgnoredAny>,
+    /// See `namespace`.
+    #[serde(default, skip_serializing)]
+    pub partition: Option<serde::de::IgnoredAny>,
 }
 
 /// `service-defaults` for one service.
@@ -166,6 +173,13 @@ pub struct ServiceDefaults {
     /// Raft index of the last change.
     #[serde(default)]
     pub modify_index: u64,
+    /// Namespace and partition, as Consul's `api` structs carry them; accepted and ignored
+    /// (only the defaults exist here), never stored.
+    #[serde(default, skip_serializing)]
+    pub namespace: Option<serde::de::IgnoredAny>,
+    /// See `namespace`.
+    #[serde(default, skip_serializing)]
+    pub partition: Option<serde::de::IgnoredAny>,
 }
 
 /// One config entry of a supported kind.

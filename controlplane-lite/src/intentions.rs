@@ -119,6 +119,34 @@ pub struct IntentionRequest {
     /// Unused by Consul; accepted for compatibility.
     #[serde(default)]
     pub default_port: Option<serde_json::Value>,
+    /// Consul Enterprise partitions and peering, and the legacy-ID fields `api.Intention`
+    /// carries: accepted and ignored (one partition, no peering here).
+    #[serde(default)]
+    pub source_partition: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub destination_partition: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub source_peer: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub source_sameness_group: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default, rename = "LegacyID")]
+    pub legacy_id: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub legacy_meta: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub legacy_create_time: Option<serde::de::IgnoredAny>,
+    /// See `source_partition`.
+    #[serde(default)]
+    pub legacy_update_time: Option<serde::de::IgnoredAny>,
+    /// L7 permissions: only an empty list is accepted (the gateway is L4 only).
+    #[serde(default)]
+    pub permissions: Vec<serde_json::Value>,
 }
 
 /// Bound on `Description` and metadata, after Consul's general metadata limits.
@@ -132,6 +160,11 @@ impl IntentionRequest {
         let destination_ns = namespace(self.destination_ns, "DestinationNS")?;
         name(&self.source_name, "SourceName")?;
         name(&self.destination_name, "DestinationName")?;
+        if !self.permissions.is_empty() {
+            return Err(Error::bad_request(
+                "field `Permissions`: L7 intentions are not implemented (L4 `Action` only)",
+            ));
+        }
         if !matches!(self.source_type.as_str(), "" | "consul") {
             return Err(Error::bad_request(format!(
                 "invalid field `SourceType` {:?}: must be \"consul\"",
@@ -312,6 +345,15 @@ mod tests {
             hash: None,
             default_addr: None,
             default_port: None,
+            source_partition: None,
+            destination_partition: None,
+            source_peer: None,
+            source_sameness_group: None,
+            legacy_id: None,
+            legacy_meta: None,
+            legacy_create_time: None,
+            legacy_update_time: None,
+            permissions: Vec::new(),
         }
         .into_intention(format!("{source}->{destination}"), "t")
         .expect("valid")

@@ -335,3 +335,104 @@ fn hcl_rules_service_identities_and_default_allow() {
     assert_eq!(answer.status, 400);
     assert!(answer.text.contains("Policies[0]"), "{}", answer.text);
 }
+
+/// What HashiCorp's Go client (`api.ACLPolicy`, `api.ACLToken`) puts on the wire: the whole
+/// struct, read-only fields and nulls included.
+#[test]
+fn consul_client_shapes_and_token_update() {
+    let dir = TempDir::new("shapes");
+    let agent = Agent::start_in(dir.path(), "primary", &["-acl-default-policy", "deny"]);
+    let management = agent.bootstrap();
+
+    let policy = json!({
+        "ID": "", "Name": "web-read", "Description": "", "Rules": "service \"web\" { policy = \"read\" }",
+        "Datacenters": null, "Hash": null, "CreateIndex": 0, "ModifyIndex": 0,
+    });
+    let answer = agent.put("/v1/acl/policy", Some(&management), &policy.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let policy_id = answer.json()["ID"].as_str().unwrap_or_default().to_owned();
+
+    let token = json!({
+        "CreateIndex": 0, "ModifyIndex": 0, "AccessorID": "", "SecretID": "",
+        "Description": "web", "Policies": [{"ID": policy_id, "Name": ""}], "Local": false,
+        "CreateTime": "0001-01-01T00:00:00Z", "Hash": null, "ExpirationTTL": 0,
+    });
+    let answer = agent.put("/v1/acl/token", Some(&management), &token.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let created = answer.json();
+    let accessor = created["AccessorID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let secret = created["SecretID"].as_str().unwrap_or_default().to_owned();
+
+    // Update: the Go client sends the token it read back, with a new description.
+    let mut update = created.clone();
+    update["Description"] = json!("web, updated");
+    update["Policies"] = json!(null);
+    let answer = agent.put(
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        &update.to_string(),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let updated = answer.json();
+    assert_eq!(updated["Description"], "web, updated");
+    assert_eq!(updated["SecretID"], secret.as_str());
+    assert_eq!(updated["Policies"], json!([]));
+    assert_eq!(updated["CreateIndex"], created["CreateIndex"]);
+    // An accessor in the body that differs from the URL is refused with Consul's text.
+    let mut mismatched = update.clone();
+    mismatched["AccessorID"] = json!(uuid_like(7));
+    let answer = agent.put(
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        &mismatched.to_string(),
+    );
+    assert_eq!(answer.status, 400);
+    assert!(answer.text.contains("do not match"), "{}", answer.text);
+
+    // Wrong types and non-JSON stay 400s that say what is wrong.
+    let answer = agent.put(
+        "/v1/acl/policy",
+        Some(&management),
+        r#"{"Name": "x", "Datacenters": "primary"}"#,
+    );
+    assert_eq!(answer.status, 400);
+    assert!(answer.text.contains("Datacenters"), "{}", answer.text);
+    let answer = agent.put("/v1/acl/token", Some(&management), "Description=x");
+    assert_eq!(answer.status, 400);
+    assert!(answer.text.contains("not valid JSON"), "{}", answer.text);
+    let answer = agent.put(
+        "/v1/acl/token",
+        Some(&management),
+        r#"{"Roles": [{"Name": "r"}]}"#,
+    );
+    assert_eq!(answer.status, 400);
+    assert!(answer.text.contains("Roles"), "{}", answer.text);
+
+    // A deleted token: reading it, or using its secret, is Consul's 403 "ACL not found".
+    let answer = agent.request(
+        "DELETE",
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        None,
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    for answer in [
+        agent.get(&format!("/v1/acl/token/{accessor}"), Some(&management)),
+        agent.get("/v1/acl/token/self", Some(&secret)),
+        agent.put(
+            &format!("/v1/acl/token/{accessor}"),
+            Some(&management),
+            &update.to_string(),
+        ),
+    ] {
+        assert_eq!(answer.status, 403, "{}", answer.text);
+        assert!(answer.text.contains("ACL not found"), "{}", answer.text);
+    }
+}
+
+fn uuid_like(n: u8) -> String {
+    format!("{n:08}-0000-4000-8000-000000000000")
+}

@@ -125,7 +125,9 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
     });
 
     let unknown = secondary.get("/v1/health/connect/socat?dc=elsewhere", Some(token));
-    assert_eq!(unknown.status, 503, "{}", unknown.text);
+    // Consul's error for an unknown datacenter (structs.ErrNoDCPath), with its status.
+    assert_eq!(unknown.status, 500, "{}", unknown.text);
+    assert_eq!(unknown.text.trim(), "No path to datacenter");
 
     // Mode none across datacenters: the web sidecar dials socat's sidecar in primary.
     let sidecar = ok(secondary.get("/v1/internal/sidecar/web-sidecar-proxy", Some(token)));

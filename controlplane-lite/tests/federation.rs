@@ -399,7 +399,8 @@ fn writes_to_the_secondary_are_forwarded_to_the_primary() {
             .primary
             .get(&format!("/v1/acl/token/{accessor}"), token)
             .status,
-        404
+        403,
+        "a token the primary does not hold is Consul's 403 ACL not found"
     );
     // A later replicated change must not delete it.
     federation.primary.put(
@@ -466,11 +467,12 @@ fn federation_states_make_each_side_route_to_the_other() {
     });
     // Neither routes its own datacenter by wildcard.
     assert_eq!(wildcard_route(&federation.primary, token, "primary"), None);
-    for agent in [&federation.primary, &federation.secondary] {
-        assert_eq!(
-            agent.get("/v1/catalog/datacenters", None).json(),
-            json!(["primary", "secondary"])
-        );
+    // Consul lists the local datacenter first.
+    for (agent, expected) in [
+        (&federation.primary, json!(["primary", "secondary"])),
+        (&federation.secondary, json!(["secondary", "primary"])),
+    ] {
+        assert_eq!(agent.get("/v1/catalog/datacenters", None).json(), expected);
     }
     // A sidecar in the secondary gets its configuration, with remote gateways in mode remote.
     let web = json!({"Name": "web", "Port": 8080, "Connect": {"SidecarService": {"Proxy": {

@@ -186,6 +186,16 @@ pub struct ServiceDefinition {
     /// Namespace: only `default` exists in this OSS-shaped control plane.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Admin partition (Consul Enterprise); accepted as `api.AgentServiceRegistration`
+    /// carries it, and ignored: only the default partition exists here.
+    #[serde(default)]
+    pub partition: Option<serde::de::IgnoredAny>,
+    /// Locality (region/zone) from `api.AgentServiceRegistration`; accepted and ignored.
+    #[serde(default)]
+    pub locality: Option<serde::de::IgnoredAny>,
+    /// Unix socket path; accepted and ignored (services are dialled over TCP only).
+    #[serde(default)]
+    pub socket_path: Option<serde::de::IgnoredAny>,
 }
 
 /// `Connect` as stored and shown.

@@ -3,6 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::Response;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -63,6 +64,9 @@ pub async fn bootstrap(State(agent): State<AgentState>) -> Result<Response> {
     Ok(json_with_index(agent.store.index(Table::AclTokens), &token))
 }
 
+/// A policy as Consul's `api.ACLPolicy` carries it. The read-only fields a client echoes
+/// back (`Hash`, `CreateIndex`, `ModifyIndex`) are accepted and ignored; unknown fields are
+/// still refused, so a typo is a 400 rather than a silently dropped setting.
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 struct PolicyRequest {
@@ -77,11 +81,25 @@ struct PolicyRequest {
     #[serde(default)]
     datacenters: Vec<String>,
     #[serde(default)]
-    hash: Option<Value>,
+    namespace: Option<String>,
     #[serde(default)]
-    create_index: Option<Value>,
-    #[serde(default)]
-    modify_index: Option<Value>,
+    partition: Option<String>,
+    #[serde(default, rename = "Hash")]
+    _hash: Option<IgnoredAny>,
+    #[serde(default, rename = "CreateIndex")]
+    _create_index: Option<IgnoredAny>,
+    #[serde(default, rename = "ModifyIndex")]
+    _modify_index: Option<IgnoredAny>,
+}
+
+/// Only the `default` namespace and partition exist here (Consul OSS).
+fn default_only(value: &Option<String>, field: &str) -> Result<()> {
+    match value.as_deref() {
+        None | Some("") | Some("default") => Ok(()),
+        Some(other) => Err(Error::bad_request(format!(
+            "field `{field}`: {other:?} is not supported (only \"default\")"
+        ))),
+    }
 }
 
 fn parse_policy(body: &[u8]) -> Result<PolicyRequest> {
@@ -91,7 +109,8 @@ fn parse_policy(body: &[u8]) -> Result<PolicyRequest> {
     for (i, dc) in request.datacenters.iter().enumerate() {
         validate_name(dc, &format!("Datacenters[{i}]"))?;
     }
-    let _ = (&request.hash, &request.create_index, &request.modify_index);
+    default_only(&request.namespace, "Namespace")?;
+    default_only(&request.partition, "Partition")?;
     Ok(request)
 }
 
@@ -147,6 +166,15 @@ pub async fn update_policy(
     body: Bytes,
 ) -> Result<Response> {
     let request = parse_policy(&body)?;
+    if request
+        .id
+        .as_ref()
+        .is_some_and(|body_id| !body_id.is_empty() && *body_id != id)
+    {
+        return Err(Error::bad_request(
+            "Policy ID in URL and payload do not match",
+        ));
+    }
     if id == MANAGEMENT_POLICY_ID {
         return Err(Error::bad_request(
             "the global-management policy cannot be modified",
@@ -242,6 +270,10 @@ pub async fn list_policies(State(agent): State<AgentState>, ctx: Ctx) -> Result<
     .await
 }
 
+/// A token as Consul's `api.ACLToken` carries it. Read-only fields (`CreateIndex`,
+/// `ModifyIndex`, `CreateTime`, `Hash`) are accepted and ignored; features this control plane
+/// does not have (roles, node identities, templated policies, expiry, auth methods, legacy
+/// rules) are accepted only when empty, so a client never believes they took effect.
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 struct TokenRequest {
@@ -258,7 +290,95 @@ struct TokenRequest {
     #[serde(default)]
     roles: Vec<Value>,
     #[serde(default)]
+    node_identities: Vec<Value>,
+    #[serde(default)]
+    templated_policies: Vec<Value>,
+    #[serde(default)]
     local: bool,
+    #[serde(default)]
+    auth_method: String,
+    #[serde(default)]
+    auth_method_namespace: String,
+    #[serde(default, rename = "ExpirationTTL")]
+    expiration_ttl: Option<Value>,
+    #[serde(default)]
+    expiration_time: Option<Value>,
+    #[serde(default)]
+    rules: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    partition: Option<String>,
+    #[serde(default, rename = "CreateTime")]
+    _create_time: Option<IgnoredAny>,
+    #[serde(default, rename = "Hash")]
+    _hash: Option<IgnoredAny>,
+    #[serde(default, rename = "CreateIndex")]
+    _create_index: Option<IgnoredAny>,
+    #[serde(default, rename = "ModifyIndex")]
+    _modify_index: Option<IgnoredAny>,
+}
+
+/// Go's client sends a zero `ExpirationTTL` as `0` and no `ExpirationTime` when unset.
+fn is_unset(value: &Option<Value>) -> bool {
+    match value {
+        None => true,
+        Some(Value::Number(n)) => n.as_f64() == Some(0.0),
+        Some(Value::String(s)) => s.is_empty() || s == "0s" || s == "0",
+        Some(_) => false,
+    }
+}
+
+fn parse_token(body: &[u8]) -> Result<TokenRequest> {
+    let request: TokenRequest = from_value(crate::casing::normalize(json_body(body)?), "token")?;
+    let unsupported = [
+        ("Roles", !request.roles.is_empty(), "ACL roles"),
+        (
+            "NodeIdentities",
+            !request.node_identities.is_empty(),
+            "node identities",
+        ),
+        (
+            "TemplatedPolicies",
+            !request.templated_policies.is_empty(),
+            "templated policies",
+        ),
+        (
+            "AuthMethod",
+            !request.auth_method.is_empty(),
+            "auth methods",
+        ),
+        (
+            "AuthMethodNamespace",
+            !request.auth_method_namespace.is_empty(),
+            "auth methods",
+        ),
+        (
+            "ExpirationTTL",
+            !is_unset(&request.expiration_ttl),
+            "token expiry",
+        ),
+        (
+            "ExpirationTime",
+            !is_unset(&request.expiration_time),
+            "token expiry",
+        ),
+        ("Rules", !request.rules.is_empty(), "legacy token rules"),
+    ];
+    if let Some((field, _, what)) = unsupported.iter().find(|(_, set, _)| *set) {
+        return Err(Error::bad_request(format!(
+            "field `{field}`: {what} are not implemented"
+        )));
+    }
+    default_only(&request.namespace, "Namespace")?;
+    default_only(&request.partition, "Partition")?;
+    for (i, identity) in request.service_identities.iter().enumerate() {
+        validate_name(
+            &identity.service_name,
+            &format!("ServiceIdentities[{i}].ServiceName"),
+        )?;
+    }
+    Ok(request)
 }
 
 fn check_uuid(value: &Option<String>, field: &str) -> Result<Option<String>> {
@@ -270,55 +390,50 @@ fn check_uuid(value: &Option<String>, field: &str) -> Result<Option<String>> {
     }
 }
 
+/// Resolves policy links given by `ID` or `Name` to stored policies (deduplicated).
+fn resolve_links(tx: &Transaction<'_>, requested: &[PolicyLink]) -> Result<Vec<PolicyLink>> {
+    let policies: Vec<Policy> = tx.list(Table::AclPolicies)?;
+    let mut links = Vec::new();
+    for (i, link) in requested.iter().enumerate() {
+        let found = policies
+            .iter()
+            .find(|p| {
+                (!link.id.is_empty() && p.id == link.id)
+                    || (link.id.is_empty() && p.name == link.name)
+            })
+            .ok_or_else(|| {
+                Error::bad_request(format!(
+                    "field `Policies[{i}]`: no policy with {}",
+                    if link.id.is_empty() {
+                        format!("name {:?}", link.name)
+                    } else {
+                        format!("ID {:?}", link.id)
+                    }
+                ))
+            })?;
+        if !links.iter().any(|l: &PolicyLink| l.id == found.id) {
+            links.push(PolicyLink {
+                id: found.id.clone(),
+                name: found.name.clone(),
+            });
+        }
+    }
+    Ok(links)
+}
+
 /// `PUT /v1/acl/token`: policies may be linked by `ID` or `Name`.
 pub async fn create_token(
     State(agent): State<AgentState>,
     ctx: Ctx,
     body: Bytes,
 ) -> Result<Response> {
-    let request: TokenRequest = from_value(crate::casing::normalize(json_body(&body)?), "token")?;
-    if !request.roles.is_empty() {
-        return Err(Error::bad_request(
-            "field `Roles`: ACL roles are not implemented",
-        ));
-    }
+    let request = parse_token(&body)?;
     let accessor_id = check_uuid(&request.accessor_id, "AccessorID")?;
     let secret_id = check_uuid(&request.secret_id, "SecretID")?;
-    for (i, identity) in request.service_identities.iter().enumerate() {
-        validate_name(
-            &identity.service_name,
-            &format!("ServiceIdentities[{i}].ServiceName"),
-        )?;
-    }
     let authorizer = acl_write(&agent, &ctx)?;
     let now = rfc3339(OffsetDateTime::now_utc());
     let token = write(&agent, move |tx| {
-        let policies: Vec<Policy> = tx.list(Table::AclPolicies)?;
-        let mut links = Vec::new();
-        for (i, link) in request.policies.iter().enumerate() {
-            let found = policies
-                .iter()
-                .find(|p| {
-                    (!link.id.is_empty() && p.id == link.id)
-                        || (link.id.is_empty() && p.name == link.name)
-                })
-                .ok_or_else(|| {
-                    Error::bad_request(format!(
-                        "field `Policies[{i}]`: no policy with {}",
-                        if link.id.is_empty() {
-                            format!("name {:?}", link.name)
-                        } else {
-                            format!("ID {:?}", link.id)
-                        }
-                    ))
-                })?;
-            if !links.iter().any(|l: &PolicyLink| l.id == found.id) {
-                links.push(PolicyLink {
-                    id: found.id.clone(),
-                    name: found.name.clone(),
-                });
-            }
-        }
+        let links = resolve_links(tx, &request.policies)?;
         let tokens: Vec<Token> = tx.list(Table::AclTokens)?;
         let accessor_id = accessor_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let secret_id = secret_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -349,6 +464,54 @@ pub async fn create_token(
     Ok(json_with_index(agent.store.index(Table::AclTokens), &token))
 }
 
+/// `PUT /v1/acl/token/:accessor`: replaces the description, policies and service identities
+/// (Consul's update). The secret and locality cannot change; Consul's texts for both.
+pub async fn update_token(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let request = parse_token(&body)?;
+    let body_id = check_uuid(&request.accessor_id, "AccessorID")?;
+    let id = check_uuid(&Some(id), "AccessorID")?.unwrap_or_default();
+    if body_id.as_ref().is_some_and(|b| *b != id) {
+        return Err(Error::bad_request(
+            "Token Accessor ID in URL and payload do not match",
+        ));
+    }
+    let secret_id = check_uuid(&request.secret_id, "SecretID")?;
+    let authorizer = acl_write(&agent, &ctx)?;
+    let token = write(&agent, move |tx| {
+        // Consul answers an unknown accessor with its ACL-not-found error (403).
+        let existing: Token = tx.get(Table::AclTokens, &id)?.ok_or(Error::AclNotFound)?;
+        if secret_id.as_ref().is_some_and(|s| *s != existing.secret_id) {
+            return Err(Error::bad_request(
+                "Changing a tokens SecretID is not allowed",
+            ));
+        }
+        if request.local != existing.local {
+            return Err(Error::bad_request(format!(
+                "Cannot toggle local mode of {}",
+                existing.accessor_id
+            )));
+        }
+        let links = resolve_links(tx, &request.policies)?;
+        let token = Token {
+            description: request.description,
+            policies: links,
+            service_identities: request.service_identities,
+            modify_index: tx.index(),
+            ..existing
+        };
+        tx.put(Table::AclTokens, &token.accessor_id, &token)?;
+        Ok(token)
+    })
+    .await?;
+    let token = render_token(with_policy_names(&agent, token)?, &authorizer);
+    Ok(json_with_index(agent.store.index(Table::AclTokens), &token))
+}
+
 /// Refreshes the policy names shown in a token's links.
 fn with_policy_names(agent: &AgentState, mut token: Token) -> Result<Token> {
     for link in &mut token.policies {
@@ -374,7 +537,7 @@ pub async fn read_token(
             let token = agent
                 .store
                 .get::<Token>(Table::AclTokens, &id)?
-                .ok_or_else(|| Error::NotFound(format!("ACL token {id:?} not found")))?;
+                .ok_or(Error::AclNotFound)?;
             Ok(render_token(with_policy_names(&agent, token)?, &authorizer))
         },
     )

@@ -17,21 +17,21 @@ use crate::error::{Error, Result};
 use crate::routes::FederationState;
 use crate::store::{Table, Transaction};
 
-/// `GET /v1/catalog/datacenters`: this datacenter, the primary, and every datacenter with known
-/// gateways. No ACL, like Consul.
+/// `GET /v1/catalog/datacenters`: this datacenter first, then the primary and every datacenter
+/// with known gateways, by name. No ACL, like Consul.
 pub async fn datacenters(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
     blocking_json(&agent, &ctx, &[Table::FederationStates], |_| {
-        let mut names = BTreeSet::from([
-            agent.config.datacenter.clone(),
-            agent.config.primary_datacenter.clone(),
-        ]);
+        let local = agent.config.datacenter.clone();
+        let mut others = BTreeSet::from([agent.config.primary_datacenter.clone()]);
         for state in agent
             .store
             .list::<FederationState>(Table::FederationStates)?
         {
-            names.insert(state.datacenter);
+            others.insert(state.datacenter);
         }
-        Ok(names.into_iter().collect::<Vec<_>>())
+        // Consul sorts by round-trip time, so the local datacenter always comes first.
+        others.remove(&local);
+        Ok(std::iter::once(local).chain(others).collect::<Vec<_>>())
     })
     .await
 }
@@ -109,11 +109,19 @@ async fn rows(
     shape: fn(&Agent, &ServiceInstance) -> Value,
 ) -> Result<Response> {
     crate::catalog::validate_name(&name, "service name")?;
+    // `?tag=` may repeat; an instance must carry every tag asked for (Consul's semantics).
+    let tags: Vec<String> = ctx
+        .query_all
+        .iter()
+        .filter(|(key, _)| key == "tag")
+        .map(|(_, value)| value.clone())
+        .collect();
     blocking_json(&agent, &ctx, &[Table::Services], |_| {
         let (_, services) = visible(&agent, &ctx)?;
         Ok(services
             .iter()
             .filter(|s| keep(s, &name))
+            .filter(|s| tags.iter().all(|tag| s.tags.contains(tag)))
             .map(|s| shape(&agent, s))
             .collect::<Vec<_>>())
     })
@@ -156,39 +164,12 @@ pub async fn health_service(
 }
 
 /// `GET /v1/health/connect/:name`: what gateways route `name`'s SNI to. With `?dc=` naming
-/// another datacenter, that datacenter's agent answers (its catalog is not replicated here).
+/// another datacenter, that datacenter's agent answers (`remote::forward_dc_reads`).
 pub async fn health_connect(
     State(agent): State<AgentState>,
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    if let Some(dc) = ctx
-        .query
-        .get("dc")
-        .filter(|dc| !dc.is_empty() && **dc != agent.config.datacenter)
-    {
-        crate::catalog::validate_name(&name, "service name")?;
-        // Validated first, so only well-formed blocking parameters travel.
-        let blocking = crate::blocking::BlockingQuery::parse(
-            ctx.query.get("index").map(String::as_str),
-            ctx.query.get("wait").map(String::as_str),
-        )?;
-        let (path, timeout) = if blocking.index > 0 {
-            let wait = blocking.wait.as_millis();
-            let path = format!(
-                "/v1/health/connect/{name}?index={}&wait={wait}ms",
-                blocking.index
-            );
-            (path, super::remote::BLOCKING_READ_TIMEOUT)
-        } else {
-            (
-                format!("/v1/health/connect/{name}"),
-                super::remote::READ_TIMEOUT,
-            )
-        };
-        let answer = super::remote::get(&agent, dc, path, ctx.token(), timeout).await?;
-        return Ok(super::remote::passthrough(answer, dc));
-    }
     rows(agent, ctx, name, connect_for, health_row).await
 }
 
@@ -196,10 +177,14 @@ pub async fn health_connect(
 pub async fn agent_services(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
     blocking_json(&agent, &ctx, &[Table::Services], |_| {
         let (_, services) = visible(&agent, &ctx)?;
-        Ok(services
-            .into_iter()
-            .map(|s| (s.id.clone(), s))
-            .collect::<BTreeMap<_, _>>())
+        let mut out = BTreeMap::new();
+        for service in services {
+            out.insert(
+                service.id.clone(),
+                super::agent_info::agent_service_json(&agent, &service)?,
+            );
+        }
+        Ok(out)
     })
     .await
 }

@@ -20,6 +20,9 @@ use crate::intentions::{
 use crate::spiffe::SpiffeId;
 use crate::store::{Table, Transaction};
 
+/// Consul's text for an unknown intention (404).
+const INTENTION_NOT_FOUND: &str = "Intention not found";
+
 fn parse_request(body: &[u8]) -> Result<IntentionRequest> {
     from_value(crate::casing::normalize(json_body(body)?), "intention")
 }
@@ -103,7 +106,7 @@ pub async fn update(
     write(&agent, move |tx| {
         let existing: Intention = tx
             .get(Table::Intentions, &id)?
-            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+            .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
         for destination in [&existing.destination_name, &updated.destination_name] {
             require(authorizer.intention_write(destination), || {
                 format!("intentions:write on {destination}")
@@ -129,7 +132,7 @@ pub async fn delete(
     write(&agent, move |tx| {
         let existing: Intention = tx
             .get(Table::Intentions, &id)?
-            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+            .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
         require(
             authorizer.intention_write(&existing.destination_name),
             || format!("intentions:write on {}", existing.destination_name),
@@ -151,7 +154,7 @@ pub async fn read(
         let intention: Intention = agent
             .store
             .get(Table::Intentions, &id)?
-            .ok_or_else(|| Error::NotFound(format!("intention {id:?} not found")))?;
+            .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
         require(
             authorizer.intention_read(&intention.destination_name),
             || format!("intentions:read on {}", intention.destination_name),
@@ -267,4 +270,109 @@ pub async fn authorize(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -
         agent.store.index(Table::Intentions),
         &json!({"Authorized": decision.allowed, "Reason": decision.reason}),
     ))
+}
+
+/// A `source`/`destination` query value: `name` or `namespace/name` (only `default` exists).
+fn exact_name(ctx: &Ctx, key: &str) -> Result<String> {
+    let value = ctx.param(key)?;
+    let name = match value.split_once('/') {
+        None => value,
+        Some(("default", name)) => name,
+        Some(_) => {
+            return Err(Error::bad_request(format!(
+                "query parameter `{key}`: only the `default` namespace exists"
+            )))
+        }
+    };
+    if name != "*" {
+        crate::catalog::validate_name(name, key)?;
+    }
+    Ok(name.to_owned())
+}
+
+fn find_exact<'a>(all: &'a [Intention], source: &str, destination: &str) -> Option<&'a Intention> {
+    all.iter()
+        .find(|i| i.source_name == source && i.destination_name == destination)
+}
+
+/// `GET /v1/connect/intentions/exact?source=&destination=` (Consul 1.9+, blocking).
+pub async fn read_exact(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let source = exact_name(&ctx, "source")?;
+    let destination = exact_name(&ctx, "destination")?;
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.intention_read(&destination), || {
+        format!("intentions:read on {destination}")
+    })?;
+    blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
+        let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
+        find_exact(&all, &source, &destination)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))
+    })
+    .await
+}
+
+/// `PUT /v1/connect/intentions/exact?source=&destination=`: creates or replaces the intention
+/// for the pair; the names come from the query (the body's, if any, must agree).
+pub async fn upsert_exact(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    body: Bytes,
+) -> Result<Response> {
+    let source = exact_name(&ctx, "source")?;
+    let destination = exact_name(&ctx, "destination")?;
+    let mut request = parse_request(&body)?;
+    for (field, given, wanted) in [
+        ("SourceName", &mut request.source_name, &source),
+        (
+            "DestinationName",
+            &mut request.destination_name,
+            &destination,
+        ),
+    ] {
+        if !given.is_empty() && given != wanted {
+            return Err(Error::bad_request(format!(
+                "field `{field}` does not match the query string"
+            )));
+        }
+        *given = wanted.clone();
+    }
+    let now = rfc3339(OffsetDateTime::now_utc());
+    let mut intention = request.into_intention(uuid::Uuid::new_v4().to_string(), &now)?;
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.intention_write(&destination), || {
+        format!("intentions:write on {destination}")
+    })?;
+    write(&agent, move |tx| {
+        let all: Vec<Intention> = tx.list(Table::Intentions)?;
+        if let Some(existing) = all.iter().find(|i| same_pair(i, &intention)) {
+            intention.id = existing.id.clone();
+            intention.created_at = existing.created_at.clone();
+            intention.create_index = existing.create_index;
+        } else {
+            intention.create_index = tx.index();
+        }
+        intention.modify_index = tx.index();
+        tx.put(Table::Intentions, &intention.id, &intention)
+    })
+    .await?;
+    Ok(json_with_index(agent.store.index(Table::Intentions), &true))
+}
+
+/// `DELETE /v1/connect/intentions/exact?source=&destination=`.
+pub async fn delete_exact(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let source = exact_name(&ctx, "source")?;
+    let destination = exact_name(&ctx, "destination")?;
+    let authorizer = ctx.authorizer(&agent)?;
+    require(authorizer.intention_write(&destination), || {
+        format!("intentions:write on {destination}")
+    })?;
+    write(&agent, move |tx| {
+        let all: Vec<Intention> = tx.list(Table::Intentions)?;
+        let existing = find_exact(&all, &source, &destination)
+            .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
+        tx.delete(Table::Intentions, &existing.id)
+    })
+    .await?;
+    Ok(json_with_index(agent.store.index(Table::Intentions), &true))
 }

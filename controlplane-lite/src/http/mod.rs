@@ -6,6 +6,7 @@
 //! Reads that clients poll go through [`blocking_json`].
 
 mod acl;
+mod agent_info;
 mod ca;
 mod catalog;
 pub use catalog::register_local;
@@ -47,6 +48,15 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/health/service/{name}", get(catalog::health_service))
         .route("/v1/health/connect/{name}", get(catalog::health_connect))
         .route("/v1/agent/services", get(catalog::agent_services))
+        .route("/v1/agent/service/{id}", get(agent_info::agent_service))
+        .route("/v1/agent/self", get(agent_info::agent_self))
+        .route("/v1/status/leader", get(agent_info::status_leader))
+        .route("/v1/status/peers", get(agent_info::status_peers))
+        .route("/v1/catalog/nodes", get(agent_info::catalog_nodes))
+        .route("/v1/catalog/node/{node}", get(agent_info::catalog_node))
+        .route("/v1/agent/connect/ca/roots", get(ca::roots))
+        .route("/v1/agent/connect/ca/leaf/{service}", get(ca::agent_leaf))
+        .route("/v1/connect/ca/configuration", get(ca::configuration))
         .route("/v1/agent/service/register", put(catalog::register))
         .route(
             "/v1/agent/service/deregister/{id}",
@@ -65,6 +75,12 @@ pub fn router(agent: AgentState) -> Router {
             get(intentions::list).post(intentions::create),
         )
         .route("/v1/connect/intentions/check", get(intentions::check))
+        .route(
+            "/v1/connect/intentions/exact",
+            get(intentions::read_exact)
+                .put(intentions::upsert_exact)
+                .delete(intentions::delete_exact),
+        )
         .route(
             "/v1/connect/intentions/match",
             get(intentions::match_intentions),
@@ -90,7 +106,9 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/acl/token/self", get(acl::token_self))
         .route(
             "/v1/acl/token/{id}",
-            get(acl::read_token).delete(acl::delete_token),
+            get(acl::read_token)
+                .put(acl::update_token)
+                .delete(acl::delete_token),
         )
         .route("/v1/connect/ca/roots", get(ca::roots))
         .route("/v1/connect/ca/leaf/sign", post(ca::sign).put(ca::sign))
@@ -118,6 +136,10 @@ pub fn router(agent: AgentState) -> Router {
     api.route_layer(middleware::from_fn_with_state(
         agent.clone(),
         crate::replication::forward::forward_writes,
+    ))
+    .route_layer(middleware::from_fn_with_state(
+        agent.clone(),
+        remote::forward_dc_reads,
     ))
     .route_layer(middleware::from_fn_with_state(
         agent.clone(),

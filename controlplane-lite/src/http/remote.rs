@@ -70,3 +70,88 @@ pub fn passthrough(answer: PrimaryAnswer, dc: &str) -> Response {
     }
     response
 }
+
+/// Whether a GET on route template `route` takes `?dc=` in Consul (the catalog, health,
+/// config entries, intentions, the CA roots and ACL reads). Agent-local endpoints
+/// (`/v1/agent/*`, `/v1/status/*`), `catalog/datacenters` and our internal ones do not.
+pub fn takes_dc(route: &str) -> bool {
+    let forwardable = [
+        "/v1/catalog/",
+        "/v1/health/",
+        "/v1/config/",
+        "/v1/connect/",
+        "/v1/acl/",
+    ];
+    forwardable.iter().any(|prefix| route.starts_with(prefix))
+        && route != "/v1/catalog/datacenters"
+        && route != "/v1/acl/token/self"
+}
+
+/// Consul's answer when `?dc=` names a datacenter no agent knows a path to (status 500, as
+/// Consul's `structs.ErrNoDCPath`).
+pub const NO_PATH_TO_DATACENTER: &str = "No path to datacenter";
+
+/// The middleware answering `GET ...?dc=<other>` from that datacenter's agent, with the
+/// caller's token: Consul forwards such reads to a server of the named datacenter. The
+/// forwarded query keeps `dc`, which the other agent sees as its own and answers locally,
+/// so a request is forwarded at most once.
+pub async fn forward_dc_reads(
+    axum::extract::State(agent): axum::extract::State<AgentState>,
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = matched.as_ref().map_or("", |m| m.as_str());
+    if request.method() != axum::http::Method::GET || !takes_dc(route) {
+        return next.run(request).await;
+    }
+    let Ok(axum::extract::Query(query)) =
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri())
+    else {
+        return next.run(request).await;
+    };
+    let Some(dc) = query
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "dc")
+        .map(|(_, value)| value.clone())
+        .filter(|dc| !dc.is_empty() && *dc != agent.config.datacenter)
+    else {
+        return next.run(request).await;
+    };
+    let known = match agent.store.list::<FederationState>(Table::FederationStates) {
+        Ok(states) => remote_agent(
+            &agent.config.datacenter,
+            &dc,
+            &agent.config.primary_datacenter,
+            agent.config.primary_address.as_deref(),
+            &states,
+        )
+        .is_some(),
+        Err(e) => return e.into_response(),
+    };
+    if !known {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{NO_PATH_TO_DATACENTER}\n"),
+        )
+            .into_response();
+    }
+    let blocking = query
+        .iter()
+        .any(|(key, value)| key == "index" && value != "0");
+    let timeout = if blocking {
+        BLOCKING_READ_TIMEOUT
+    } else {
+        READ_TIMEOUT
+    };
+    let path_and_query = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
+    let token = super::request_token(request.headers());
+    match get(&agent, &dc, path_and_query, token.as_deref(), timeout).await {
+        Ok(answer) => passthrough(answer, &dc),
+        Err(e) => e.into_response(),
+    }
+}

@@ -27,6 +27,7 @@ pub fn is_replicated_write(method: &Method, route: &str) -> bool {
         route,
         "/v1/connect/intentions"
             | "/v1/connect/intentions/{id}"
+            | "/v1/connect/intentions/exact"
             | "/v1/config"
             | "/v1/config/{kind}/{name}"
             | "/v1/acl/bootstrap"

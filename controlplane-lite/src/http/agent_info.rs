@@ -1,0 +1,151 @@
+//! The endpoints tools call first: `agent/self`, `status/leader|peers`, one agent service,
+//! and the node catalog. One agent per datacenter is also its only server, so it is the
+//! leader and its only peer.
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::{blocking_json, json_with_index, AgentState, Ctx};
+use crate::acl::require;
+use crate::agent::Agent;
+use crate::catalog::ServiceInstance;
+use crate::error::{Error, Result};
+use crate::store::Table;
+
+/// The address other agents and tools reach this one at (the advertised HTTP address).
+fn own_address(agent: &Agent) -> String {
+    agent
+        .http_address
+        .get()
+        .cloned()
+        .unwrap_or_else(|| agent.config.http_addr.to_string())
+}
+
+/// A service in Consul's `api.AgentService` shape: the stored instance plus `Datacenter`.
+pub fn agent_service_json(agent: &Agent, service: &ServiceInstance) -> Result<Value> {
+    let mut value = serde_json::to_value(service).map_err(|e| Error::Internal(e.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("Datacenter".to_owned(), json!(agent.config.datacenter));
+    }
+    Ok(value)
+}
+
+fn node_row(agent: &Agent, index: u64) -> Value {
+    json!({
+        "ID": "",
+        "Node": agent.config.node_name,
+        "Address": agent.config.node_address,
+        "Datacenter": agent.config.datacenter,
+        "TaggedAddresses": {"lan": agent.config.node_address, "wan": agent.config.node_address},
+        "Meta": {},
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    })
+}
+
+/// `GET /v1/agent/self` (`node:read` on this node, as Consul's `agent:read`).
+pub async fn agent_self(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    let node = agent.config.node_name.clone();
+    require(authorizer.node_read(&node), || {
+        format!("node:read on {node}")
+    })?;
+    let address = own_address(&agent);
+    let (host, port) = address.rsplit_once(':').unwrap_or((address.as_str(), "0"));
+    let version = env!("CARGO_PKG_VERSION");
+    Ok(json_with_index(
+        0,
+        &json!({
+            "Config": {
+                "Datacenter": agent.config.datacenter,
+                "PrimaryDatacenter": agent.config.primary_datacenter,
+                "NodeName": node,
+                "NodeID": "",
+                "Server": true,
+                "Revision": "",
+                "Version": version,
+                "BuildDate": "",
+            },
+            "DebugConfig": {},
+            "Coord": null,
+            "Member": {
+                "Name": node,
+                "Addr": host.trim_start_matches('[').trim_end_matches(']'),
+                "Port": port.parse::<u16>().unwrap_or(0),
+                "Tags": {"dc": agent.config.datacenter, "role": "consul", "build": version},
+                "Status": 1,
+            },
+            "Meta": {},
+            "Stats": {},
+            "xDS": null,
+        }),
+    ))
+}
+
+/// `GET /v1/status/leader`: this agent (no ACL, like Consul).
+pub async fn status_leader(State(agent): State<AgentState>) -> Result<Response> {
+    Ok(json_with_index(0, &own_address(&agent)))
+}
+
+/// `GET /v1/status/peers`: this agent only.
+pub async fn status_peers(State(agent): State<AgentState>) -> Result<Response> {
+    Ok(json_with_index(0, &[own_address(&agent)]))
+}
+
+/// `GET /v1/agent/service/:id` (`service:read`); Consul's 404 text for an unknown ID.
+pub async fn agent_service(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    blocking_json(&agent, &ctx, &[Table::Services], |_| {
+        let service: ServiceInstance = agent
+            .store
+            .get(Table::Services, &id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown service ID: {id}")))?;
+        require(authorizer.service_read(&service.service), || {
+            format!("service:read on {}", service.service)
+        })?;
+        agent_service_json(&agent, &service)
+    })
+    .await
+}
+
+/// `GET /v1/catalog/nodes`: this agent's node, if `node:read` allows it.
+pub async fn catalog_nodes(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    blocking_json(&agent, &ctx, &[Table::Services], |index| {
+        let nodes: Vec<Value> = if authorizer.node_read(&agent.config.node_name) {
+            vec![node_row(&agent, index)]
+        } else {
+            Vec::new()
+        };
+        Ok(nodes)
+    })
+    .await
+}
+
+/// `GET /v1/catalog/node/:node`: the node and its services (filtered by `service:read`);
+/// `null` for an unknown or unreadable node, as Consul answers.
+pub async fn catalog_node(
+    State(agent): State<AgentState>,
+    ctx: Ctx,
+    Path(node): Path<String>,
+) -> Result<Response> {
+    let authorizer = ctx.authorizer(&agent)?;
+    blocking_json(&agent, &ctx, &[Table::Services], |index| {
+        if node != agent.config.node_name || !authorizer.node_read(&node) {
+            return Ok(Value::Null);
+        }
+        let mut services = serde_json::Map::new();
+        for service in agent.store.list::<ServiceInstance>(Table::Services)? {
+            if authorizer.service_read(&service.service) {
+                services.insert(service.id.clone(), agent_service_json(&agent, &service)?);
+            }
+        }
+        Ok(json!({"Node": node_row(&agent, index), "Services": services}))
+    })
+    .await
+}
