@@ -15,11 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[test]
 fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() {
     let cp = ControlPlane::start("sidecar-none");
-    let (socat_port, socat_sidecar, web_sidecar, upstream) =
-        (free_port(), free_port(), free_port(), free_port());
+    let (socat_sidecar, web_sidecar, upstream) = (free_port(), free_port(), free_port());
     let (socat_admin, web_admin) = (free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    cp.register_socat(socat_port, socat_sidecar);
+    let socat = socat_echo();
+    cp.register_socat(socat.port, socat_sidecar);
     cp.register_web(web_sidecar, upstream);
     let config = cp.ok("GET", "/v1/internal/sidecar/web-sidecar-proxy", None);
     assert_eq!(config["upstreams"][0]["mesh_gateway_mode"], "none");
@@ -81,9 +80,9 @@ fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() 
 #[test]
 fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
     let cp = ControlPlane::start("sidecar-foreign");
-    let (socat_port, socat_sidecar, socat_admin) = (free_port(), free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    cp.register_socat(socat_port, socat_sidecar);
+    let (socat_sidecar, socat_admin) = (free_port(), free_port());
+    let socat = socat_echo();
+    cp.register_socat(socat.port, socat_sidecar);
     cp.allow("web", "socat");
     let _socat_proxy = sidecar(&cp, "socat", socat_admin, &[]);
     let public = format!("127.0.0.1:{socat_sidecar}");

@@ -63,6 +63,15 @@ pub fn dead_endpoint() -> DeadEndpoint {
     }
 }
 
+impl DeadEndpoint {
+    /// Start listening on the held address: from now on it accepts. The port was never free
+    /// in between, so nothing else can have taken it.
+    pub fn listen(self) -> TcpListener {
+        self._socket.listen(128).expect("listen");
+        self._socket.into()
+    }
+}
+
 /// What a gateway reported on stdout after binding (`gateway bound: ...` lines).
 #[derive(Debug, Clone)]
 pub struct Bound {
