@@ -86,9 +86,9 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
         },
     );
 
-    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
-    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
-    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
+    let _socat_proxy = sidecar(&primary, "socat", &[]);
+    let _web_proxy = sidecar(&secondary, "web", &[]);
+    let _api_proxy = sidecar(&secondary, "api", &[]);
     let web = format!("127.0.0.1:{web_upstream}");
     let api = format!("127.0.0.1:{api_upstream}");
     assert_eq!(eventually_echo(&web, "before, local\n"), "before, local\n");

@@ -79,10 +79,10 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
         })
     });
 
-    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
-    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
-    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
-    let _cli_proxy = sidecar(&secondary, "cli", free_port(), &[]);
+    let _socat_proxy = sidecar(&primary, "socat", &[]);
+    let _web_proxy = sidecar(&secondary, "web", &[]);
+    let _api_proxy = sidecar(&secondary, "api", &[]);
+    let _cli_proxy = sidecar(&secondary, "cli", &[]);
 
     let local = eventually_echo(&format!("127.0.0.1:{web_upstream}"), "web via local\n");
     assert_eq!(local, "web via local\n");

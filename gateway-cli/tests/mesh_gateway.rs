@@ -91,23 +91,15 @@ fn only_tls_records(mut bytes: &[u8]) -> bool {
 fn routes_from_the_control_plane_carry_only_tls_and_survive_its_death() {
     let cp = ControlPlane::start("mesh-e2e");
     let trust_domain = cp.trust_domain();
-    let (registered, private, admin_sidecar) = (free_port(), free_port(), free_port());
-    let socat = socat_echo();
-    cp.register_socat(socat.port, registered);
-    cp.allow("web", "socat");
     // socat's sidecar listens privately; a recorder on its registered port sees exactly what
-    // the gateway forwards.
-    let _socat_proxy = sidecar(
-        &cp,
-        "socat",
-        admin_sidecar,
-        &["-listen", &format!("127.0.0.1:{private}")],
-    );
-    wait_listening(&format!("127.0.0.1:{private}"));
-    let recorder = Recorder::start(
-        format!("127.0.0.1:{registered}").parse().expect("addr"),
-        format!("127.0.0.1:{private}").parse().expect("addr"),
-    );
+    // the gateway forwards. The test binds the registered port itself and keeps it.
+    let registered = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = socat_echo();
+    cp.register_socat(socat.port, registered.local_addr().expect("addr").port());
+    cp.allow("web", "socat");
+    let socat_proxy = sidecar(&cp, "socat", &["-listen", "127.0.0.1:0"]);
+    wait_listening(&socat_proxy.public.to_string());
+    let recorder = Recorder::on(registered, socat_proxy.public);
     let mesh_gateway = start_gateway(&cp, "mesh-e2e");
     let gateway_port = mesh_gateway.listen.port();
     let gateway = mesh_gateway.listen.to_string();

@@ -373,26 +373,45 @@ pub fn wait_listening(address: &str) {
     }
 }
 
-pub fn sidecar(cp: &ControlPlane, service: &str, admin_port: u16, extra: &[&str]) -> Proc {
-    sidecar_with_token(cp, service, &cp.token, admin_port, extra)
+/// A `gateway sidecar` process and the addresses it reported.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
 }
 
+pub fn sidecar(cp: &ControlPlane, service: &str, extra: &[&str]) -> Sidecar {
+    sidecar_with_token(cp, service, &cp.token, extra)
+}
+
+/// `gateway sidecar` with its admin on port 0; returns once it reported its addresses (it
+/// has fetched its configuration and bound its listeners by then).
 pub fn sidecar_with_token(
     cp: &ControlPlane,
     service: &str,
     token: &str,
-    admin_port: u16,
     extra: &[&str],
-) -> Proc {
-    Proc::spawn(
+) -> Sidecar {
+    let mut proc = Proc::spawn(
         "sidecar",
         Command::new(crate::gateway::gateway_binary())
             .args(["sidecar", "-sidecar-for", service, "-token", token])
             .args(["-http-addr", &cp.address])
-            .args(["-admin-bind", &format!("127.0.0.1:{admin_port}")])
+            .args(["-admin-bind", "127.0.0.1:0"])
             .args(extra)
-            .env("GATEWAY_LOG", "info"),
-    )
+            .env("GATEWAY_LOG", "info")
+            .stdout(Stdio::piped()),
+    );
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    let bound = crate::gateway::read_bound_of(stdout, "sidecar").unwrap_or_else(|error| {
+        panic!("the {service} sidecar did not report its addresses: {error}")
+    });
+    assert_eq!(bound.pid, proc.child.id(), "the report is not our child's");
+    Sidecar {
+        public: bound.listener("public").expect("the public address"),
+        admin: bound.admin.expect("the admin address"),
+        proc,
+    }
 }
 
 /// Send `line` and read the same number of bytes back; `None` if the connection closed or
