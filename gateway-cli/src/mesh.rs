@@ -42,6 +42,28 @@ pub fn initial_config(args: &Args) -> Result<Config, Vec<String>> {
     Ok(config)
 }
 
+/// `-address` (and `-wan-address`, when it is the same) with port 0 stand for the address the
+/// listener on it was bound to, so the catalog names a port that is really served. The
+/// listener is the one configured with that address, else the first.
+pub fn with_bound_ports(args: &Args, listeners: &[(String, SocketAddr, SocketAddr)]) -> Args {
+    let mut resolved = args.clone();
+    if args.address.port() != 0 {
+        return resolved;
+    }
+    let bound = listeners
+        .iter()
+        .find(|(_, configured, _)| *configured == args.address)
+        .or_else(|| listeners.first())
+        .map(|(_, _, bound)| *bound);
+    if let Some(bound) = bound {
+        resolved.address = bound;
+        if args.wan_address == args.address {
+            resolved.wan_address = bound;
+        }
+    }
+    resolved
+}
+
 /// The registration body (spec §7.1, the guide's gateway).
 pub fn registration(args: &Args) -> serde_json::Value {
     let tagged = |address: SocketAddr| serde_json::json!({ "address": address.ip().to_string(), "port": address.port() });
@@ -125,17 +147,17 @@ impl Follower {
         }
     }
 
-    async fn register(&self) -> bool {
-        if !self.args.register {
+    async fn register(&self, args: &Args) -> bool {
+        if !args.register {
             return true;
         }
         match self
             .client
-            .put("/v1/agent/service/register", &registration(&self.args))
+            .put("/v1/agent/service/register", &registration(args))
             .await
         {
             Ok(_) => {
-                tracing::info!(service = %self.args.service_name, lan = %self.args.address, wan = %self.args.wan_address, "registered the mesh gateway");
+                tracing::info!(service = %args.service_name, lan = %args.address, wan = %args.wan_address, "registered the mesh gateway");
                 true
             }
             Err(error) => {
@@ -160,6 +182,7 @@ impl Follower {
     /// Register, then follow the route table until the process stops. Never returns an
     /// error: the last snapshot serves while the control plane is away.
     pub async fn follow_routes(self: Arc<Self>, control: Arc<Control>) {
+        let args = with_bound_ports(&self.args, &control.bound_listeners());
         let stats = &self.stats;
         stats.enabled.store(true, Ordering::Relaxed);
         let mut registered = false;
@@ -168,7 +191,7 @@ impl Follower {
         let mut published: Option<Vec<RouteSpec>> = None;
         loop {
             if !registered {
-                registered = self.register().await;
+                registered = self.register(&args).await;
             }
             let answer = if index == 0 {
                 self.client.get(ROUTES_PATH).await
@@ -295,6 +318,25 @@ mod tests {
         assert_eq!(config.listeners[0].address, args().address);
         assert_eq!(config.admin, Some(args().admin_bind));
         assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn port_zero_registers_the_bound_port() {
+        let mut zero = args();
+        zero.address = "127.0.0.1:0".parse().expect("addr");
+        zero.wan_address = zero.address;
+        let bound: SocketAddr = "127.0.0.1:41000".parse().expect("addr");
+        let listeners = [("mesh".to_owned(), zero.address, bound)];
+        let resolved = with_bound_ports(&zero, &listeners);
+        assert_eq!((resolved.address, resolved.wan_address), (bound, bound));
+        // A fixed port, or a WAN address of its own, is registered as given.
+        assert_eq!(
+            with_bound_ports(&args(), &listeners).address,
+            args().address
+        );
+        zero.wan_address = "192.0.2.1:443".parse().expect("addr");
+        let resolved = with_bound_ports(&zero, &listeners);
+        assert_eq!(resolved.wan_address, zero.wan_address);
     }
 
     #[test]

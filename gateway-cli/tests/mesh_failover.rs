@@ -32,31 +32,26 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
     let primary = ControlPlane::start("fo-primary");
     let secondary = ControlPlane::start_secondary("fo-secondary", &primary);
 
-    let (socat_port, socat_sidecar) = (free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    primary.register_socat(socat_port, socat_sidecar);
+    let socat_sidecar = free_port();
+    let socat = socat_echo();
+    primary.register_socat(socat.port, socat_sidecar);
     primary.allow("web", "socat");
     primary.allow("api", "socat");
 
-    let (gw_p1, gw_p2, gw_s) = (free_port(), free_port(), free_port());
     let mut gateway_one = mesh_gateway_named(
         &primary.address,
         &primary.token,
         "gateway-primary-1",
-        gw_p1,
-        free_port(),
         "fo-gw-p1",
     );
-    let _gateway_two = mesh_gateway_named(
+    let gateway_two = mesh_gateway_named(
         &primary.address,
         &primary.token,
         "gateway-primary-2",
-        gw_p2,
-        free_port(),
         "fo-gw-p2",
     );
-    let _gateway_secondary =
-        mesh_gateway(&secondary, &secondary.token, gw_s, free_port(), "fo-gw-s");
+    let (gw_p1, gw_p2) = (gateway_one.listen.port(), gateway_two.listen.port());
+    let _gateway_secondary = mesh_gateway(&secondary, &secondary.token, "fo-gw-s");
 
     let (web_sidecar, web_upstream) = (free_port(), free_port());
     let (api_sidecar, api_upstream) = (free_port(), free_port());
@@ -91,9 +86,9 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
         },
     );
 
-    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
-    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
-    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
+    let _socat_proxy = sidecar(&primary, "socat", &[]);
+    let _web_proxy = sidecar(&secondary, "web", &[]);
+    let _api_proxy = sidecar(&secondary, "api", &[]);
     let web = format!("127.0.0.1:{web_upstream}");
     let api = format!("127.0.0.1:{api_upstream}");
     assert_eq!(eventually_echo(&web, "before, local\n"), "before, local\n");

@@ -22,28 +22,17 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
     .expect("proxy-defaults.json");
     primary.ok("PUT", "/v1/config", Some(&proxy_defaults));
 
-    let (socat_port, socat_sidecar) = (free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    primary.register_socat(socat_port, socat_sidecar);
+    let socat_sidecar = free_port();
+    let socat = socat_echo();
+    primary.register_socat(socat.port, socat_sidecar);
     primary.allow("web", "socat");
     primary.allow("api", "socat");
     primary.allow("cli", "socat");
 
-    let (gateway_primary, gateway_secondary) = (free_port(), free_port());
-    let _gw_primary = mesh_gateway(
-        &primary,
-        &primary.token,
-        gateway_primary,
-        free_port(),
-        "fed-gw-p",
-    );
-    let _gw_secondary = mesh_gateway(
-        &secondary,
-        &secondary.token,
-        gateway_secondary,
-        free_port(),
-        "fed-gw-s",
-    );
+    let gw_primary = mesh_gateway(&primary, &primary.token, "fed-gw-p");
+    let gw_secondary = mesh_gateway(&secondary, &secondary.token, "fed-gw-s");
+    let (gateway_primary, gateway_secondary) =
+        (gw_primary.listen.port(), gw_secondary.listen.port());
 
     let (web_sidecar, web_upstream) = (free_port(), free_port());
     let (api_sidecar, api_upstream) = (free_port(), free_port());
@@ -90,10 +79,10 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
         })
     });
 
-    let _socat_proxy = sidecar(&primary, "socat", free_port(), &[]);
-    let _web_proxy = sidecar(&secondary, "web", free_port(), &[]);
-    let _api_proxy = sidecar(&secondary, "api", free_port(), &[]);
-    let _cli_proxy = sidecar(&secondary, "cli", free_port(), &[]);
+    let _socat_proxy = sidecar(&primary, "socat", &[]);
+    let _web_proxy = sidecar(&secondary, "web", &[]);
+    let _api_proxy = sidecar(&secondary, "api", &[]);
+    let _cli_proxy = sidecar(&secondary, "cli", &[]);
 
     let local = eventually_echo(&format!("127.0.0.1:{web_upstream}"), "web via local\n");
     assert_eq!(local, "web via local\n");

@@ -22,9 +22,9 @@ use tokio_rustls::client::TlsStream;
 
 /// `gateway mesh -register` with the guide's gateway token (service:write on `mesh-gateway`,
 /// read on every service and node).
-fn start_gateway(cp: &ControlPlane, listen: u16, admin: u16, tag: &str) -> Proc {
+fn start_gateway(cp: &ControlPlane, tag: &str) -> MeshGateway {
     let token = cp.guide_gateway_token();
-    mesh_gateway(cp, &token, listen, admin, tag)
+    mesh_gateway(cp, &token, tag)
 }
 
 /// Web's TLS client configuration: a leaf for `web` signed from a CSR, the mesh roots, and
@@ -91,28 +91,19 @@ fn only_tls_records(mut bytes: &[u8]) -> bool {
 fn routes_from_the_control_plane_carry_only_tls_and_survive_its_death() {
     let cp = ControlPlane::start("mesh-e2e");
     let trust_domain = cp.trust_domain();
-    let (socat_port, registered, private, admin_sidecar) =
-        (free_port(), free_port(), free_port(), free_port());
-    let (gateway_port, gateway_admin) = (free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    cp.register_socat(socat_port, registered);
-    cp.allow("web", "socat");
     // socat's sidecar listens privately; a recorder on its registered port sees exactly what
-    // the gateway forwards.
-    let _socat_proxy = sidecar(
-        &cp,
-        "socat",
-        admin_sidecar,
-        &["-listen", &format!("127.0.0.1:{private}")],
-    );
-    wait_listening(&format!("127.0.0.1:{private}"));
-    let recorder = Recorder::start(
-        format!("127.0.0.1:{registered}").parse().expect("addr"),
-        format!("127.0.0.1:{private}").parse().expect("addr"),
-    );
-    let _gateway = start_gateway(&cp, gateway_port, gateway_admin, "mesh-e2e");
-    let gateway = format!("127.0.0.1:{gateway_port}");
-    let admin = format!("127.0.0.1:{gateway_admin}");
+    // the gateway forwards. The test binds the registered port itself and keeps it.
+    let registered = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = socat_echo();
+    cp.register_socat(socat.port, registered.local_addr().expect("addr").port());
+    cp.allow("web", "socat");
+    let socat_proxy = sidecar(&cp, "socat", &["-listen", "127.0.0.1:0"]);
+    wait_listening(&socat_proxy.public.to_string());
+    let recorder = Recorder::on(registered, socat_proxy.public);
+    let mesh_gateway = start_gateway(&cp, "mesh-e2e");
+    let gateway_port = mesh_gateway.listen.port();
+    let gateway = mesh_gateway.listen.to_string();
+    let admin = mesh_gateway.admin.to_string();
     wait_listening(&admin);
     wait_for("the gateway to register", || {
         let nodes = cp.ok("GET", "/v1/catalog/service/mesh-gateway", None);
@@ -192,8 +183,7 @@ fn routes_from_the_control_plane_carry_only_tls_and_survive_its_death() {
 #[test]
 fn a_clean_stop_deregisters_the_gateway() {
     let cp = ControlPlane::start("mesh-dereg");
-    let (gateway_port, gateway_admin) = (free_port(), free_port());
-    let mut gateway = start_gateway(&cp, gateway_port, gateway_admin, "mesh-dereg");
+    let mut gateway = start_gateway(&cp, "mesh-dereg");
     let registered = || {
         cp.ok("GET", "/v1/catalog/service/mesh-gateway", None)
             .as_array()
@@ -210,24 +200,22 @@ fn a_clean_stop_deregisters_the_gateway() {
 
 /// `/ready` says 503 until the first route table from the control plane is applied: before
 /// that the gateway listens but routes nothing, and a load balancer must not send it
-/// traffic. The control plane is unreachable at first (nothing listens on the address the
-/// gateway is given), then a relay to a real one appears there.
+/// traffic. The control plane is unreachable at first (the address the gateway is given is
+/// held by the test, bound but not listening, so connects are refused), then a relay to a
+/// real one starts listening on that same socket.
 #[test]
 fn ready_only_once_the_first_route_table_is_applied() {
     let cp = ControlPlane::start("mesh-ready");
-    let relay_port = free_port();
-    let (listen, admin) = (free_port(), free_port());
-    let _gateway = mesh_gateway_named(
-        &format!("127.0.0.1:{relay_port}"),
+    let relay = test_support::gateway::dead_endpoint();
+    let gateway = mesh_gateway_named(
+        &relay.address.to_string(),
         &cp.token,
         "mesh-gateway",
-        listen,
-        admin,
         "mesh-ready",
     );
-    let admin = format!("127.0.0.1:{admin}");
+    let admin = gateway.admin.to_string();
     wait_listening(&admin);
-    wait_listening(&format!("127.0.0.1:{listen}"));
+    wait_listening(&gateway.listen.to_string());
     for _ in 0..10 {
         let (status, body) = http(&admin, "GET", "/ready", None, None);
         assert_eq!(status, 503, "ready without routes: {body}");
@@ -236,10 +224,7 @@ fn ready_only_once_the_first_route_table_is_applied() {
     assert_eq!(http(&admin, "GET", "/healthz", None, None).0, 200);
 
     let target = cp.address.parse().expect("control plane address");
-    let _relay = Recorder::start(
-        format!("127.0.0.1:{relay_port}").parse().expect("addr"),
-        target,
-    );
+    let _relay = Recorder::on(relay.listen(), target);
     wait_for("/ready to say 200 after the first route table", || {
         http(&admin, "GET", "/ready", None, None).0 == 200
     });

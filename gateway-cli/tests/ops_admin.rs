@@ -84,7 +84,6 @@ fn a_real_prometheus_scrapes_the_gateway_and_answers_a_query() {
     for _ in 0..7 {
         echo_once(&gateway);
     }
-    let port = free_port();
     let storage = gateway.dir.join("prometheus-data");
     let config = gateway.dir.join("prometheus.yml");
     std::fs::write(
@@ -98,14 +97,38 @@ fn a_real_prometheus_scrapes_the_gateway_and_answers_a_query() {
     let mut server = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", storage.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--web.listen-address=127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::from(
             std::fs::File::create(gateway.dir.join("prometheus.log")).expect("log"),
         ))
         .spawn()
         .expect("prometheus");
-    let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // Prometheus binds port 0 and logs `msg="Listening on" address=127.0.0.1:PORT`.
+    let log = gateway.dir.join("prometheus.log");
+    let listening = Instant::now() + Duration::from_secs(40);
+    let address: SocketAddr = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|line| line.contains("msg=\"Listening on\""))
+            .find_map(|line| {
+                line.split("address=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+        if let Some(address) = found {
+            break address;
+        }
+        if Instant::now() > listening {
+            let _ = server.kill();
+            panic!("Prometheus did not report its address:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
     // gateway_listener_connections_accepted_total{listener="wan"}, URL-encoded.
     let query =
         "/api/v1/query?query=gateway_listener_connections_accepted_total%7Blistener%3D%22wan%22%7D";

@@ -45,22 +45,28 @@ fn make_cert(dir: &Path, name: &str) {
     assert!(status.success());
 }
 
-/// `openssl s_server -www` with its own certificate, on a free port.
+/// `openssl s_server -www` with its own certificate, on the port it reports (`ACCEPT ADDR`).
 fn tls_server(dir: &Path, name: &str) -> (Process, std::net::SocketAddr) {
     make_cert(dir, name);
-    let port = free_port();
-    let child = Command::new("openssl")
-        .args(["s_server", "-www", "-accept", &port.to_string()])
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-www", "-accept", "127.0.0.1:0"])
         .arg("-cert")
         .arg(dir.join(format!("{name}.crt")))
         .arg("-key")
         .arg(dir.join(format!("{name}.key")))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl s_server");
-    let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let accept = |line: &str| line.starts_with("ACCEPT ");
+    let lines = test_support::process::read_lines(stdout, Duration::from_secs(20), accept, accept)
+        .unwrap_or_else(|error| panic!("openssl s_server did not report its address: {error}"));
+    let address: std::net::SocketAddr = lines[0]
+        .trim_start_matches("ACCEPT ")
+        .parse()
+        .expect("ACCEPT address");
     wait_listening(address);
     (Process(child), address)
 }
@@ -248,19 +254,8 @@ fn nc_and_socat_half_close_through_the_gateway() {
     require_tool("nc");
     // A real echo peer: socat runs `cat` per connection; cat exits at EOF, which only comes
     // if the gateway passes the client's half-close on.
-    let port = free_port();
-    let socat = Process(
-        Command::new("socat")
-            .args([
-                &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"),
-                "EXEC:cat",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat"),
-    );
-    let backend: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let socat = test_support::mesh::socat_echo();
+    let backend: std::net::SocketAddr = ([127, 0, 0, 1], socat.port).into();
     wait_listening(backend);
     let file = "python-ssl.bin";
     let gateway = Gateway::start(&route(&testdata_sni(file), &[backend]));

@@ -15,11 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[test]
 fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() {
     let cp = ControlPlane::start("sidecar-none");
-    let (socat_port, socat_sidecar, web_sidecar, upstream) =
-        (free_port(), free_port(), free_port(), free_port());
-    let (socat_admin, web_admin) = (free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    cp.register_socat(socat_port, socat_sidecar);
+    let (socat_sidecar, web_sidecar, upstream) = (free_port(), free_port(), free_port());
+    let socat = socat_echo();
+    cp.register_socat(socat.port, socat_sidecar);
     cp.register_web(web_sidecar, upstream);
     let config = cp.ok("GET", "/v1/internal/sidecar/web-sidecar-proxy", None);
     assert_eq!(config["upstreams"][0]["mesh_gateway_mode"], "none");
@@ -27,13 +25,13 @@ fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() 
     // Each sidecar runs with its own service-identity token, as the guide's services do.
     let socat_token = cp.service_token("socat");
     let web_token = cp.service_token("web");
-    let _socat_proxy = sidecar_with_token(&cp, "socat", &socat_token, socat_admin, &[]);
-    let _web_proxy = sidecar_with_token(&cp, "web", &web_token, web_admin, &[]);
+    let socat_proxy = sidecar_with_token(&cp, "socat", &socat_token, &[]);
+    let web_proxy = sidecar_with_token(&cp, "web", &web_token, &[]);
     let upstream_address = format!("127.0.0.1:{upstream}");
     wait_listening(&upstream_address);
     wait_listening(&format!("127.0.0.1:{socat_sidecar}"));
-    let socat_metrics = format!("127.0.0.1:{socat_admin}");
-    let web_metrics = format!("127.0.0.1:{web_admin}");
+    let socat_metrics = socat_proxy.admin.to_string();
+    let web_metrics = web_proxy.admin.to_string();
 
     // No intention and ACL default deny: the TLS handshake completes (the web sidecar counts
     // an established upstream), then socat's sidecar refuses and closes without a byte.
@@ -81,11 +79,11 @@ fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() 
 #[test]
 fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
     let cp = ControlPlane::start("sidecar-foreign");
-    let (socat_port, socat_sidecar, socat_admin) = (free_port(), free_port(), free_port());
-    let _socat = socat_echo(socat_port);
-    cp.register_socat(socat_port, socat_sidecar);
+    let socat_sidecar = free_port();
+    let socat = socat_echo();
+    cp.register_socat(socat.port, socat_sidecar);
     cp.allow("web", "socat");
-    let _socat_proxy = sidecar(&cp, "socat", socat_admin, &[]);
+    let socat_proxy = sidecar(&cp, "socat", &[]);
     let public = format!("127.0.0.1:{socat_sidecar}");
     wait_listening(&public);
     let trust_domain = cp.trust_domain();
@@ -114,7 +112,7 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
         .enable_all()
         .build()
         .expect("runtime");
-    let admin = format!("127.0.0.1:{socat_admin}");
+    let admin = socat_proxy.admin.to_string();
     let handshake_refusals = "gateway_sidecar_refused_total{reason=\"client_handshake\"}";
     let before = metric(&admin, handshake_refusals).expect("refusal metric");
     let echoed = runtime.block_on(async {

@@ -32,6 +32,24 @@ use tls::TlsState;
 /// Command-line arguments of `gateway sidecar`.
 pub use mesh_client::consul_cli::SidecarArgs as Args;
 
+/// Tell whoever started us the public and admin addresses we bound, one line each on stdout,
+/// then `sidecar bound: done pid N`, so an `-admin-bind` or `-listen` with port 0 can be
+/// found. Never fatal (stdout may be closed).
+fn report_bound(public: Option<SocketAddr>, admin: Option<SocketAddr>) {
+    use std::io::Write as _;
+    let mut text = String::new();
+    if let Some(address) = public {
+        text.push_str(&format!("sidecar bound: public {address}\n"));
+    }
+    if let Some(address) = admin {
+        text.push_str(&format!("sidecar bound: admin {address}\n"));
+    }
+    text.push_str(&format!("sidecar bound: done pid {}\n", std::process::id()));
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
 /// The sidecar's configuration as the control plane resolves it (`/v1/internal/sidecar/:id`),
 /// parsed into typed values at the edge.
 #[derive(Debug, Clone)]
@@ -307,12 +325,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("public listener {public_address}"))?;
     reconcile_upstreams(&shared).await?;
+    let mut admin_bound = None;
     if let Some(admin) = args.admin_bind {
         let listener = tokio::net::TcpListener::bind(admin)
             .await
             .with_context(|| format!("admin address {admin}"))?;
+        admin_bound = listener.local_addr().ok();
         tokio::spawn(follow::serve_admin(Arc::clone(&shared), listener));
     }
+    report_bound(public.local_addr().ok(), admin_bound);
     tokio::spawn(proxy::serve_public(Arc::clone(&shared), public));
     let root_changed = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(follow::follow_config(Arc::clone(&shared), config_index));

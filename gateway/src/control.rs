@@ -368,6 +368,14 @@ impl Control {
             .sum()
     }
 
+    /// The listeners in force: name, address in the file (port 0 possible), bound address.
+    pub fn bound_listeners(&self) -> Vec<(String, SocketAddr, SocketAddr)> {
+        lock(&self.listeners)
+            .iter()
+            .map(|entry| (entry.name.clone(), entry.configured, entry.resolved))
+            .collect()
+    }
+
     pub fn config_dump(&self) -> serde_json::Value {
         let config = lock(&self.config);
         let snapshot = self.snapshot.load();

@@ -109,7 +109,7 @@ pub struct MeshCommand {
     #[arg(long, default_value = "mesh-gateway")]
     service_name: String,
     /// LAN address (ip:port): this datacenter's sidecars dial it; the gateway listens on it
-    /// unless --config names listeners.
+    /// unless --config names listeners. With port 0 the port bound is registered.
     #[arg(long)]
     address: SocketAddr,
     /// WAN address (ip:port) other datacenters dial; defaults to --address.

@@ -63,6 +63,15 @@ pub fn dead_endpoint() -> DeadEndpoint {
     }
 }
 
+impl DeadEndpoint {
+    /// Start listening on the held address: from now on it accepts. The port was never free
+    /// in between, so nothing else can have taken it.
+    pub fn listen(self) -> TcpListener {
+        self._socket.listen(128).expect("listen");
+        self._socket.into()
+    }
+}
+
 /// What a gateway reported on stdout after binding (`gateway bound: ...` lines).
 #[derive(Debug, Clone)]
 pub struct Bound {
@@ -82,11 +91,19 @@ impl Bound {
 
 /// Read a gateway's `gateway bound:` lines (bounded wait).
 pub fn read_bound(stdout: std::process::ChildStdout) -> Result<Bound, String> {
+    read_bound_of(stdout, "gateway")
+}
+
+/// Read `PROGRAM bound:` lines (`gateway`, `sidecar`) up to `PROGRAM bound: done pid N`;
+/// a sidecar's public listener is reported as the listener `public`.
+pub fn read_bound_of(stdout: std::process::ChildStdout, program: &str) -> Result<Bound, String> {
+    let prefix = format!("{program} bound: ");
+    let done = format!("{program} bound: done ");
     let lines = crate::process::read_lines(
         stdout,
         Duration::from_secs(30),
-        |line| line.starts_with("gateway bound: "),
-        |line| line.starts_with("gateway bound: done "),
+        move |line| line.starts_with(&prefix),
+        move |line| line.starts_with(&done),
     )?;
     let mut bound = Bound {
         listeners: Vec::new(),
@@ -95,15 +112,20 @@ pub fn read_bound(stdout: std::process::ChildStdout) -> Result<Bound, String> {
     };
     for line in &lines {
         let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["gateway", "bound:", "listener", name, address] => bound.listeners.push((
+        let words = words.get(1..).unwrap_or_default();
+        match words {
+            ["bound:", "public", address] => bound.listeners.push((
+                "public".to_owned(),
+                address.parse().map_err(|_| format!("bad line {line:?}"))?,
+            )),
+            ["bound:", "listener", name, address] => bound.listeners.push((
                 (*name).to_owned(),
                 address.parse().map_err(|_| format!("bad line {line:?}"))?,
             )),
-            ["gateway", "bound:", "admin", address] => {
+            ["bound:", "admin", address] => {
                 bound.admin = Some(address.parse().map_err(|_| format!("bad line {line:?}"))?)
             }
-            ["gateway", "bound:", "done", "pid", pid] => {
+            ["bound:", "done", "pid", pid] => {
                 bound.pid = pid.parse().map_err(|_| format!("bad line {line:?}"))?
             }
             _ => return Err(format!("unexpected line {line:?}")),

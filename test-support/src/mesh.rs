@@ -270,24 +270,60 @@ pub fn http(
     (status, body)
 }
 
-/// `socat -v tcp-l:PORT,fork exec:/bin/cat` — the guide's echo service.
-pub fn socat_echo(port: u16) -> Proc {
-    let proc = Proc::spawn(
-        "socat",
-        Command::new("socat")
-            .arg("-v")
-            .arg(format!("tcp-l:{port},bind=127.0.0.1,reuseaddr,fork"))
-            .arg("exec:/bin/cat")
-            .stderr(Stdio::null()),
-    );
-    wait_listening(&format!("127.0.0.1:{port}"));
-    proc
+/// The guide's echo service, `socat tcp-l:PORT,fork exec:/bin/cat`, on the port socat reports.
+pub struct SocatEcho {
+    pub proc: Proc,
+    pub port: u16,
 }
 
-/// `gateway mesh -register` on 127.0.0.1:`listen` (LAN and WAN), with a `--config` file for
-/// admin, one worker and a drain without announce period.
-pub fn mesh_gateway(cp: &ControlPlane, token: &str, listen: u16, admin: u16, tag: &str) -> Proc {
-    mesh_gateway_named(&cp.address, token, "mesh-gateway", listen, admin, tag)
+/// `socat -d -d tcp-l:0,fork exec:/bin/cat`: socat binds port 0 and logs
+/// `listening on AF=2 127.0.0.1:PORT`, which is read for the port.
+pub fn socat_echo() -> SocatEcho {
+    let mut proc = Proc::spawn(
+        "socat",
+        Command::new("socat")
+            .args(["-d", "-d"])
+            .arg("tcp-l:0,bind=127.0.0.1,fork")
+            .arg("exec:/bin/cat")
+            .stderr(Stdio::piped()),
+    );
+    let stderr = proc.child.stderr.take().expect("piped stderr");
+    let listening = |line: &str| line.contains(" listening on ");
+    let lines = crate::process::read_lines(stderr, Duration::from_secs(20), listening, listening)
+        .unwrap_or_else(|error| panic!("socat did not report its port: {error}"));
+    let port = lines[0]
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected socat line {:?}", lines[0]));
+    SocatEcho { proc, port }
+}
+
+/// A `gateway mesh` process and the addresses it reported (it binds port 0 and registers
+/// the port it got).
+pub struct MeshGateway {
+    pub proc: Proc,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl std::ops::Deref for MeshGateway {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for MeshGateway {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// `gateway mesh -register` with the guide's flags, listener (LAN and WAN) and admin on port
+/// 0, with a `--config` file for admin, one worker and a drain without announce period.
+pub fn mesh_gateway(cp: &ControlPlane, token: &str, tag: &str) -> MeshGateway {
+    mesh_gateway_named(&cp.address, token, "mesh-gateway", tag)
 }
 
 /// `mesh_gateway` registered under `service_name` with the control plane at `http_addr`: the
@@ -296,31 +332,37 @@ pub fn mesh_gateway_named(
     http_addr: &str,
     token: &str,
     service_name: &str,
-    listen: u16,
-    admin: u16,
     tag: &str,
-) -> Proc {
+) -> MeshGateway {
     let dir = temp_dir(tag);
     let config = dir.join("gateway.toml");
     crate::dir::write_private(
         &config,
-        format!(
-            "[[listener]]\nname = \"lan\"\naddress = \"127.0.0.1:{listen}\"\n\n\
-             [admin]\naddress = \"127.0.0.1:{admin}\"\n\n[workers]\ncount = 1\npin = false\n\n\
-             [drain]\nannounce = \"0s\"\ntimeout = \"5s\"\n"
-        ),
+        "[[listener]]\nname = \"lan\"\naddress = \"127.0.0.1:0\"\n\n\
+         [admin]\naddress = \"127.0.0.1:0\"\n\n[workers]\ncount = 1\npin = false\n\n\
+         [drain]\nannounce = \"0s\"\ntimeout = \"5s\"\n",
     );
-    let address = format!("127.0.0.1:{listen}");
-    Proc::spawn(
+    let address = "127.0.0.1:0";
+    let mut proc = Proc::spawn(
         "gateway mesh",
         Command::new(crate::gateway::gateway_binary())
             .args(["mesh", "-register", "-service-name", service_name])
-            .args(["-address", &address, "-wan-address", &address])
+            .args(["-address", address, "-wan-address", address])
             .args(["-token", token, "-http-addr", http_addr])
             .arg("--config")
-            .arg(&config),
+            .arg(&config)
+            .stdout(Stdio::piped()),
     )
-    .owning(dir)
+    .owning(dir);
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    let bound = crate::gateway::read_bound(stdout)
+        .unwrap_or_else(|error| panic!("gateway mesh did not report its addresses: {error}"));
+    assert_eq!(bound.pid, proc.child.id(), "the report is not our child's");
+    MeshGateway {
+        listen: bound.listener("lan").expect("the lan listener's address"),
+        admin: bound.admin.expect("the admin address"),
+        proc,
+    }
 }
 
 pub fn wait_listening(address: &str) {
@@ -331,26 +373,45 @@ pub fn wait_listening(address: &str) {
     }
 }
 
-pub fn sidecar(cp: &ControlPlane, service: &str, admin_port: u16, extra: &[&str]) -> Proc {
-    sidecar_with_token(cp, service, &cp.token, admin_port, extra)
+/// A `gateway sidecar` process and the addresses it reported.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
 }
 
+pub fn sidecar(cp: &ControlPlane, service: &str, extra: &[&str]) -> Sidecar {
+    sidecar_with_token(cp, service, &cp.token, extra)
+}
+
+/// `gateway sidecar` with its admin on port 0; returns once it reported its addresses (it
+/// has fetched its configuration and bound its listeners by then).
 pub fn sidecar_with_token(
     cp: &ControlPlane,
     service: &str,
     token: &str,
-    admin_port: u16,
     extra: &[&str],
-) -> Proc {
-    Proc::spawn(
+) -> Sidecar {
+    let mut proc = Proc::spawn(
         "sidecar",
         Command::new(crate::gateway::gateway_binary())
             .args(["sidecar", "-sidecar-for", service, "-token", token])
             .args(["-http-addr", &cp.address])
-            .args(["-admin-bind", &format!("127.0.0.1:{admin_port}")])
+            .args(["-admin-bind", "127.0.0.1:0"])
             .args(extra)
-            .env("GATEWAY_LOG", "info"),
-    )
+            .env("GATEWAY_LOG", "info")
+            .stdout(Stdio::piped()),
+    );
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    let bound = crate::gateway::read_bound_of(stdout, "sidecar").unwrap_or_else(|error| {
+        panic!("the {service} sidecar did not report its addresses: {error}")
+    });
+    assert_eq!(bound.pid, proc.child.id(), "the report is not our child's");
+    Sidecar {
+        public: bound.listener("public").expect("the public address"),
+        admin: bound.admin.expect("the admin address"),
+        proc,
+    }
 }
 
 /// Send `line` and read the same number of bytes back; `None` if the connection closed or
@@ -414,7 +475,12 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn start(listen: SocketAddr, target: SocketAddr) -> Recorder {
-        let listener = TcpListener::bind(listen).expect("recorder bind");
+        Recorder::on(TcpListener::bind(listen).expect("recorder bind"), target)
+    }
+
+    /// A recorder accepting on `listener`, which the test bound earlier.
+    pub fn on(listener: TcpListener, target: SocketAddr) -> Recorder {
+        let listen = listener.local_addr().expect("recorder address");
         let forwarded = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&forwarded);
         thread::spawn(move || {

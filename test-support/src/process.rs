@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -98,7 +98,7 @@ pub fn send_signal(pid: u32, name: &str) {
 /// lines accepted by `wanted` (`last` included). The rest of the output is drained in the
 /// background so the child never blocks on a full pipe.
 pub fn read_lines(
-    stdout: ChildStdout,
+    stdout: impl std::io::Read + Send + 'static,
     limit: Duration,
     wanted: impl Fn(&str) -> bool + Send + 'static,
     last: impl Fn(&str) -> bool + Send + 'static,
