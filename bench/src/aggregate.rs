@@ -1,7 +1,8 @@
 //! `bench report`: medians and spread over repeated runs, as JSON, Markdown and an SVG chart.
 //!
 //! The input is JSON lines, each the `--json` output of one run with labels `peer`, `placement`
-//! and `rep` (set by scripts/bench-compare). Runs are grouped by (placement, mode, peer).
+//! and `rep` (set by scripts/bench-compare), and optionally `case`. Runs are grouped by
+//! (placement, mode[:case], peer).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -28,6 +29,7 @@ const fn metric(pointer: &'static str, title: &'static str, higher_is_better: bo
 
 /// The metrics per mode; the first is the headline drawn in the chart.
 fn metrics(mode: &str) -> &'static [Metric] {
+    let mode = mode.split(':').next().unwrap_or(mode);
     const CONNRATE: &[Metric] = &[
         metric("/operations_per_second", "conn/s", true),
         metric("/latency_us/p50", "p50 µs", false),
@@ -119,11 +121,17 @@ pub fn run(input: &Path, out_dir: &Path) -> anyhow::Result<()> {
                 .unwrap_or("-")
                 .to_owned()
         };
+        // A `case` label splits one mode into several tables (rr at 1 and at 64 connections,
+        // open-loop rates); the part before the colon still names the mode's metrics.
         let mode = run
             .pointer("/mode")
             .and_then(Value::as_str)
             .unwrap_or("-")
             .to_owned();
+        let mode = match run.pointer("/labels/case").and_then(Value::as_str) {
+            Some(case) => format!("{mode}:{case}"),
+            None => mode,
+        };
         let peer = label("peer");
         if !peers_in_order.contains(&peer) {
             peers_in_order.push(peer.clone());
@@ -347,5 +355,32 @@ mod tests {
         let even = summarize(&mut [4.0, 1.0, 2.0, 3.0]).map(|s| s.median);
         assert_eq!(even, Some(2.5));
         assert!(summarize(&mut []).is_none());
+    }
+
+    #[test]
+    fn a_case_label_splits_a_mode_into_its_own_table() {
+        let dir = std::env::temp_dir().join(format!("bench-aggregate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let input = dir.join("results.jsonl");
+        let lines = [
+            r#"{"mode":"rr","operations_per_second":10,"labels":{"peer":"a","placement":"P2","case":"c1"}}"#,
+            r#"{"mode":"rr","operations_per_second":99,"labels":{"peer":"a","placement":"P2","case":"c64"}}"#,
+            r#"{"mode":"rr","operations_per_second":5,"labels":{"peer":"a","placement":"P2"}}"#,
+        ];
+        std::fs::write(&input, lines.join("\n")).expect("write input");
+        run(&input, &dir).expect("aggregate");
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("summary.json")).expect("summary"),
+        )
+        .expect("summary is JSON");
+        let rate = |key: &str| {
+            summary
+                .pointer(&format!("/{key}/a/req~1s/median"))
+                .and_then(Value::as_f64)
+        };
+        assert_eq!(rate("P2~1rr:c1"), Some(10.0));
+        assert_eq!(rate("P2~1rr:c64"), Some(99.0));
+        assert_eq!(rate("P2~1rr"), Some(5.0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

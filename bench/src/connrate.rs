@@ -1,5 +1,5 @@
 //! New-connection rate: every exchange is a new TCP connection that sends the ClientHello and a
-//! payload, reads the payload echoed back and closes with RST.
+//! payload, reads the payload echoed back and closes (FIN by default, RST with `close: Rst`).
 //!
 //! Closed loop (`rate: None`) keeps `concurrency` exchanges in flight to find the maximum rate.
 //! Open loop starts exchanges on a fixed schedule and measures each one from its *intended*
@@ -32,6 +32,8 @@ pub struct Config {
     pub count: Option<u64>,
     pub warmup: Duration,
     pub timeout: Duration,
+    /// How finished exchanges close; timed-out and abandoned ones always close with RST.
+    pub close: client::Close,
 }
 
 struct Exchange {
@@ -195,7 +197,7 @@ pub fn run(config: &Config, progress: &Progress) -> anyhow::Result<Outcome> {
             if let (true, Some(connect)) = (measured, exchange.connect_time) {
                 client::record(&mut outcome.connect, connect);
             }
-            client::close_with_reset(exchange.stream);
+            client::close(exchange.stream, config.close);
         }
         let now = Instant::now();
         if now - last_sweep >= SWEEP_INTERVAL {

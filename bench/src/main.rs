@@ -62,7 +62,7 @@ enum Command {
         #[arg(long, value_parser = parse_seconds)]
         duration: Option<Duration>,
     },
-    /// New-connection rate: connect, send hello + payload, read the echo, close with RST.
+    /// New-connection rate: connect, send hello + payload, read the echo, close (FIN or RST).
     Connrate {
         #[command(flatten)]
         common: Common,
@@ -80,6 +80,9 @@ enum Command {
         /// Bytes sent after the hello and expected back.
         #[arg(long, default_value_t = 64)]
         payload: usize,
+        /// How a finished exchange closes: fin (orderly, TIME_WAIT on the client) or rst.
+        #[arg(long, value_enum, default_value = "fin")]
+        close: client::Close,
     },
     /// Request/response latency over persistent connections.
     Rr {
@@ -280,6 +283,7 @@ fn main() -> anyhow::Result<()> {
             count,
             rate,
             payload,
+            close,
         } => {
             if payload == 0 {
                 bail!("--payload must be at least 1: the echo proves the exchange went through");
@@ -292,6 +296,7 @@ fn main() -> anyhow::Result<()> {
                 json!({
                     "concurrency": concurrency, "duration_s": duration.map(|d| d.as_secs_f64()),
                     "count": count, "rate": rate, "payload": payload,
+                    "close": close.name(),
                 }),
             );
             let configs: Vec<connrate::Config> = (0..threads)
@@ -305,6 +310,7 @@ fn main() -> anyhow::Result<()> {
                     count: count.map(|c| share(c as usize, threads, index) as u64),
                     warmup: common.warmup,
                     timeout: common.timeout,
+                    close,
                 })
                 .collect();
             measure(&common, "connrate", parameters, |progress| {

@@ -109,9 +109,16 @@ fn connrate_closed_and_open_loop_echo_every_payload() {
         "--hello-size",
         "1800",
         "--post-quantum",
+        "--close",
+        "rst",
     ]);
     assert_clean(&open);
     assert_eq!(number(&open, "/operations"), 300.0);
+    assert_eq!(open.pointer("/parameters/close"), Some(&Value::from("rst")));
+    assert_eq!(
+        closed.pointer("/parameters/close"),
+        Some(&Value::from("fin"))
+    );
     assert_eq!(number(&open, "/parameters/hello_bytes"), 1800.0);
 }
 

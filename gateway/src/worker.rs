@@ -361,6 +361,98 @@ pub fn io_driver_name() -> &'static str {
     }
 }
 
+/// How the worker's io_uring is set up. The default flags keep completions raised by another
+/// CPU (the loopback softirq of a peer) from interrupting the worker: without them every poll
+/// completion sends an inter-processor interrupt to run task work at once (perf/RESULTS.md,
+/// issue 9: "Ring setup").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingSetup {
+    /// `SINGLE_ISSUER|DEFER_TASKRUN` (Linux 6.1+): completions are only run when the worker
+    /// itself waits on the ring, never by interrupt. Valid because a worker's ring is created,
+    /// submitted to and dropped on the worker's own thread only.
+    Defer,
+    /// `COOP_TASKRUN|TASKRUN_FLAG` (Linux 5.19+): completion work waits for the worker's next
+    /// transition into the kernel instead of interrupting it.
+    Coop,
+    /// No setup flags: what monoio does by default, and every io_uring kernel accepts.
+    Plain,
+}
+
+impl RingSetup {
+    /// The setups to try, best first. `GATEWAY_RING_SETUP=defer|coop|plain` starts the list
+    /// elsewhere, for measurement and for the syscall regression guard (scripts/syscall-guard).
+    fn preference() -> &'static [RingSetup] {
+        const ALL: [RingSetup; 3] = [RingSetup::Defer, RingSetup::Coop, RingSetup::Plain];
+        match std::env::var("GATEWAY_RING_SETUP").as_deref() {
+            Ok("coop") => &ALL[1..],
+            Ok("plain") => &ALL[2..],
+            _ => &ALL,
+        }
+    }
+
+    fn uring_builder(self) -> io_uring::Builder {
+        let mut builder = io_uring::IoUring::builder();
+        match self {
+            RingSetup::Defer => {
+                builder.setup_single_issuer().setup_defer_taskrun();
+            }
+            RingSetup::Coop => {
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            RingSetup::Plain => {}
+        }
+        builder
+    }
+
+    /// The name used in logs and in `GATEWAY_RING_SETUP`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RingSetup::Defer => "defer",
+            RingSetup::Coop => "coop",
+            RingSetup::Plain => "plain",
+        }
+    }
+}
+
+type WorkerRuntime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// Builds the worker's runtime: io_uring with the best ring setup this kernel accepts (a
+/// kernel that does not know a flag refuses the whole setup with EINVAL, so the next one is
+/// tried), or epoll where io_uring is unavailable.
+fn build_runtime(id: usize) -> std::io::Result<WorkerRuntime> {
+    let setups = RingSetup::preference();
+    for (index, setup) in setups.iter().enumerate() {
+        let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(RING_ENTRIES)
+            .uring_builder(setup.uring_builder())
+            .enable_timer()
+            .build();
+        match built {
+            Ok(runtime) => {
+                if monoio::utils::detect_uring() {
+                    tracing::debug!(
+                        worker = id,
+                        ring_setup = setup.name(),
+                        "io_uring runtime built"
+                    );
+                }
+                return Ok(runtime);
+            }
+            Err(error)
+                if error.raw_os_error() == Some(libc::EINVAL) && index + 1 < setups.len() =>
+            {
+                tracing::info!(worker = id, ring_setup = setup.name(), %error,
+                    "io_uring setup refused; trying the next one");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(std::io::Error::other("no io_uring setup to try"))
+}
+
 /// The worker thread's body: build the runtime, take over the listening sockets (each with
 /// its listener's metric slot), serve. `started` is told once the worker is accepting (or why
 /// it could not start).
@@ -377,10 +469,7 @@ pub fn run(
             tracing::warn!(worker = id, cpu, %error, "could not pin worker to its CPU");
         }
     }
-    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .with_entries(RING_ENTRIES)
-        .enable_timer()
-        .build();
+    let runtime = build_runtime(id);
     let mut runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
