@@ -45,6 +45,12 @@ pub struct AgentConfig {
     pub default_policy: DefaultPolicy,
     /// Service definitions loaded at start and on reload.
     pub config_dir: Option<PathBuf>,
+    /// The HTTPS listener (`-https-addr` with its certificate), if any.
+    pub https: Option<(SocketAddr, crate::tls::ServerTls)>,
+    /// How other datacenters' agents are reached (TLS, or the explicit insecure flag).
+    pub cross_dc: crate::replication::client::CrossDcTransport,
+    /// Connection caps and timeouts of the HTTP server.
+    pub limits: crate::server::Limits,
 }
 
 /// One running agent.
@@ -78,10 +84,10 @@ impl Agent {
             &config.primary_address,
             config.datacenter == config.primary_datacenter,
         ) {
-            (Some(address), false) => Some(Arc::new(PrimaryClient::new(
-                address,
-                config.replication_token.clone(),
-            )?)),
+            (Some(address), false) => Some(Arc::new(
+                PrimaryClient::new(address, config.replication_token.clone(), &config.cross_dc)
+                    .map_err(|e| Error::Startup(format!("-primary-address: {e}")))?,
+            )),
             _ => None,
         };
         let agent = Arc::new(Agent {
@@ -261,28 +267,64 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| Error::Startup(e.to_string()))?;
+    let mut listeners = vec![crate::server::Listener {
+        tcp: listener,
+        tls: None,
+    }];
+    let mut https_local = None;
+    if let Some((address, tls)) = &agent.config.https {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| Error::Startup(format!("cannot listen on {address}: {e}")))?;
+        https_local = Some(
+            listener
+                .local_addr()
+                .map_err(|e| Error::Startup(e.to_string()))?,
+        );
+        listeners.push(crate::server::Listener {
+            tcp: listener,
+            tls: Some(acceptor),
+        });
+    }
+    if agent.config.cross_dc.allow_insecure_http && !agent.is_primary() {
+        tracing::warn!(
+            "-primary-insecure-http: links to other datacenters may use plain http; the replication token and every replicated token secret cross them in clear text"
+        );
+    }
     tracing::info!(
         datacenter = %agent.config.datacenter,
         http = %local,
+        https = ?https_local,
         data_dir = %agent.config.data_dir.display(),
         "agent running"
     );
-    // A line on stdout that scripts and tests can wait for.
+    // Lines on stdout that scripts and tests can wait for (the plain one first).
     println!("controlplane-lite agent listening on http://{local}");
-    // Set before the federation-state publisher starts, so its first state carries it.
+    if let Some(https) = https_local {
+        println!("controlplane-lite agent listening on https://{https}");
+    }
+    // Set before the federation-state publisher starts, so its first state carries it. Other
+    // datacenters are reached over HTTPS when this agent has it.
     let _ = agent.http_address.set(crate::remote_dc::advertised_address(
-        local,
+        https_local.unwrap_or(local),
         &agent.config.node_address,
     ));
     crate::replication::runner::spawn(&agent);
     let stopping = agent.clone();
-    axum::serve(listener, crate::http::router(agent))
-        .with_graceful_shutdown(async move {
+    let limits = agent.config.limits;
+    crate::server::serve(
+        listeners,
+        crate::http::router(agent),
+        limits,
+        async move {
             shutdown_signal().await;
             stopping.shutdown.send_replace(true);
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("server: {e}")))
+        },
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

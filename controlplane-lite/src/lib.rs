@@ -23,8 +23,10 @@ pub mod metrics;
 pub mod remote_dc;
 pub mod replication;
 pub mod routes;
+pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod tls;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -7,6 +7,9 @@ use clap::Parser as _;
 use controlplane_lite::acl::DefaultPolicy;
 use controlplane_lite::agent::{self, AgentConfig};
 use controlplane_lite::cli::{self, AgentFlags, Cli, Command};
+use controlplane_lite::replication::client::CrossDcTransport;
+use controlplane_lite::server::Limits;
+use controlplane_lite::tls::{ClientTls, ServerTls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::consul_style_args(std::env::args()));
@@ -33,6 +36,8 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
         .http_addr
         .strip_prefix("http://")
         .unwrap_or(&flags.http_addr);
+    let client_cert = flags.cert_file.clone();
+    let client_key = flags.key_file.clone();
     let config = AgentConfig {
         primary_datacenter: flags
             .primary_datacenter
@@ -50,6 +55,39 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
         default_policy: DefaultPolicy::parse(&flags.acl_default_policy)
             .context("-acl-default-policy")?,
         config_dir: flags.config_dir,
+        https: match (flags.https_addr, flags.cert_file, flags.key_file) {
+            (None, _, _) => None,
+            (Some(address), Some(cert_file), Some(key_file)) => {
+                let address = address.strip_prefix("https://").unwrap_or(&address);
+                Some((
+                    address
+                        .parse()
+                        .with_context(|| format!("-https-addr {address:?} must be host:port"))?,
+                    ServerTls {
+                        cert_file,
+                        key_file,
+                        ca_file: flags.ca_file.clone(),
+                        verify_incoming: flags.verify_incoming,
+                    },
+                ))
+            }
+            (Some(_), _, _) => anyhow::bail!("-https-addr needs -cert-file and -key-file"),
+        },
+        cross_dc: CrossDcTransport {
+            tls: ClientTls {
+                ca_file: flags.ca_file,
+                // The agent's own certificate is its client certificate for peers that
+                // verify incoming connections (Consul's server certificates carry both EKUs).
+                cert_file: client_cert,
+                key_file: client_key,
+            },
+            allow_insecure_http: flags.primary_insecure_http,
+        },
+        limits: Limits {
+            max_conns: flags.http_max_conns,
+            max_conns_per_client: flags.http_max_conns_per_client,
+            header_timeout: std::time::Duration::from_secs(flags.http_header_timeout.max(1)),
+        },
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a
     // blocking pool, so two workers are plenty.

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, TempDir};
+use common::{Agent, Certs, TempDir};
 use serde_json::{json, Value};
 
 const REPLICATION_POLICY: &str =
@@ -41,11 +41,18 @@ fn gateway(wan_port: u16) -> Value {
 #[test]
 fn reads_with_dc_are_answered_by_the_other_datacenter() {
     let (primary_dir, secondary_dir) = (TempDir::new("xdc-primary"), TempDir::new("xdc-secondary"));
-    let primary = Agent::start_in(
-        primary_dir.path(),
-        "primary",
-        &["-acl-default-policy", "deny"],
-    );
+    // Both directions run over HTTPS, verified against the agent CA made here.
+    let certs_dir = TempDir::new("xdc-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+    let with_tls = |dc: &str, flags: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+        all.extend(certs.agent_flags(dc));
+        all
+    };
+    let primary_flags = with_tls("primary", &["-acl-default-policy", "deny"]);
+    let primary_flags: Vec<&str> = primary_flags.iter().map(String::as_str).collect();
+    let primary = Agent::start_in(primary_dir.path(), "primary", &primary_flags);
+    let primary_https = primary.https_address.clone().expect("https");
     let management = primary.bootstrap();
     let token = management.as_str();
     let policy = json!({"Name": "replication", "Rules": REPLICATION_POLICY});
@@ -58,8 +65,7 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
         .as_str()
         .expect("SecretID")
         .to_owned();
-    let secondary = Agent::start_in(
-        secondary_dir.path(),
+    let secondary_flags = with_tls(
         "secondary",
         &[
             "-acl-default-policy",
@@ -67,11 +73,13 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
             "-primary-datacenter",
             "primary",
             "-primary-address",
-            &primary.address,
+            &primary_https,
             "-replication-token",
             &replication,
         ],
     );
+    let secondary_flags: Vec<&str> = secondary_flags.iter().map(String::as_str).collect();
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &secondary_flags);
     eventually("the secondary knows the management token", || {
         secondary.get("/v1/acl/token/self", Some(token)).status == 200
     });
@@ -112,7 +120,9 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
     // Primary → secondary, once the secondary's federation state carries its address.
     eventually("the secondary's agent address in the primary", || {
         let state = primary.get("/v1/internal/federation-state/secondary", Some(token));
-        state.status == 200 && state.json()["AgentAddress"] == json!(secondary.address)
+        state.status == 200
+            && state.json()["AgentAddress"]
+                == json!(secondary.https_address.clone().expect("https"))
     });
     assert_eq!(
         ok(primary.get("/v1/health/connect/web?dc=secondary", Some(token))),
@@ -121,7 +131,7 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
     // And the primary's own address reaches the secondary through replication.
     eventually("the primary's agent address in the secondary", || {
         let state = secondary.get("/v1/internal/federation-state/primary", Some(token));
-        state.status == 200 && state.json()["AgentAddress"] == json!(primary.address)
+        state.status == 200 && state.json()["AgentAddress"] == json!(primary_https)
     });
 
     let unknown = secondary.get("/v1/health/connect/socat?dc=elsewhere", Some(token));

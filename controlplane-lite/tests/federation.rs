@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{csr, field, Agent, TempDir};
+use common::{csr, field, Agent, Certs, Relay, TempDir};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{json, Value};
 use webpki::{anchor_from_trusted_cert, EndEntityCert, KeyUsage};
@@ -15,27 +15,30 @@ use webpki::{anchor_from_trusted_cert, EndEntityCert, KeyUsage};
 const REPLICATION_POLICY: &str =
     r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
 
+/// Two datacenters federated over HTTPS (certificates made at start with `tls ca create` and
+/// `tls cert create -server`). The secondary reaches the primary through a relay the test
+/// owns, so a restarted primary (on a new port) keeps the address the secondary was given.
 struct Federation {
     primary: Agent,
     secondary: Agent,
     management: String,
     replication_token: String,
+    relay: Relay,
+    certs: Certs,
     primary_dir: TempDir,
     _secondary_dir: TempDir,
+    _certs_dir: TempDir,
 }
 
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").to_string()
+fn start_primary(dir: &TempDir, certs: &Certs) -> Agent {
+    let mut flags = vec!["-acl-default-policy".to_owned(), "deny".to_owned()];
+    flags.extend(certs.agent_flags("primary"));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Agent::start_in(dir.path(), "primary", &flags)
 }
 
-fn start_primary(dir: &TempDir, address: &str) -> Agent {
-    Agent::start_at(
-        dir.path(),
-        "primary",
-        address,
-        &["-acl-default-policy", "deny"],
-    )
+fn https_address(agent: &Agent) -> String {
+    agent.https_address.clone().expect("an HTTPS listener")
 }
 
 /// Polls `check` every 2 ms until it holds or `limit` passes.
@@ -54,7 +57,10 @@ impl Federation {
     fn start(label: &str) -> Federation {
         let primary_dir = TempDir::new(&format!("{label}-primary"));
         let secondary_dir = TempDir::new(&format!("{label}-secondary"));
-        let primary = start_primary(&primary_dir, &free_address());
+        let certs_dir = TempDir::new(&format!("{label}-certs"));
+        let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+        let primary = start_primary(&primary_dir, &certs);
+        let relay = Relay::start(&https_address(&primary));
         let management = primary.bootstrap();
         let policy = primary.put(
             "/v1/acl/policy",
@@ -75,27 +81,32 @@ impl Federation {
             Some(&management),
         );
         let replication_token = field(&out, "SecretID:");
-        let secondary = Agent::start_in(
-            secondary_dir.path(),
-            "secondary",
-            &[
-                "-acl-default-policy",
-                "deny",
-                "-primary-datacenter",
-                "primary",
-                "-primary-address",
-                &primary.address,
-                "-replication-token",
-                &replication_token,
-            ],
-        );
+        let mut flags: Vec<String> = [
+            "-acl-default-policy",
+            "deny",
+            "-primary-datacenter",
+            "primary",
+            "-primary-address",
+            &relay.address,
+            "-replication-token",
+            &replication_token,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        flags.extend(certs.agent_flags("secondary"));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let secondary = Agent::start_in(secondary_dir.path(), "secondary", &flags);
         let federation = Federation {
             primary,
             secondary,
             management,
             replication_token,
+            relay,
+            certs,
             primary_dir,
             _secondary_dir: secondary_dir,
+            _certs_dir: certs_dir,
         };
         // Ready: the secondary holds its intermediate and knows the management token.
         eventually(Duration::from_secs(20), "secondary CA and ACLs", || {
@@ -508,7 +519,6 @@ fn federation_states_make_each_side_route_to_the_other() {
 fn replication_resumes_after_the_primary_restarts() {
     let mut federation = Federation::start("restart");
     let token = Some(federation.management.as_str());
-    let address = federation.primary.address.clone();
     federation.primary.kill9();
     eventually(Duration::from_secs(30), "the secondary notices", || {
         metric(
@@ -526,7 +536,11 @@ fn replication_resumes_after_the_primary_restarts() {
         .request("POST", "/v1/connect/intentions", token, Some(body));
     assert_eq!(refused.status, 503, "{}", refused.text);
 
-    federation.primary = start_primary(&federation.primary_dir, &address);
+    // The new primary binds a new port; the relay keeps the address the secondary knows.
+    federation.primary = start_primary(&federation.primary_dir, &federation.certs);
+    federation
+        .relay
+        .retarget(&https_address(&federation.primary));
     let created = federation
         .primary
         .request("POST", "/v1/connect/intentions", token, Some(body));

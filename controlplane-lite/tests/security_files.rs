@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::{Agent, TempDir, BINARY};
 
@@ -28,41 +26,18 @@ fn fresh_data_dir_is_private() {
 
 /// Runs the agent on `data`; it must exit within 30 s with an error naming the problem.
 fn refused(data: &Path) -> String {
-    let mut child = Command::new(BINARY)
-        .args([
-            "agent",
-            "-datacenter",
-            "primary",
-            "-http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("-data-dir")
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run agent");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the agent started on {}", data.display());
-    };
-    assert!(!status.success(), "the agent exited 0");
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    stderr
+    common::refused_start(
+        Command::new(BINARY)
+            .args([
+                "agent",
+                "-datacenter",
+                "primary",
+                "-http-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("-data-dir")
+            .arg(data),
+    )
 }
 
 #[test]

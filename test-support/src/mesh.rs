@@ -66,6 +66,9 @@ impl ControlPlane {
                 &primary.address,
                 "-replication-token",
                 &replication,
+                // Both agents are on loopback here; controlplane-lite refuses plain http
+                // between datacenters without this flag (HTTPS is tested in controlplane-lite).
+                "-primary-insecure-http",
             ],
         );
         cp.token = primary.token.clone();

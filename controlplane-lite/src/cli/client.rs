@@ -25,26 +25,40 @@ pub struct Answer {
 }
 
 impl Client {
-    /// `address` is `host:port` or `http://host:port`; https is not supported yet.
-    pub fn new(address: &str, token: Option<String>) -> Result<Client> {
-        let base = if address.starts_with("http://") {
-            address.trim_end_matches('/').to_owned()
-        } else if address.starts_with("https://") || address.starts_with("unix://") {
+    /// `address` is `host:port`, `http://host:port` or `https://host:port` (Consul's rules:
+    /// no scheme means http unless `ssl`, i.e. `CONSUL_HTTP_SSL=true`). HTTPS trusts only
+    /// `tls.ca_file`.
+    pub fn new(
+        address: &str,
+        token: Option<String>,
+        ssl: bool,
+        tls: &crate::tls::ClientTls,
+    ) -> Result<Client> {
+        let address = address.trim_end_matches('/');
+        let base = if address.starts_with("http://") || address.starts_with("https://") {
+            address.to_owned()
+        } else if address.contains("://") {
             return Err(Error::bad_request(format!(
-                "-http-addr {address:?}: only http:// is supported"
+                "-http-addr {address:?}: only http:// and https:// are supported"
             )));
+        } else if ssl {
+            format!("https://{address}")
         } else {
-            format!("http://{}", address.trim_end_matches('/'))
+            format!("http://{address}")
         };
-        let agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .build()
-            .into();
+            .timeout_global(Some(REQUEST_TIMEOUT));
+        if base.starts_with("https://") {
+            config =
+                config.tls_config(tls.ureq_config().map_err(|e| {
+                    Error::bad_request(format!("{e} (set -ca-file or CONSUL_CACERT)"))
+                })?);
+        }
         Ok(Client {
             base,
             token: token.filter(|t| !t.is_empty()),
-            agent,
+            agent: config.build().into(),
         })
     }
 

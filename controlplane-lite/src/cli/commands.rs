@@ -10,7 +10,7 @@ use super::{
     AclCommand, AclPolicyCommand, AclTokenCommand, CatalogCommand, ClientFlags, Command,
     ConfigCommand,
 };
-use super::{IntentionCommand, ServicesCommand};
+use super::{IntentionCommand, ServicesCommand, TlsCaCommand, TlsCertCommand, TlsCommand};
 use crate::error::{Error, Result};
 
 impl ClientFlags {
@@ -27,8 +27,66 @@ impl ClientFlags {
             ),
             (None, None) => None,
         };
-        Client::new(&self.http_addr, token)
+        let tls = crate::tls::ClientTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.client_cert.clone(),
+            key_file: self.client_key.clone(),
+        };
+        Client::new(&self.http_addr, token, self.http_ssl.unwrap_or(false), &tls)
     }
+}
+
+fn tls_command(command: TlsCommand) -> Result<ExitCode> {
+    let dir = std::env::current_dir()
+        .map_err(|e| Error::bad_request(format!("current directory: {e}")))?;
+    match command {
+        TlsCommand::Ca(TlsCaCommand::Create { domain, days }) => {
+            let (cert, key) = crate::tls::create_ca(&dir, &domain, days)?;
+            println!("==> Saved {}", file_name(&cert));
+            println!("==> Saved {}", file_name(&key));
+        }
+        TlsCommand::Cert(TlsCertCommand::Create {
+            server,
+            client,
+            dc,
+            domain,
+            ca,
+            key,
+            additional_dnsname,
+            additional_ipaddress,
+            days,
+        }) => {
+            let role = match (server, client) {
+                (true, _) => "server",
+                (_, true) => "client",
+                _ => return Err(Error::bad_request("choose -server or -client")),
+            };
+            let (default_ca, default_key) = crate::tls::ca_paths(&dir, &domain);
+            let request = crate::tls::CertRequest {
+                role,
+                datacenter: dc,
+                domain,
+                dns_names: additional_dnsname,
+                ip_addresses: additional_ipaddress,
+                days,
+            };
+            let (cert, key) = crate::tls::create_cert(
+                &dir,
+                &ca.unwrap_or(default_ca),
+                &key.unwrap_or(default_key),
+                &request,
+            )?;
+            println!("==> Saved {}", file_name(&cert));
+            println!("==> Saved {}", file_name(&key));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Runs a client command (everything but `agent`), printing its result.
@@ -40,6 +98,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Services(services) => services_command(services),
         Command::Intention(intention) => intention_command(intention),
         Command::Catalog(catalog) => catalog_command(catalog),
+        Command::Tls(tls) => tls_command(tls),
         Command::Reload(client) => {
             client.client()?.json("PUT", "/v1/agent/reload", None)?;
             println!("Configuration reload triggered");

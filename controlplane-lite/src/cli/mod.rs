@@ -72,6 +72,72 @@ pub enum Command {
     Catalog(CatalogCommand),
     /// Ask the agent to register the services in its config dir again.
     Reload(ClientFlags),
+    /// Make certificates for the agents' HTTPS (like `consul tls`).
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+/// `tls ...`.
+#[derive(Subcommand, Debug)]
+pub enum TlsCommand {
+    /// Certificate authorities.
+    #[command(subcommand)]
+    Ca(TlsCaCommand),
+    /// Certificates signed by the CA.
+    #[command(subcommand)]
+    Cert(TlsCertCommand),
+}
+
+/// `tls ca ...`.
+#[derive(Subcommand, Debug)]
+pub enum TlsCaCommand {
+    /// Writes `<domain>-agent-ca.pem` and `<domain>-agent-ca-key.pem` (0600) in the current
+    /// directory.
+    Create {
+        /// The domain.
+        #[arg(long, default_value = "consul")]
+        domain: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 1825)]
+        days: i64,
+    },
+}
+
+/// `tls cert ...`.
+#[derive(Subcommand, Debug)]
+pub enum TlsCertCommand {
+    /// Writes `<dc>-<server|client>-<domain>-<n>.pem` and its `-key.pem` (0600) in the
+    /// current directory.
+    Create {
+        /// A server certificate (`server.<dc>.<domain>`, localhost, 127.0.0.1; server and
+        /// client auth).
+        #[arg(long, conflicts_with = "client")]
+        server: bool,
+        /// A client certificate (client auth only).
+        #[arg(long)]
+        client: bool,
+        /// The datacenter.
+        #[arg(long = "dc", default_value = "dc1")]
+        dc: String,
+        /// The domain.
+        #[arg(long, default_value = "consul")]
+        domain: String,
+        /// The CA certificate (default `<domain>-agent-ca.pem`).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The CA key (default `<domain>-agent-ca-key.pem`).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// An extra DNS name (repeatable).
+        #[arg(long = "additional-dnsname")]
+        additional_dnsname: Vec<String>,
+        /// An extra IP address (repeatable).
+        #[arg(long = "additional-ipaddress")]
+        additional_ipaddress: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 /// Flags of `agent`.
@@ -111,6 +177,35 @@ pub struct AgentFlags {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info")]
     pub log_level: String,
+    /// Where the HTTPS API listens (`host:port`; port 0 picks a free one). Needs -cert-file
+    /// and -key-file.
+    #[arg(long = "https-addr")]
+    pub https_addr: Option<String>,
+    /// The agent's certificate (PEM chain).
+    #[arg(long = "cert-file")]
+    pub cert_file: Option<PathBuf>,
+    /// The agent's private key (PEM).
+    #[arg(long = "key-file")]
+    pub key_file: Option<PathBuf>,
+    /// The agent CA: verifies other datacenters' agents, and clients with -verify-incoming.
+    #[arg(long = "ca-file")]
+    pub ca_file: Option<PathBuf>,
+    /// Require clients of the HTTPS listener to present a certificate signed by -ca-file.
+    #[arg(long = "verify-incoming")]
+    pub verify_incoming: bool,
+    /// Accept plain http to other datacenters' agents. Insecure: tokens cross in clear text.
+    #[arg(long = "primary-insecure-http")]
+    pub primary_insecure_http: bool,
+    /// Open HTTP connections from one client IP (Consul's limits.http_max_conns_per_client).
+    #[arg(long = "http-max-conns-per-client", default_value_t = 200)]
+    pub http_max_conns_per_client: usize,
+    /// Open HTTP connections in all.
+    #[arg(long = "http-max-conns", default_value_t = 4096)]
+    pub http_max_conns: usize,
+    /// Seconds a client has to send a request header (and the TLS handshake); idle
+    /// keep-alive connections close after it too.
+    #[arg(long = "http-header-timeout", default_value_t = 10)]
+    pub http_header_timeout: u64,
 }
 
 /// Flags every client command takes (Consul's names and environment variables).
@@ -129,6 +224,18 @@ pub struct ClientFlags {
     /// A file holding the ACL token.
     #[arg(long = "token-file", env = "CONSUL_HTTP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Use https for an address without a scheme (`CONSUL_HTTP_SSL=true`).
+    #[arg(long = "http-ssl", env = "CONSUL_HTTP_SSL", hide = true)]
+    pub http_ssl: Option<bool>,
+    /// The CA that the agent's certificate must chain to (https).
+    #[arg(long = "ca-file", env = "CONSUL_CACERT")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate, for agents started with -verify-incoming.
+    #[arg(long = "client-cert", env = "CONSUL_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long = "client-key", env = "CONSUL_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `acl ...`.

@@ -41,7 +41,7 @@ pub async fn get(
             "no path to datacenter {dc:?}: no federation state with its agent address yet"
         ))
     })?;
-    let client = PrimaryClient::new(&address, None)?;
+    let client = PrimaryClient::new(&address, None, &agent.config.cross_dc)?;
     // The anonymous token (empty) when the caller sent none.
     let token = token.unwrap_or("").to_owned();
     tokio::task::spawn_blocking(move || {

@@ -4,9 +4,62 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::tls::ClientTls;
 
 /// Bound on a write forwarded to the primary or a federation-state push.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How this agent reaches the agents of other datacenters (replication, forwarded writes,
+/// cross-datacenter reads). Tokens cross this link, the replication token included, so it is
+/// HTTPS verified against `-ca-file` unless the operator explicitly accepts plain HTTP.
+#[derive(Clone, Debug, Default)]
+pub struct CrossDcTransport {
+    /// Roots the other agent's certificate must chain to, and this agent's own certificate
+    /// for peers that `-verify-incoming`.
+    pub tls: ClientTls,
+    /// `-primary-insecure-http`: plain `http://` is accepted (tokens cross in clear text).
+    pub allow_insecure_http: bool,
+}
+
+impl CrossDcTransport {
+    /// The base URL for another datacenter's agent at `address`: `https://` is used when
+    /// asked for or when a CA file is configured; `http://` only with the insecure flag.
+    pub fn base_url(&self, address: &str) -> Result<String> {
+        let address = address.trim_end_matches('/');
+        let refuse_http = |host: &str| {
+            Error::Unavailable(format!(
+                "refusing plain http to another datacenter's agent at {host}: tokens would cross in clear text; use https with -ca-file, or pass -primary-insecure-http"
+            ))
+        };
+        if let Some(rest) = address.strip_prefix("https://") {
+            if self.tls.ca_file.is_none() {
+                return Err(Error::Unavailable(format!(
+                    "https://{rest} needs -ca-file to verify the other agent"
+                )));
+            }
+            return Ok(format!("https://{rest}"));
+        }
+        if let Some(rest) = address.strip_prefix("http://") {
+            return if self.allow_insecure_http {
+                Ok(format!("http://{rest}"))
+            } else {
+                Err(refuse_http(rest))
+            };
+        }
+        if address.contains("://") {
+            return Err(Error::Unavailable(format!(
+                "{address:?}: only https:// (or http:// with -primary-insecure-http) is supported"
+            )));
+        }
+        if self.tls.ca_file.is_some() {
+            Ok(format!("https://{address}"))
+        } else if self.allow_insecure_http {
+            Ok(format!("http://{address}"))
+        } else {
+            Err(refuse_http(address))
+        }
+    }
+}
 
 /// An answer from the primary.
 pub struct PrimaryAnswer {
@@ -28,22 +81,20 @@ pub struct PrimaryClient {
 }
 
 impl PrimaryClient {
-    /// `address` is `host:port` or `http://host:port`.
-    pub fn new(address: &str, replication_token: Option<String>) -> Result<PrimaryClient> {
-        let address = address.trim_end_matches('/');
-        let base = match address.strip_prefix("http://") {
-            Some(rest) => format!("http://{rest}"),
-            None if address.contains("://") => {
-                return Err(Error::Startup(format!(
-                    "-primary-address {address:?}: only http:// is supported"
-                )))
-            }
-            None => format!("http://{address}"),
-        };
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+    /// `address` is `host:port`, `https://host:port` or `http://host:port`. The scheme and
+    /// trust follow [`CrossDcTransport::base_url`]: HTTPS verified against `-ca-file`, plain
+    /// HTTP only with the explicit insecure flag.
+    pub fn new(
+        address: &str,
+        replication_token: Option<String>,
+        transport: &CrossDcTransport,
+    ) -> Result<PrimaryClient> {
+        let base = transport.base_url(address)?;
+        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        if base.starts_with("https://") {
+            config = config.tls_config(transport.tls.ureq_config()?);
+        }
+        let http = config.build().into();
         Ok(PrimaryClient {
             base,
             replication_token: replication_token.filter(|t| !t.is_empty()),
@@ -158,5 +209,41 @@ impl PrimaryAnswer {
         }
         serde_json::from_slice(&self.body)
             .map_err(|e| Error::Unavailable(format!("primary sent invalid JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_with_the_insecure_flag() {
+        let none = CrossDcTransport::default();
+        assert!(none.base_url("10.0.0.1:8500").is_err());
+        assert!(none.base_url("http://10.0.0.1:8500").is_err());
+        assert!(
+            none.base_url("https://10.0.0.1:8500").is_err(),
+            "https needs a CA"
+        );
+        let insecure = CrossDcTransport {
+            allow_insecure_http: true,
+            ..CrossDcTransport::default()
+        };
+        assert_eq!(
+            insecure.base_url("10.0.0.1:8500").ok().as_deref(),
+            Some("http://10.0.0.1:8500")
+        );
+        let tls = CrossDcTransport {
+            tls: ClientTls {
+                ca_file: Some("ca.pem".into()),
+                ..ClientTls::default()
+            },
+            allow_insecure_http: false,
+        };
+        assert_eq!(
+            tls.base_url("10.0.0.1:8500").ok().as_deref(),
+            Some("https://10.0.0.1:8500")
+        );
+        assert!(tls.base_url("http://10.0.0.1:8500").is_err());
     }
 }

@@ -52,6 +52,8 @@ pub fn testdata(name: &str) -> String {
 pub struct Agent {
     pub child: Child,
     pub address: String,
+    /// The HTTPS listener's bound address, when started with `-https-addr`.
+    pub https_address: Option<String>,
     pub data_dir: PathBuf,
     http: ureq::Agent,
 }
@@ -96,11 +98,17 @@ impl Agent {
         let mut child = command.spawn().expect("spawn agent");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
+        let https = extra
+            .iter()
+            .any(|a| a.trim_start_matches('-') == "https-addr");
+        let readiness_lines = if https { 2 } else { 1 };
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
+            for _ in 0..readiness_lines {
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+            }
             // Keep draining so the agent never blocks on a full pipe.
             let mut sink = String::new();
             while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
@@ -117,6 +125,17 @@ impl Agent {
             .filter(|a| a.contains(':'))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
+        let https_address = https.then(|| {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("no https readiness line in 30s");
+            line.trim()
+                .rsplit("https://")
+                .next()
+                .filter(|a| a.contains(':') && line.contains("https://"))
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .to_owned()
+        });
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -125,6 +144,7 @@ impl Agent {
         Agent {
             child,
             address,
+            https_address,
             data_dir: data_dir.to_owned(),
             http,
         }
@@ -248,4 +268,185 @@ pub fn csr(uri: &str) -> String {
         .expect("csr")
         .pem()
         .expect("pem")
+}
+
+/// Agent certificates made with the binary's `tls` commands, like `consul tls ca create` and
+/// `consul tls cert create -server -dc DC`.
+pub struct Certs {
+    pub ca: PathBuf,
+    /// Per datacenter: (certificate, key).
+    pub servers: Vec<(String, PathBuf, PathBuf)>,
+}
+
+impl Certs {
+    pub fn make(dir: &Path, datacenters: &[&str]) -> Certs {
+        let run = |args: &[&str]| {
+            let output = Command::new(BINARY)
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run tls");
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&["tls", "ca", "create"]);
+        let mut servers = Vec::new();
+        for dc in datacenters {
+            run(&["tls", "cert", "create", "-server", "-dc", dc]);
+            servers.push((
+                (*dc).to_owned(),
+                dir.join(format!("{dc}-server-consul-0.pem")),
+                dir.join(format!("{dc}-server-consul-0-key.pem")),
+            ));
+        }
+        Certs {
+            ca: dir.join("consul-agent-ca.pem"),
+            servers,
+        }
+    }
+
+    /// The agent flags for datacenter `dc`: an HTTPS listener on port 0 with its server
+    /// certificate, and the CA that verifies the other datacenters' agents.
+    pub fn agent_flags(&self, dc: &str) -> Vec<String> {
+        let (_, cert, key) = self
+            .servers
+            .iter()
+            .find(|(d, _, _)| d == dc)
+            .unwrap_or_else(|| panic!("no certificate for {dc}"));
+        vec![
+            "-https-addr".into(),
+            "127.0.0.1:0".into(),
+            "-cert-file".into(),
+            cert.display().to_string(),
+            "-key-file".into(),
+            key.display().to_string(),
+            "-ca-file".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+}
+
+/// A TCP relay the test owns: it listens on a port it bound itself (port 0) and forwards
+/// every connection to `target`, which can change. It stands for the WAN link between two
+/// agents: it records the bytes both ways (a capture of the link), and it lets a restarted
+/// agent, on a new port, keep the address its peer was given, without ever releasing a port.
+pub struct Relay {
+    pub address: String,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
+    capture: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Bound on the recorded bytes (enough for a test's whole federation traffic).
+const CAPTURE_LIMIT: usize = 64 << 20;
+
+impl Relay {
+    pub fn start(target: &str) -> Relay {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let address = listener.local_addr().expect("relay addr").to_string();
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, c, s) = (target.clone(), capture.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let to = t.lock().map(|t| t.clone()).unwrap_or_default();
+                let Ok(server) = std::net::TcpStream::connect(&to) else {
+                    continue;
+                };
+                for (mut from, mut into) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| a.ok().zip(b.ok()))
+                {
+                    let capture = c.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buffer = [0u8; 16 << 10];
+                        loop {
+                            let n = match from.read(&mut buffer) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if let Ok(mut capture) = capture.lock() {
+                                if capture.len() + n <= CAPTURE_LIMIT {
+                                    capture.extend_from_slice(&buffer[..n]);
+                                }
+                            }
+                            if into.write_all(&buffer[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay {
+            address,
+            target,
+            capture,
+            stop,
+        }
+    }
+
+    /// Sends new connections to `target` from now on.
+    pub fn retarget(&self, target: &str) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = target.to_owned();
+        }
+    }
+
+    /// Every byte relayed so far, both directions.
+    pub fn captured(&self) -> Vec<u8> {
+        self.capture.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(&self.address);
+    }
+}
+
+/// Runs `command` (an agent that must refuse to start); it must exit non-zero within 30 s.
+/// Returns its stderr.
+pub fn refused_start(command: &mut Command) -> String {
+    use std::io::Read;
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent started instead of refusing: {command:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the agent exited 0");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    stderr
 }

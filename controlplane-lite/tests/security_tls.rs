@@ -1,0 +1,204 @@
+//! Security of the link between datacenters: replication runs over HTTPS verified against the
+//! agent CA; a capture of the link shows no token secret; a rogue "primary" whose certificate
+//! comes from another CA is refused; plain http is refused unless explicitly allowed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{field, Agent, Certs, Relay, TempDir};
+use serde_json::json;
+
+const REPLICATION_POLICY: &str =
+    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
+
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn owned(flags: &[&str], more: Vec<String>) -> Vec<String> {
+    let mut all: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+    all.extend(more);
+    all
+}
+
+fn refs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// A primary with ACLs bootstrapped and a replication token: (agent, management, replication).
+fn primary(dir: &TempDir, tls: Vec<String>) -> (Agent, String, String) {
+    let flags = owned(&["-acl-default-policy", "deny"], tls);
+    let primary = Agent::start_in(dir.path(), "primary", &refs(&flags));
+    let management = primary.bootstrap();
+    let policy = json!({"Name": "replication", "Rules": REPLICATION_POLICY});
+    assert_eq!(
+        primary
+            .put("/v1/acl/policy", Some(&management), &policy.to_string())
+            .status,
+        200
+    );
+    let out = primary.cli_ok(
+        &["acl", "token", "create", "-policy-name", "replication"],
+        Some(&management),
+    );
+    let replication = field(&out, "SecretID:");
+    (primary, management, replication)
+}
+
+fn secondary_flags(primary_address: &str, replication: &str, more: Vec<String>) -> Vec<String> {
+    owned(
+        &[
+            "-acl-default-policy",
+            "deny",
+            "-primary-datacenter",
+            "primary",
+            "-primary-address",
+            primary_address,
+            "-replication-token",
+            replication,
+        ],
+        more,
+    )
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn the_wan_link_is_tls_and_carries_no_secret_in_clear() {
+    let certs_dir = TempDir::new("tls-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+    let (primary_dir, secondary_dir) = (TempDir::new("tls-p"), TempDir::new("tls-s"));
+    let (primary, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
+    // A recording relay stands for the WAN link.
+    let relay = Relay::start(&primary.https_address.clone().expect("https"));
+    let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+
+    // Replication works: the management token, the CA and a forwarded write arrive.
+    eventually(Duration::from_secs(30), "ACLs replicate over TLS", || {
+        secondary
+            .get("/v1/acl/token/self", Some(&management))
+            .status
+            == 200
+    });
+    let intention = r#"{"SourceName":"web","DestinationName":"socat","Action":"allow"}"#;
+    let forwarded = secondary.request(
+        "POST",
+        "/v1/connect/intentions",
+        Some(&management),
+        Some(intention),
+    );
+    assert_eq!(forwarded.status, 200, "{}", forwarded.text);
+    eventually(Duration::from_secs(30), "the intention replicates", || {
+        let check = secondary.get(
+            "/v1/connect/intentions/check?source=web&destination=socat",
+            Some(&management),
+        );
+        check.status == 200 && check.json()["Allowed"] == json!(true)
+    });
+
+    // The capture saw traffic, but neither the replication token, the management token (in
+    // the token table it replicates and in the forwarded write), nor the CA key in clear.
+    let captured = relay.captured();
+    assert!(
+        captured.len() > 1000,
+        "the relay saw {} bytes",
+        captured.len()
+    );
+    for (what, secret) in [("replication", &replication), ("management", &management)] {
+        assert!(
+            !contains(&captured, secret),
+            "the {what} token crossed in clear text"
+        );
+    }
+    assert!(!contains(&captured, "X-Consul-Token"));
+    assert!(!contains(&captured, "PRIVATE KEY"));
+}
+
+#[test]
+fn a_rogue_primary_with_another_ca_is_refused() {
+    // The real agent CA, and the attacker's own CA (another `tls ca create`).
+    let certs_dir = TempDir::new("rogue-certs");
+    let certs = Certs::make(certs_dir.path(), &["secondary"]);
+    let rogue_dir = TempDir::new("rogue-ca");
+    let rogue_certs = Certs::make(rogue_dir.path(), &["primary"]);
+    // The rogue agent answers at the primary's address with a certificate for the right name
+    // (server.primary.consul, 127.0.0.1) but from its own CA, and knows the sniffed token
+    // (its own bootstrap stands in for a stolen replication token).
+    let rogue_data = TempDir::new("rogue-p");
+    let (rogue, rogue_management, rogue_replication) =
+        primary(&rogue_data, rogue_certs.agent_flags("primary"));
+    let secondary_dir = TempDir::new("rogue-s");
+    let flags = secondary_flags(
+        &rogue.https_address.clone().expect("https"),
+        &rogue_replication,
+        certs.agent_flags("secondary"),
+    );
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+
+    // The secondary keeps failing to replicate and adopts nothing: no CA, no tokens.
+    eventually(Duration::from_secs(30), "replication fails", || {
+        let metrics = secondary.get("/metrics", None).text;
+        metrics.contains("controlplane_replication_status{type=\"acl-tokens\"} 0")
+    });
+    assert_eq!(secondary.get("/v1/connect/ca/roots", None).status, 503);
+    assert_eq!(
+        secondary
+            .get("/v1/acl/token/self", Some(&rogue_management))
+            .status,
+        403
+    );
+    // And the rogue saw no request from it: the handshake failed before any byte of HTTP.
+    let _ = rogue;
+}
+
+#[test]
+fn plain_http_across_datacenters_needs_the_insecure_flag() {
+    let (primary_dir, secondary_dir) = (TempDir::new("plain-p"), TempDir::new("plain-s"));
+    let (primary, management, replication) = primary(&primary_dir, Vec::new());
+    // It exits at once (no -ca-file, no flag): a startup error, not a silent downgrade.
+    let stderr = common::refused_start(
+        std::process::Command::new(common::BINARY)
+            .args([
+                "agent",
+                "-datacenter",
+                "secondary",
+                "-http-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("-data-dir")
+            .arg(secondary_dir.path())
+            .args(secondary_flags(&primary.address, &replication, Vec::new())),
+    );
+    assert!(
+        stderr.contains("refusing plain http") && stderr.contains("-primary-insecure-http"),
+        "{stderr}"
+    );
+
+    // With the explicit flag it works (and says so loudly on stderr).
+    let flags = secondary_flags(
+        &primary.address,
+        &replication,
+        vec!["-primary-insecure-http".to_owned()],
+    );
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+    eventually(
+        Duration::from_secs(30),
+        "replication over plain http",
+        || {
+            secondary
+                .get("/v1/acl/token/self", Some(&management))
+                .status
+                == 200
+        },
+    );
+}
