@@ -280,6 +280,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         &agent.config.node_address,
     ));
     crate::replication::runner::spawn(&agent);
+    crate::checks_runner::spawn(&agent);
     let stopping = agent.clone();
     axum::serve(listener, crate::http::router(agent))
         .with_graceful_shutdown(async move {
