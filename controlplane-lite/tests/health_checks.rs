@@ -4,7 +4,10 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Agent, TempDir};
@@ -118,4 +121,75 @@ fn critical_services_are_deregistered_after_the_grace_period() {
     let answer = agent.put("/v1/agent/service/register", None, &script.to_string());
     assert_eq!(answer.status, 400, "{}", answer.text);
     assert!(answer.text.contains("Args"), "{}", answer.text);
+}
+
+/// A tiny HTTP server answering every request with the current `code`; stops when `stop` is set
+/// and one more connection arrives (bounded to 10 000 requests).
+fn status_server(code: Arc<AtomicU16>, stop: Arc<AtomicBool>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(10_000) {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let status = code.load(Ordering::SeqCst);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    address
+}
+
+fn check_status(agent: &Agent, service: &str) -> Value {
+    let answer = agent.get(&format!("/v1/health/checks/{service}"), None);
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    answer.json()[0]["Status"].clone()
+}
+
+#[test]
+fn http_checks_follow_the_status_code() {
+    let dir = TempDir::new("checks-http");
+    let agent = Agent::start_in(dir.path(), "primary", &[]);
+    let code = Arc::new(AtomicU16::new(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let address = status_server(code.clone(), stop.clone());
+    let body = json!({"Name": "api", "Port": 1, "Check": {
+        "HTTP": format!("http://{address}/health"), "Interval": "200ms", "Timeout": "2s"}});
+    let answer = agent.put("/v1/agent/service/register", None, &body.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    eventually(Duration::from_secs(10), "api passes", || {
+        check_status(&agent, "api") == "passing"
+    });
+    assert_eq!(
+        agent.get("/v1/health/service/api?passing", None).json()[0]["Service"]["ID"],
+        "api"
+    );
+    code.store(429, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "429 is a warning", || {
+        check_status(&agent, "api") == "warning"
+    });
+    assert_eq!(
+        agent.get("/v1/health/service/api?passing", None).json(),
+        json!([]),
+        "passing means every check passes"
+    );
+    code.store(503, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "503 is critical", || {
+        check_status(&agent, "api") == "critical"
+    });
+    stop.store(true, Ordering::SeqCst);
+    let _ = TcpStream::connect(&address);
 }
