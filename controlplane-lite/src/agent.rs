@@ -311,6 +311,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         &agent.config.node_address,
     ));
     crate::replication::runner::spawn(&agent);
+    crate::checks_runner::spawn(&agent);
     let stopping = agent.clone();
     let limits = agent.config.limits;
     crate::server::serve(

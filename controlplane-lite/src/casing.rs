@@ -26,10 +26,63 @@ const INITIALISMS: [(&str, &str); 10] = [
     ("uri", "URI"),
 ];
 
+/// Multi-word keys, as Consul spells them. Go's decoder matches keys case-insensitively, so
+/// clients also send `serviceid` or `enabletagoverride` (py-consul does); those are mapped
+/// back through this list.
+const MULTI_WORD: [&str; 44] = [
+    "AccessorID",
+    "AliasNode",
+    "AliasService",
+    "CheckID",
+    "ClientCertURI",
+    "CreateIndex",
+    "CreateTime",
+    "DeregisterCriticalServiceAfter",
+    "DestinationName",
+    "DestinationNamespace",
+    "DestinationNS",
+    "DestinationServiceID",
+    "DestinationServiceName",
+    "DestinationType",
+    "DockerContainerID",
+    "EnableTagOverride",
+    "ExpirationTime",
+    "ExpirationTTL",
+    "ExternalSNI",
+    "FailuresBeforeCritical",
+    "FailuresBeforeWarning",
+    "LocalBindAddress",
+    "LocalBindPort",
+    "LocalServiceAddress",
+    "LocalServicePort",
+    "MeshGateway",
+    "ModifyIndex",
+    "NodeIdentities",
+    "NodeMeta",
+    "ScriptArgs",
+    "SecretID",
+    "ServiceID",
+    "ServiceIdentities",
+    "ServiceName",
+    "SidecarService",
+    "SocketPath",
+    "SourceName",
+    "SourceNS",
+    "SourceType",
+    "SuccessBeforePassing",
+    "TaggedAddresses",
+    "TLSServerName",
+    "TLSSkipVerify",
+    "TemplatedPolicies",
+];
+
 /// Converts one key to PascalCase: `destination_name` → `DestinationName`, `id` → `ID`,
-/// `Name` stays `Name`.
+/// `serviceid` → `ServiceID`, `Name` stays `Name`.
 pub fn pascal_case(key: &str) -> String {
     if !key.contains('_') {
+        if let Some(known) = MULTI_WORD.iter().find(|k| k.eq_ignore_ascii_case(key)) {
+            return (*known).to_owned();
+        }
         if let Some((_, upper)) = INITIALISMS.iter().find(|(lower, _)| *lower == key) {
             return (*upper).to_owned();
         }
@@ -110,6 +163,8 @@ mod tests {
             "DestinationServiceID"
         );
         assert_eq!(pascal_case("id"), "ID");
+        assert_eq!(pascal_case("serviceid"), "ServiceID");
+        assert_eq!(pascal_case("enabletagoverride"), "EnableTagOverride");
         assert_eq!(
             normalize(json!({"Datacenters": null, "Meta": {"k": null}, "Name": "x"})),
             json!({"Meta": {"k": null}, "Name": "x"})

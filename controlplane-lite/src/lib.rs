@@ -13,6 +13,8 @@ pub mod blocking;
 pub mod ca;
 pub mod casing;
 pub mod catalog;
+pub mod checks;
+pub mod checks_runner;
 pub mod cli;
 pub mod config_entries;
 pub mod datadir;

@@ -76,6 +76,15 @@ pub fn remote_none_upstreams(config: &SidecarConfig) -> Vec<usize> {
 struct HealthRow {
     node: HealthNode,
     service: HealthService,
+    /// Its checks; an instance with a critical one is not dialled (as locally).
+    #[serde(default)]
+    checks: Vec<HealthCheckRow>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthCheckRow {
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -92,13 +101,19 @@ struct HealthNode {
     address: String,
 }
 
-/// Dialable endpoints (LAN addresses, sorted, deduplicated) from a `GET
+/// Dialable endpoints (LAN addresses, sorted, deduplicated; critical instances left out)
+/// from a `GET
 /// /v1/health/connect/<svc>` answer of another datacenter.
 pub fn health_endpoints(body: &[u8]) -> Result<Vec<String>> {
     let rows: Vec<HealthRow> = serde_json::from_slice(body)
         .map_err(|e| Error::Unavailable(format!("remote health/connect answer: {e}")))?;
     let mut endpoints: Vec<String> = rows
         .iter()
+        .filter(|row| {
+            row.checks
+                .iter()
+                .all(|c| c.status != crate::checks::CRITICAL)
+        })
         .map(|row| {
             // The service address, else the node's (as `ServiceInstance::lan_address`).
             let host = if row.service.address.is_empty() {

@@ -45,11 +45,13 @@ pub enum Table {
     Services,
     /// Private keys of the CA signer active in this datacenter. Local; never replicated.
     CaSigning,
+    /// This agent's health checks and their status, keyed by check ID. Local.
+    Checks,
 }
 
 impl Table {
     /// Every table, in a fixed order (the position is the index into per-table arrays).
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::AclPolicies,
         Table::AclTokens,
         Table::ConfigEntries,
@@ -59,6 +61,7 @@ impl Table {
         Table::FederationStates,
         Table::Services,
         Table::CaSigning,
+        Table::Checks,
     ];
 
     /// The tables a secondary datacenter will follow from the primary.
@@ -84,6 +87,7 @@ impl Table {
             Table::FederationStates => "federation_states",
             Table::Services => "services",
             Table::CaSigning => "ca_signing",
+            Table::Checks => "checks",
         }
     }
 

@@ -433,6 +433,14 @@ fn writes_to_the_secondary_are_forwarded_to_the_primary() {
             .status,
         200
     );
+    // Updating it happens in the secondary too (the primary does not hold it).
+    let updated = federation.secondary.put(
+        &format!("/v1/acl/token/{accessor}"),
+        token,
+        r#"{"Description":"local, updated","Policies":[{"Name":"web"}],"Local":true}"#,
+    );
+    assert_eq!(updated.status, 200, "{}", updated.text);
+    assert_eq!(updated.json()["Description"], "local, updated");
     assert!(metric(
         &federation.secondary,
         "controlplane_forwarded_writes_total{result=\"ok\"}"

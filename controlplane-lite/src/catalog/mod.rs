@@ -167,7 +167,7 @@ pub struct ServiceDefinition {
     /// Connect settings.
     #[serde(default)]
     pub connect: Option<ConnectDefinition>,
-    /// A health check definition (accepted and stored; checks are not executed yet).
+    /// A health check definition (run by the agent; see `checks.rs`).
     #[serde(default)]
     pub check: Option<Value>,
     /// Health check definitions (as `check`).
@@ -237,9 +237,6 @@ pub struct ServiceInstance {
     pub proxy: Option<Proxy>,
     /// Connect block.
     pub connect: ConnectInfo,
-    /// Health check definitions as given (not executed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub check_definitions: Vec<Value>,
     /// Raft index of creation.
     pub create_index: u64,
     /// Raft index of the last change.

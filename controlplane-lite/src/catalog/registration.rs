@@ -241,9 +241,6 @@ fn instance(
             "invalid field `{prefix}Weights.Passing`: must be at least 1"
         )));
     }
-    let mut check_definitions = Vec::new();
-    check_definitions.extend(definition.check.clone());
-    check_definitions.extend(definition.checks.clone().unwrap_or_default());
     Ok(ServiceInstance {
         kind,
         id,
@@ -267,7 +264,6 @@ fn instance(
         connect: ConnectInfo {
             native: definition.connect.as_ref().is_some_and(|c| c.native),
         },
-        check_definitions,
         create_index: 0,
         modify_index: 0,
     })

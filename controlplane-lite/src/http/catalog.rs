@@ -13,6 +13,9 @@ use crate::agent::Agent;
 use crate::catalog::{
     parse_definitions, plan_registration, ServiceDefinition, ServiceInstance, KIND_CONNECT_PROXY,
 };
+use crate::checks::{
+    service_status, shown_checks, sidecar_alias, CheckDefinition, CheckTarget, HealthCheck, PASSING,
+};
 use crate::error::{Error, Result};
 use crate::routes::FederationState;
 use crate::store::{Table, Transaction};
@@ -95,18 +98,23 @@ fn service_node_row(agent: &Agent, s: &ServiceInstance) -> Value {
     })
 }
 
-fn health_row(agent: &Agent, s: &ServiceInstance) -> Value {
-    // Checks are accepted at registration but not executed yet, so none are reported (and
-    // every instance counts as healthy); see the README.
-    json!({"Node": node_json(agent), "Service": s, "Checks": []})
+fn health_row(agent: &Agent, s: &ServiceInstance, checks: &[HealthCheck]) -> Value {
+    json!({"Node": node_json(agent), "Service": s, "Checks": shown_checks(&s.id, checks)})
 }
+
+fn catalog_row(agent: &Agent, s: &ServiceInstance, _checks: &[HealthCheck]) -> Value {
+    service_node_row(agent, s)
+}
+
+/// The tables a health or catalog read depends on (checks move `passing`).
+const HEALTH_TABLES: [Table; 2] = [Table::Services, Table::Checks];
 
 async fn rows(
     agent: AgentState,
     ctx: Ctx,
     name: String,
     keep: fn(&ServiceInstance, &str) -> bool,
-    shape: fn(&Agent, &ServiceInstance) -> Value,
+    shape: fn(&Agent, &ServiceInstance, &[HealthCheck]) -> Value,
 ) -> Result<Response> {
     crate::catalog::validate_name(&name, "service name")?;
     // `?tag=` may repeat; an instance must carry every tag asked for (Consul's semantics).
@@ -116,13 +124,20 @@ async fn rows(
         .filter(|(key, _)| key == "tag")
         .map(|(_, value)| value.clone())
         .collect();
-    blocking_json(&agent, &ctx, &[Table::Services], |_| {
+    // `?passing` (any value but `false`, as Consul): only instances whose checks all pass.
+    let passing = ctx
+        .query
+        .get("passing")
+        .is_some_and(|v| v != "false" && v != "0");
+    blocking_json(&agent, &ctx, &HEALTH_TABLES, |_| {
         let (_, services) = visible(&agent, &ctx)?;
+        let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
         Ok(services
             .iter()
             .filter(|s| keep(s, &name))
             .filter(|s| tags.iter().all(|tag| s.tags.contains(tag)))
-            .map(|s| shape(&agent, s))
+            .filter(|s| !passing || service_status(&s.id, &checks) == PASSING)
+            .map(|s| shape(&agent, s, &checks))
             .collect::<Vec<_>>())
     })
     .await
@@ -142,7 +157,7 @@ pub async fn service_nodes(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, by_name, service_node_row).await
+    rows(agent, ctx, name, by_name, catalog_row).await
 }
 
 /// `GET /v1/catalog/connect/:name`: Connect-capable instances (sidecars) of `name`.
@@ -151,7 +166,7 @@ pub async fn connect_nodes(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, connect_for, service_node_row).await
+    rows(agent, ctx, name, connect_for, catalog_row).await
 }
 
 /// `GET /v1/health/service/:name`.
@@ -195,7 +210,18 @@ fn store_registration(
     tx: &mut Transaction<'_>,
     definition: ServiceDefinition,
     authorizer: &Authorizer,
+    node: &str,
+    now_ms: u64,
 ) -> Result<Vec<String>> {
+    let service_checks = check_definitions(definition.check.clone(), definition.checks.clone())?;
+    let sidecar_checks = match definition
+        .connect
+        .as_ref()
+        .and_then(|c| c.sidecar_service.as_ref())
+    {
+        Some(sidecar) => check_definitions(sidecar.check.clone(), sidecar.checks.clone())?,
+        None => Vec::new(),
+    };
     let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
     let parent_id = definition
         .id
@@ -223,6 +249,19 @@ fn store_registration(
         &taken,
         previous_sidecar.as_ref().map(|s| s.port),
     )?;
+    let mut planned_checks = build_checks(&plan.service, service_checks, node, now_ms)?;
+    if let Some(sidecar) = &plan.sidecar {
+        planned_checks.extend(build_checks(sidecar, sidecar_checks, node, now_ms)?);
+        planned_checks.push(sidecar_alias(
+            node,
+            CheckTarget {
+                id: &sidecar.id,
+                name: &sidecar.service,
+                tags: &sidecar.tags,
+            },
+            &plan.service.id,
+        ));
+    }
     let mut instances = vec![plan.service];
     instances.extend(plan.sidecar);
     // Replacing an instance (same ID) or dropping the old sidecar also needs write on what is
@@ -251,9 +290,10 @@ fn store_registration(
     }
     if let Some(previous) = previous_sidecar {
         if instances.iter().all(|i| i.id != previous.id) {
-            tx.delete(Table::Services, &previous.id)?;
+            deregister_service(tx, &previous.id)?;
         }
     }
+    replace_checks(tx, &instances, planned_checks)?;
     let mut ids = Vec::new();
     for mut instance in instances {
         let existing = services.iter().find(|s| s.id == instance.id);
@@ -265,12 +305,117 @@ fn store_registration(
     Ok(ids)
 }
 
+/// The check definitions of a registration (`Check` and `Checks`).
+fn check_definitions(
+    check: Option<Value>,
+    checks: Option<Vec<Value>>,
+) -> Result<Vec<CheckDefinition>> {
+    check
+        .into_iter()
+        .chain(checks.unwrap_or_default())
+        .map(CheckDefinition::parse)
+        .collect()
+}
+
+/// Builds an instance's checks; IDs default to Consul's `service:<id>` (`:<n>` when several).
+fn build_checks(
+    instance: &ServiceInstance,
+    definitions: Vec<CheckDefinition>,
+    node: &str,
+    now_ms: u64,
+) -> Result<Vec<HealthCheck>> {
+    let several = definitions.len() > 1;
+    definitions
+        .into_iter()
+        .enumerate()
+        .map(|(i, definition)| {
+            let default_id = if several {
+                format!("service:{}:{}", instance.id, i + 1)
+            } else {
+                format!("service:{}", instance.id)
+            };
+            definition.build(
+                node,
+                &default_id,
+                Some(CheckTarget {
+                    id: &instance.id,
+                    name: &instance.service,
+                    tags: &instance.tags,
+                }),
+                now_ms,
+            )
+        })
+        .collect()
+}
+
+/// Replaces the checks of `instances` with `planned`. A check re-registered unchanged keeps
+/// its status, so re-registering a service does not flap it to critical.
+fn replace_checks(
+    tx: &mut Transaction<'_>,
+    instances: &[ServiceInstance],
+    planned: Vec<HealthCheck>,
+) -> Result<()> {
+    let existing: Vec<HealthCheck> = tx.list(Table::Checks)?;
+    for old in existing
+        .iter()
+        .filter(|c| instances.iter().any(|i| i.id == c.service_id))
+    {
+        tx.delete(Table::Checks, &old.check_id)?;
+    }
+    for mut check in planned {
+        if let Some(old) = existing.iter().find(|c| c.check_id == check.check_id) {
+            if old.definition == check.definition && old.check_type == check.check_type {
+                check.status = old.status.clone();
+                check.output = old.output.clone();
+                check.critical_since_ms = old.critical_since_ms;
+                check.ttl_deadline_ms = old.ttl_deadline_ms;
+            }
+            check.create_index = old.create_index;
+        } else {
+            check.create_index = tx.index();
+        }
+        check.modify_index = tx.index();
+        tx.put(Table::Checks, &check.check_id.clone(), &check)?;
+    }
+    Ok(())
+}
+
+/// Removes instance `id`, the sidecars that front it, and their checks (no ACL check: the
+/// caller has done it, or is the agent itself). Returns the removed instance.
+pub fn deregister_service(tx: &mut Transaction<'_>, id: &str) -> Result<Option<ServiceInstance>> {
+    let Some(instance) = tx.get::<ServiceInstance>(Table::Services, id)? else {
+        return Ok(None);
+    };
+    let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
+    let mut removed: Vec<String> = services
+        .iter()
+        .filter(|s| {
+            s.kind == KIND_CONNECT_PROXY
+                && s.proxy
+                    .as_ref()
+                    .is_some_and(|p| p.destination_service_id == id)
+        })
+        .map(|s| s.id.clone())
+        .collect();
+    removed.push(id.to_owned());
+    let checks: Vec<HealthCheck> = tx.list(Table::Checks)?;
+    for check in checks.iter().filter(|c| removed.contains(&c.service_id)) {
+        tx.delete(Table::Checks, &check.check_id)?;
+    }
+    for service in &removed {
+        tx.delete(Table::Services, service)?;
+    }
+    Ok(Some(instance))
+}
+
 /// Registers definitions from the agent's own config dir (trusted: management rights).
 pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefinition>) -> Result<()> {
+    let node = agent.config.node_name.clone();
+    let now = crate::checks_runner::now_ms();
     write(agent, move |tx| {
         let authorizer = Authorizer::management();
         for definition in definitions {
-            store_registration(tx, definition, &authorizer)?;
+            store_registration(tx, definition, &authorizer, &node, now)?;
         }
         Ok(())
     })
@@ -282,9 +427,11 @@ pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefiniti
 pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> Result<Response> {
     let definitions = parse_definitions(json_body(&body)?)?;
     let authorizer = ctx.authorizer(&agent)?;
+    let node = agent.config.node_name.clone();
+    let now = crate::checks_runner::now_ms();
     write(&agent, move |tx| {
         for definition in definitions {
-            store_registration(tx, definition, &authorizer)?;
+            store_registration(tx, definition, &authorizer, &node, now)?;
         }
         Ok(())
     })
@@ -292,7 +439,8 @@ pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) ->
     Ok(().into_response())
 }
 
-/// `PUT /v1/agent/service/deregister/:id`: removes the instance and its managed sidecar.
+/// `PUT /v1/agent/service/deregister/:id`: removes the instance, its managed sidecar and
+/// their checks.
 pub async fn deregister(
     State(agent): State<AgentState>,
     ctx: Ctx,
@@ -306,16 +454,7 @@ pub async fn deregister(
         require(authorizer.service_write(&instance.service), || {
             format!("service:write on {}", instance.service)
         })?;
-        let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
-        for sidecar in services.iter().filter(|s| {
-            s.kind == KIND_CONNECT_PROXY
-                && s.proxy
-                    .as_ref()
-                    .is_some_and(|p| p.destination_service_id == id)
-        }) {
-            tx.delete(Table::Services, &sidecar.id)?;
-        }
-        tx.delete(Table::Services, &id)?;
+        deregister_service(tx, &id)?;
         Ok(())
     })
     .await?;

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::acl::require;
 use crate::catalog::{from_value, validate_name, ServiceInstance};
+use crate::checks::{routable, HealthCheck};
 use crate::config_entries::ConfigEntry;
 use crate::error::{Error, Result};
 use crate::remote_dc::{health_endpoints, remote_none_upstreams, REMOTE_POLL};
@@ -18,9 +19,15 @@ use crate::routes::{
 };
 use crate::store::Table;
 
-const ROUTE_TABLES: [Table; 3] = [Table::Services, Table::FederationStates, Table::System];
-const SIDECAR_TABLES: [Table; 4] = [
+const ROUTE_TABLES: [Table; 4] = [
     Table::Services,
+    Table::Checks,
+    Table::FederationStates,
+    Table::System,
+];
+const SIDECAR_TABLES: [Table; 5] = [
+    Table::Services,
+    Table::Checks,
     Table::FederationStates,
     Table::ConfigEntries,
     Table::System,
@@ -41,18 +48,22 @@ pub async fn routes(State(agent): State<AgentState>, ctx: Ctx) -> Result<Respons
     let authorizer = ctx.authorizer(&agent)?;
     blocking_json(&agent, &ctx, &ROUTE_TABLES, |generation| {
         let trust_domain = agent.require_trust_domain()?;
-        let services: Vec<ServiceInstance> = agent
-            .store
-            .list::<ServiceInstance>(Table::Services)?
-            .into_iter()
-            .filter(|s| {
-                let target = s
-                    .proxy
-                    .as_ref()
-                    .map_or(s.service.as_str(), |p| p.destination_service_name.as_str());
-                authorizer.service_read(&s.service) && authorizer.service_read(target)
-            })
-            .collect();
+        let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
+        // Critical instances leave the routes (their health checks say so).
+        let services: Vec<ServiceInstance> = routable(
+            agent.store.list::<ServiceInstance>(Table::Services)?,
+            &checks,
+            "",
+        )
+        .into_iter()
+        .filter(|s| {
+            let target = s
+                .proxy
+                .as_ref()
+                .map_or(s.service.as_str(), |p| p.destination_service_name.as_str());
+            authorizer.service_read(&s.service) && authorizer.service_read(target)
+        })
+        .collect();
         let mut federation: Vec<FederationState> = agent.store.list(Table::FederationStates)?;
         for state in &mut federation {
             state
@@ -87,7 +98,8 @@ pub async fn sidecar(
     let authorizer = ctx.authorizer(&agent)?;
     let compute = |generation| -> Result<SidecarConfig> {
         let trust_domain = agent.require_trust_domain()?;
-        let services: Vec<ServiceInstance> = agent.store.list(Table::Services)?;
+        let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
+        let services = routable(agent.store.list(Table::Services)?, &checks, &proxy_id);
         let federation: Vec<FederationState> = agent.store.list(Table::FederationStates)?;
         let entries: Vec<ConfigEntry> = agent.store.list(Table::ConfigEntries)?;
         let config = sidecar_config(

@@ -9,7 +9,8 @@ mod acl;
 mod agent_info;
 mod ca;
 mod catalog;
-pub use catalog::register_local;
+mod checks;
+pub use catalog::{deregister_service, register_local};
 mod config;
 mod intentions;
 mod internal;
@@ -50,6 +51,15 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/agent/services", get(catalog::agent_services))
         .route("/v1/agent/service/{id}", get(agent_info::agent_service))
         .route("/v1/agent/self", get(agent_info::agent_self))
+        .route("/v1/agent/checks", get(checks::agent_checks))
+        .route("/v1/agent/check/register", put(checks::register))
+        .route("/v1/agent/check/deregister/{id}", put(checks::deregister))
+        .route("/v1/agent/check/pass/{id}", put(checks::pass))
+        .route("/v1/agent/check/warn/{id}", put(checks::warn))
+        .route("/v1/agent/check/fail/{id}", put(checks::fail))
+        .route("/v1/agent/check/update/{id}", put(checks::update))
+        .route("/v1/health/checks/{name}", get(checks::service_checks))
+        .route("/v1/health/state/{state}", get(checks::state))
         .route("/v1/status/leader", get(agent_info::status_leader))
         .route("/v1/status/peers", get(agent_info::status_peers))
         .route("/v1/catalog/nodes", get(agent_info::catalog_nodes))

@@ -84,7 +84,6 @@ mod tests {
             enable_tag_override: false,
             proxy: None,
             connect: ConnectInfo::default(),
-            check_definitions: Vec::new(),
             create_index: 1,
             modify_index: 1,
         }

@@ -116,7 +116,7 @@ pub async fn forward_writes(
     response
 }
 
-/// Local ACL tokens are created and deleted in their own datacenter.
+/// Local ACL tokens are created, updated and deleted in their own datacenter.
 fn stays_local(agent: &AgentState, method: &Method, route: &str, path: &str, body: &[u8]) -> bool {
     match (method, route) {
         (&Method::PUT, "/v1/acl/token") => serde_json::from_slice::<serde_json::Value>(body)
@@ -124,7 +124,7 @@ fn stays_local(agent: &AgentState, method: &Method, route: &str, path: &str, bod
             .map(crate::casing::normalize)
             .and_then(|v| v.get("Local").and_then(serde_json::Value::as_bool))
             .unwrap_or(false),
-        (&Method::DELETE, "/v1/acl/token/{id}") => {
+        (&Method::DELETE | &Method::PUT, "/v1/acl/token/{id}") => {
             let accessor = path.rsplit('/').next().unwrap_or("");
             agent
                 .store

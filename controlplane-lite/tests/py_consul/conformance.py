@@ -273,6 +273,27 @@ def dc_parameter_forwards():
     )
 
 
+# --- Health checks ----------------------------------------------------------------------------
+
+
+@check
+def ttl_check():
+    expect(p.agent.check.register("socat-ttl", Check.ttl("30s"), check_id="socat-ttl", service_id="socat"), "reg")
+    _, checks = p.health.checks("socat")
+    expect(any(c["CheckID"] == "socat-ttl" and c["Status"] == "critical" for c in checks), checks)
+    _, rows = p.health.service("socat", passing=True)
+    expect(rows == [], rows)
+    expect(p.agent.check.ttl_pass("socat-ttl", notes="fine"), "pass")
+    _, rows = p.health.service("socat", passing=True)
+    expect(len(rows) == 1, rows)
+    expect(p.agent.check.ttl_fail("socat-ttl"), "fail")
+    _, rows = p.health.connect("socat", passing=True)
+    expect(rows == [], f"the sidecar aliases socat's checks: {rows}")
+    expect(p.agent.check.deregister("socat-ttl"), "dereg")
+    _, rows = p.health.connect("socat", passing=True)
+    expect(len(rows) == 1, rows)
+
+
 if failures:
     print(f"\n{len(failures)} check(s) failed: {', '.join(failures)}")
     sys.exit(1)
