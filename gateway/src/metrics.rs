@@ -105,16 +105,34 @@ pub enum CloseReason {
     UpstreamClose,
     /// No bytes either way for `timeouts.idle` (SI).
     IdleTimeout,
+    /// Bytes pending for a peer that took none for `timeouts.write_stall` (WS); the direction
+    /// whose destination stopped reading.
+    WriteStall(crate::relay::Direction),
     /// A reset or IO error on either side.
     Error,
 }
 
-const CLOSE_REASONS: [(&str, CloseReason); 4] = [
-    ("downstream_close", CloseReason::DownstreamClose),
-    ("upstream_close", CloseReason::UpstreamClose),
-    ("idle_timeout", CloseReason::IdleTimeout),
-    ("error", CloseReason::Error),
+/// The metric's `reason` label of each close; both write-stall sides share one label (the
+/// access log names the side).
+const CLOSE_REASONS: [&str; 5] = [
+    "downstream_close",
+    "upstream_close",
+    "idle_timeout",
+    "write_stall",
+    "error",
 ];
+
+impl CloseReason {
+    fn label_index(self) -> usize {
+        match self {
+            CloseReason::DownstreamClose => 0,
+            CloseReason::UpstreamClose => 1,
+            CloseReason::IdleTimeout => 2,
+            CloseReason::WriteStall(_) => 3,
+            CloseReason::Error => 4,
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the connection-duration histogram: milliseconds to an hour.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -235,9 +253,7 @@ impl DestinationStats {
     }
 
     pub fn closed(&self, reason: CloseReason) {
-        if let Some(index) = CLOSE_REASONS.iter().position(|(_, r)| *r == reason) {
-            add(&self.closed[index], 1);
-        }
+        add(&self.closed[reason.label_index()], 1);
     }
 }
 
@@ -633,7 +649,7 @@ impl Metrics {
             "Why proxied pairs ended.",
         );
         for (slot, labels) in &destination_labels {
-            for (index, (reason, _)) in CLOSE_REASONS.iter().enumerate() {
+            for (index, reason) in CLOSE_REASONS.iter().enumerate() {
                 let value = sum(&|w| w.destinations[*slot].closed[index].load(Ordering::Relaxed));
                 let _ = writeln!(
                     out,
