@@ -267,6 +267,8 @@ pub struct WorkerStats {
     pub health_generation: AtomicU64,
     /// Panics caught at a connection boundary (a bug, never a network condition).
     pub connection_panics: AtomicU64,
+    /// Warnings left out by a rate limit (`logging::Throttle`).
+    pub log_lines_suppressed: AtomicU64,
     pub listeners: Box<[ListenerStats]>,
     pub destinations: Box<[DestinationStats]>,
     pub connection_duration: Box<[Histogram]>,
@@ -281,6 +283,7 @@ impl WorkerStats {
             connections_active: AtomicU64::new(0),
             health_generation: AtomicU64::new(0),
             connection_panics: AtomicU64::new(0),
+            log_lines_suppressed: AtomicU64::new(0),
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             destinations: (0..MAX_DESTINATIONS)
                 .map(|_| DestinationStats::default())
@@ -726,6 +729,17 @@ impl Metrics {
             out,
             "gateway_connection_panics_total {}",
             sum(&|w| w.connection_panics.load(Ordering::Relaxed))
+        );
+        header(
+            &mut out,
+            "gateway_log_lines_suppressed_total",
+            "counter",
+            "Repeated warnings left out of the log by its rate limit.",
+        );
+        let _ = writeln!(
+            out,
+            "gateway_log_lines_suppressed_total {}",
+            sum(&|w| w.log_lines_suppressed.load(Ordering::Relaxed))
         );
         header(
             &mut out,
