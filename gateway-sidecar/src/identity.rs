@@ -144,8 +144,8 @@ pub struct Decision {
 
 /// Whether `client` may connect to `destination` (Consul's `ConnectAuthorize`): the first
 /// matching intention in precedence order decides (ties broken by names, as Consul sorts),
-/// otherwise the default. The client's trust domain was already checked by the chain to our
-/// roots; its datacenter is not compared (intentions are global).
+/// otherwise the default. The client's trust domain was already checked in the handshake
+/// (`tls::TrustDomainClientVerifier`); its datacenter is not compared (intentions are global).
 pub fn authorize(
     intentions: &[Intention],
     client: &SpiffeId,

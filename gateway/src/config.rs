@@ -34,6 +34,10 @@ pub struct Config {
     pub drain: Drain,
 }
 
+/// `timeouts.write_stall` by default: HAProxy's documentation suggests 30 s and more for
+/// `timeout client`/`timeout server`; a peer that accepts no byte for 30 s has stopped reading.
+pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(30);
+
 /// Listeners one process may ever have (each keeps its metric slot for the process's life).
 pub const MAX_LISTENERS: usize = 64;
 
@@ -58,6 +62,10 @@ pub struct Timeouts {
     pub connect: Duration,
     /// A proxied connection with no bytes either way for this long is closed.
     pub idle: Duration,
+    /// A proxied connection with bytes waiting for a peer that accepts none of them for this
+    /// long (the peer stopped reading) is closed: HAProxy's `timeout client`/`timeout server`
+    /// for the data phase. Shorter than `idle`, which a silent but healthy pair may reach.
+    pub write_stall: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,13 +232,19 @@ impl Config {
             client_hello: Duration::from_secs(10),
             connect: Duration::from_secs(5),
             idle: Duration::from_secs(3600),
+            write_stall: DEFAULT_WRITE_STALL,
         };
         if let Some(section) = sub_table(table, "timeouts", errors) {
-            errors.unknown_keys("timeouts", section, &["client_hello", "connect", "idle"]);
+            errors.unknown_keys(
+                "timeouts",
+                section,
+                &["client_hello", "connect", "idle", "write_stall"],
+            );
             for (key, slot) in [
                 ("client_hello", &mut timeouts.client_hello),
                 ("connect", &mut timeouts.connect),
                 ("idle", &mut timeouts.idle),
+                ("write_stall", &mut timeouts.write_stall),
             ] {
                 if let Some(value) = optional_duration(section, "timeouts", key, errors) {
                     *slot = value;
@@ -611,6 +625,7 @@ endpoints = ["127.0.0.1:9444"]
         assert_eq!(config.workers.count, Some(2));
         assert!(config.workers.pin);
         assert_eq!(config.timeouts.idle, Duration::from_secs(3600));
+        assert_eq!(config.timeouts.write_stall, DEFAULT_WRITE_STALL);
         assert_eq!(config.routes.len(), 2);
         assert_eq!(config.routes[0].endpoints.len(), 2);
         assert_eq!(

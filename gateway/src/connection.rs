@@ -252,12 +252,12 @@ async fn establish(
 
     // 4. Replay the first flight.
     let shared = relay::Shared::new(
-        snapshot.snapshot.timeouts.idle,
+        &snapshot.snapshot.timeouts,
         client,
         &upstream,
         relay::Mode::current(),
     );
-    if let Err(end) = relay::flush(&upstream, &shared, &flight.bytes).await {
+    if let Err(end) = relay::flush(&upstream, &shared, Direction::ToUpstream, &flight.bytes).await {
         finish(
             worker,
             listener_index,
@@ -297,6 +297,11 @@ fn finish(
         CloseReason::DownstreamClose => ("downstream_close", "DC"),
         CloseReason::UpstreamClose => ("upstream_close", "UC"),
         CloseReason::IdleTimeout => ("idle_timeout", "SI"),
+        // Envoy has no flag for a peer that stops reading (its SI counts silence both ways,
+        // its DT/UT are duration limits); HAProxy says sD/cD. "WS", write stall, keeps Envoy's
+        // two letters, and the side that stopped reading is in the termination details.
+        CloseReason::WriteStall(Direction::ToUpstream) => ("upstream_write_stall", "WS"),
+        CloseReason::WriteStall(Direction::ToDownstream) => ("downstream_write_stall", "WS"),
         CloseReason::Error => ("error", "-"),
     };
     log(worker, record, termination, flags);
@@ -337,6 +342,12 @@ fn log(
 }
 
 fn close_reason(a: End, b: End, shared: &relay::Shared) -> CloseReason {
+    if let End::Stalled(direction) = a {
+        return CloseReason::WriteStall(direction);
+    }
+    if let End::Stalled(direction) = b {
+        return CloseReason::WriteStall(direction);
+    }
     if a == End::Error || b == End::Error {
         CloseReason::Error
     } else if a == End::Idle || b == End::Idle {

@@ -408,6 +408,7 @@ impl Control {
                 "client_hello": format!("{:?}", config.timeouts.client_hello),
                 "connect": format!("{:?}", config.timeouts.connect),
                 "idle": format!("{:?}", config.timeouts.idle),
+                "write_stall": format!("{:?}", config.timeouts.write_stall),
             },
             "limits": {
                 "max_connections": self.metrics.control.max_connections.load(Ordering::Relaxed),

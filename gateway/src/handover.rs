@@ -16,10 +16,15 @@
 //! old → new   "done"
 //!             new binds the hand-over socket itself, for the next upgrade
 //! ```
+//!
+//! Whoever answers gets (or gives) every listening socket, so both sides trust only a peer of
+//! their own uid or root (`SO_PEERCRED`), and the socket must live in a directory that no one
+//! but its owner (this uid or root) can write to: in a directory like /tmp another user could
+//! bind the path first and pose as the running gateway.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -92,7 +97,46 @@ pub fn serve(listener: UnixListener, control: Arc<Control>) {
     }
 }
 
+/// Refuse a peer that is neither this process's uid nor root.
+fn check_peer(stream: &UnixStream) -> anyhow::Result<()> {
+    let peer = crate::sys::peer_uid(stream.as_raw_fd()).context("reading the peer's uid")?;
+    let own = crate::sys::effective_uid();
+    if peer != own && peer != 0 {
+        bail!("the peer runs as uid {peer}, not as uid {own} or root; refused");
+    }
+    Ok(())
+}
+
+/// Refuse a socket path whose directory someone other than its owner can write to, or whose
+/// owner is neither this uid nor root (either could replace the socket with their own).
+pub fn check_directory(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let metadata = std::fs::metadata(directory)
+        .with_context(|| format!("hand-over socket directory {}", directory.display()))?;
+    let own = crate::sys::effective_uid();
+    if metadata.uid() != own && metadata.uid() != 0 {
+        bail!(
+            "the hand-over socket's directory {} belongs to uid {}, not to uid {own} or root",
+            directory.display(),
+            metadata.uid()
+        );
+    }
+    if metadata.mode() & 0o022 != 0 {
+        bail!(
+            "the hand-over socket's directory {} is writable by others (mode {:o}); use a directory only its owner can write, like /run/gateway",
+            directory.display(),
+            metadata.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 fn serve_one(stream: &mut UnixStream, control: &Control) -> anyhow::Result<()> {
+    check_peer(stream)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
     stream.set_write_timeout(Some(STEP_TIMEOUT))?;
     if read_frame(stream)? != PROTOCOL {
@@ -150,6 +194,7 @@ pub struct Inherited {
 /// The new process: ask the process behind `path` for its sockets. `Ok(None)` when nobody
 /// listens there (a fresh start).
 pub fn take_over(path: &Path) -> anyhow::Result<Option<Inherited>> {
+    check_directory(path)?;
     let mut stream = match UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(error)
@@ -162,6 +207,7 @@ pub fn take_over(path: &Path) -> anyhow::Result<Option<Inherited>> {
         }
         Err(error) => return Err(error).context(format!("connecting to {}", path.display())),
     };
+    check_peer(&stream).with_context(|| format!("the process behind {}", path.display()))?;
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
     stream.set_write_timeout(Some(STEP_TIMEOUT))?;
     write_frame(&mut stream, PROTOCOL)?;
@@ -224,6 +270,7 @@ impl Inherited {
 /// gets the listening sockets.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
+    check_directory(path)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}

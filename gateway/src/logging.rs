@@ -59,3 +59,60 @@ pub fn init(level: Option<&str>, json: bool) -> LogFilter {
     }
     LogFilter { handle }
 }
+
+/// A rate limit for one repeated warning (the EMFILE pause can fire every 50 ms per worker):
+/// at most one line per `interval`, and the number of repeats left out since the last line,
+/// which that next line reports and the caller counts. Sans-IO: the caller passes `now`.
+#[derive(Debug)]
+pub struct Throttle {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub const fn new(interval: std::time::Duration) -> Throttle {
+        Throttle {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(repeats left out since the last line)` when this occurrence should be logged;
+    /// `None` when it is suppressed (and counted here).
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn one_line_per_interval_and_the_rest_counted() {
+        let mut throttle = Throttle::new(Duration::from_secs(5));
+        let start = Instant::now();
+        assert_eq!(throttle.allow(start), Some(0));
+        for step in 1..=10 {
+            assert_eq!(
+                throttle.allow(start + Duration::from_millis(50 * step)),
+                None
+            );
+        }
+        assert_eq!(throttle.allow(start + Duration::from_secs(5)), Some(10));
+        assert_eq!(throttle.allow(start + Duration::from_secs(6)), None);
+        assert_eq!(throttle.allow(start + Duration::from_secs(11)), Some(1));
+    }
+}

@@ -105,16 +105,34 @@ pub enum CloseReason {
     UpstreamClose,
     /// No bytes either way for `timeouts.idle` (SI).
     IdleTimeout,
+    /// Bytes pending for a peer that took none for `timeouts.write_stall` (WS); the direction
+    /// whose destination stopped reading.
+    WriteStall(crate::relay::Direction),
     /// A reset or IO error on either side.
     Error,
 }
 
-const CLOSE_REASONS: [(&str, CloseReason); 4] = [
-    ("downstream_close", CloseReason::DownstreamClose),
-    ("upstream_close", CloseReason::UpstreamClose),
-    ("idle_timeout", CloseReason::IdleTimeout),
-    ("error", CloseReason::Error),
+/// The metric's `reason` label of each close; both write-stall sides share one label (the
+/// access log names the side).
+const CLOSE_REASONS: [&str; 5] = [
+    "downstream_close",
+    "upstream_close",
+    "idle_timeout",
+    "write_stall",
+    "error",
 ];
+
+impl CloseReason {
+    fn label_index(self) -> usize {
+        match self {
+            CloseReason::DownstreamClose => 0,
+            CloseReason::UpstreamClose => 1,
+            CloseReason::IdleTimeout => 2,
+            CloseReason::WriteStall(_) => 3,
+            CloseReason::Error => 4,
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the connection-duration histogram: milliseconds to an hour.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -235,9 +253,7 @@ impl DestinationStats {
     }
 
     pub fn closed(&self, reason: CloseReason) {
-        if let Some(index) = CLOSE_REASONS.iter().position(|(_, r)| *r == reason) {
-            add(&self.closed[index], 1);
-        }
+        add(&self.closed[reason.label_index()], 1);
     }
 }
 
@@ -251,6 +267,8 @@ pub struct WorkerStats {
     pub health_generation: AtomicU64,
     /// Panics caught at a connection boundary (a bug, never a network condition).
     pub connection_panics: AtomicU64,
+    /// Warnings left out by a rate limit (`logging::Throttle`).
+    pub log_lines_suppressed: AtomicU64,
     pub listeners: Box<[ListenerStats]>,
     pub destinations: Box<[DestinationStats]>,
     pub connection_duration: Box<[Histogram]>,
@@ -265,6 +283,7 @@ impl WorkerStats {
             connections_active: AtomicU64::new(0),
             health_generation: AtomicU64::new(0),
             connection_panics: AtomicU64::new(0),
+            log_lines_suppressed: AtomicU64::new(0),
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             destinations: (0..MAX_DESTINATIONS)
                 .map(|_| DestinationStats::default())
@@ -634,7 +653,7 @@ impl Metrics {
             "Why proxied pairs ended.",
         );
         for (slot, labels) in &destination_labels {
-            for (index, (reason, _)) in CLOSE_REASONS.iter().enumerate() {
+            for (index, reason) in CLOSE_REASONS.iter().enumerate() {
                 let value = sum(&|w| w.destinations[*slot].closed[index].load(Ordering::Relaxed));
                 let _ = writeln!(
                     out,
@@ -711,6 +730,17 @@ impl Metrics {
             out,
             "gateway_connection_panics_total {}",
             sum(&|w| w.connection_panics.load(Ordering::Relaxed))
+        );
+        header(
+            &mut out,
+            "gateway_log_lines_suppressed_total",
+            "counter",
+            "Repeated warnings left out of the log by its rate limit.",
+        );
+        let _ = writeln!(
+            out,
+            "gateway_log_lines_suppressed_total {}",
+            sum(&|w| w.log_lines_suppressed.load(Ordering::Relaxed))
         );
         header(
             &mut out,

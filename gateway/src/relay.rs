@@ -16,6 +16,12 @@
 //! everything else in it. Instead every connection's [`Shared`] is listed per worker, and the
 //! worker's tick calls [`sweep_idle`], which shuts down the ones whose last byte is older than
 //! their idle timeout (checked every tick, so the timeout fires up to one tick late).
+//!
+//! The same sweep enforces `timeouts.write_stall`: a direction that has bytes for a peer that
+//! takes none of them marks when it started waiting, any progress clears the mark, and a mark
+//! older than the timeout closes the pair with a reset (the peer stopped reading; a FIN would
+//! only queue behind the bytes it does not take). This is HAProxy's `timeout server`/`timeout
+//! client` in the data phase; without it such a pair held four descriptors until `idle`.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -104,6 +110,10 @@ pub fn sweep_idle(now: Instant) {
                 shared.close_idle();
                 return false;
             }
+            if let Some(direction) = shared.stalled_for(now) {
+                shared.close_stalled(direction);
+                return false;
+            }
             true
         });
     });
@@ -132,6 +142,15 @@ pub enum Direction {
     ToDownstream,
 }
 
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::ToUpstream => 0,
+            Direction::ToDownstream => 1,
+        }
+    }
+}
+
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -139,6 +158,9 @@ pub enum End {
     Eof,
     /// No bytes either way for the idle timeout.
     Idle,
+    /// Bytes were pending for a peer that took none of them for the write-stall timeout; the
+    /// direction named is the one whose destination stopped reading.
+    Stalled(Direction),
     /// A reset or IO error on either socket.
     Error,
     /// The other direction failed and shut this one down.
@@ -148,7 +170,13 @@ pub enum End {
 /// State the two directions share (one task, so plain cells).
 pub struct Shared {
     idle: Duration,
+    write_stall: Duration,
     last_activity: Cell<Instant>,
+    /// Per direction (`ToUpstream`, `ToDownstream`): since when it has been waiting to write
+    /// with no byte accepted. `None` while it is not blocked on its destination.
+    stalled_since: [Cell<Option<Instant>>; 2],
+    /// The abort came from the write-stall sweep, for this direction.
+    stall_expired: Cell<Option<Direction>>,
     aborted: Cell<bool>,
     /// The abort came from the idle sweep.
     idle_expired: Cell<bool>,
@@ -167,10 +195,18 @@ pub struct Shared {
 
 impl Shared {
     /// State for one proxied pair, registered with this worker's idle sweep.
-    pub fn new(idle: Duration, client: &TcpStream, upstream: &TcpStream, mode: Mode) -> Rc<Shared> {
+    pub fn new(
+        timeouts: &crate::config::Timeouts,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        mode: Mode,
+    ) -> Rc<Shared> {
         let shared = Rc::new(Shared {
-            idle,
+            idle: timeouts.idle,
+            write_stall: timeouts.write_stall,
             last_activity: Cell::new(Instant::now()),
+            stalled_since: [Cell::new(None), Cell::new(None)],
+            stall_expired: Cell::new(None),
             aborted: Cell::new(false),
             idle_expired: Cell::new(false),
             aborted_at: Cell::new(None),
@@ -188,11 +224,39 @@ impl Shared {
 
     /// How a direction ends when it finds the pair aborted.
     fn aborted_end(&self) -> End {
-        if self.idle_expired.get() {
+        if let Some(direction) = self.stall_expired.get() {
+            End::Stalled(direction)
+        } else if self.idle_expired.get() {
             End::Idle
         } else {
             End::Aborted
         }
+    }
+
+    /// A direction is about to wait for its destination to take pending bytes: start its
+    /// stall clock unless it is already running.
+    fn waiting_to_write(&self, direction: Direction) {
+        let since = &self.stalled_since[direction.index()];
+        if since.get().is_none() {
+            since.set(Some(Instant::now()));
+        }
+    }
+
+    /// The destination took bytes: that direction is not stalled.
+    fn progressed(&self, direction: Direction) {
+        self.stalled_since[direction.index()].set(None);
+        self.last_activity.set(Instant::now());
+    }
+
+    /// The direction whose destination has taken nothing for the write-stall timeout.
+    fn stalled_for(&self, now: Instant) -> Option<Direction> {
+        [Direction::ToUpstream, Direction::ToDownstream]
+            .into_iter()
+            .find(|direction| {
+                self.stalled_since[direction.index()]
+                    .get()
+                    .is_some_and(|since| now.saturating_duration_since(since) >= self.write_stall)
+            })
     }
 
     /// splice(2) blocks on a blocking socket whatever its flags say, so both sockets are
@@ -219,6 +283,17 @@ impl Shared {
         for fd in [self.client_fd, self.upstream_fd] {
             let _ = sys::set_linger_zero(fd);
             let _ = sys::shutdown(fd, Shutdown::Read);
+        }
+    }
+
+    /// The write-stall timeout: reset both sides (a FIN would wait behind the bytes the peer
+    /// does not take, and the socket would linger), which wakes both directions.
+    fn close_stalled(&self, direction: Direction) {
+        self.stall_expired.set(Some(direction));
+        self.aborted.set(true);
+        for fd in [self.client_fd, self.upstream_fd] {
+            let _ = sys::set_linger_zero(fd);
+            let _ = sys::shutdown(fd, Shutdown::Both);
         }
     }
 
@@ -326,7 +401,9 @@ pub async fn pump(
                 }
                 Read::Backlog(pending, read) => {
                     account(shared, counter, total, read);
-                    if let Err(end) = Box::pin(flush(destination, shared, &pending)).await {
+                    if let Err(end) =
+                        Box::pin(flush(destination, shared, direction, &pending)).await
+                    {
                         return end;
                     }
                     break;
@@ -370,10 +447,10 @@ async fn splice_burst(
             match sys::splice(pipe.read.as_raw_fd(), destination_fd, left) {
                 Ok(moved) => {
                     left -= moved;
-                    shared.last_activity.set(Instant::now());
+                    shared.progressed(direction);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    wait_writable(destination, shared).await?;
+                    wait_writable(destination, shared, direction).await?;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -409,17 +486,23 @@ fn account(shared: &Shared, counter: &std::sync::atomic::AtomicU64, total: &Cell
     shared.last_activity.set(Instant::now());
 }
 
-/// Write all of `data` to `destination`, waiting for writability under the idle deadline.
-pub async fn flush(destination: &TcpStream, shared: &Shared, mut data: &[u8]) -> Result<(), End> {
+/// Write all of `data` to `destination` (the end `direction` writes to), waiting for
+/// writability under the idle and write-stall deadlines.
+pub async fn flush(
+    destination: &TcpStream,
+    shared: &Shared,
+    direction: Direction,
+    mut data: &[u8],
+) -> Result<(), End> {
     let fd = destination.as_raw_fd();
     while !data.is_empty() {
         match sys::send(fd, data) {
             Ok(sent) => {
                 data = &data[sent..];
-                shared.last_activity.set(Instant::now());
+                shared.progressed(direction);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                wait_writable(destination, shared).await?;
+                wait_writable(destination, shared, direction).await?;
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
@@ -431,8 +514,14 @@ pub async fn flush(destination: &TcpStream, shared: &Shared, mut data: &[u8]) ->
     Ok(())
 }
 
-/// Wait until `destination` takes bytes again, or the pair is aborted (error, idle sweep).
-async fn wait_writable(destination: &TcpStream, shared: &Shared) -> Result<(), End> {
+/// Wait until `destination` takes bytes again, or the pair is aborted (error, idle or
+/// write-stall sweep).
+async fn wait_writable(
+    destination: &TcpStream,
+    shared: &Shared,
+    direction: Direction,
+) -> Result<(), End> {
+    shared.waiting_to_write(direction);
     if destination.writable(false).await.is_err() {
         shared.abort();
         return Err(End::Error);

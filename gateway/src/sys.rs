@@ -129,6 +129,41 @@ pub fn set_defer_accept(fd: RawFd, seconds: u32) -> io::Result<()> {
     }
 }
 
+/// The uid of the process at the other end of a connected Unix socket (`SO_PEERCRED`, unix(7):
+/// the credentials in effect when the peer called connect(2) or listen(2)).
+pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a local ucred and its exact size; the kernel writes at most
+    // `length` bytes and updates `length`.
+    let result = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut length,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if length as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("SO_PEERCRED returned a short answer"));
+    }
+    Ok(credentials.uid)
+}
+
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, always succeeds and touches no memory of ours.
+    unsafe { libc::geteuid() }
+}
+
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns (soft before, hard).
 pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

@@ -42,6 +42,12 @@ const RING_ENTRIES: u32 = 1024;
 /// connections to close and free descriptors, short enough not to overflow the backlog.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// At most one "out of descriptors" warning per worker this often; the repeats in between are
+/// counted (`gateway_log_lines_suppressed_total`) and the next line says how many. Five
+/// seconds is the kernel's own `printk_ratelimit` interval. Each pause is still counted in
+/// `gateway_listener_accept_errors_total`.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The worker's housekeeping period, and the longest an accept loop waits for readiness
 /// before it looks at the flags again: how quickly a worker notices "stop accepting", a
 /// listener to add or close, and how often its heartbeat moves.
@@ -97,6 +103,8 @@ pub struct Worker {
     accept_loops: RefCell<Vec<(usize, Rc<Cell<bool>>)>>,
     /// The snapshot generation for which "no endpoint held out" was last published.
     health_clean_generation: Cell<Option<u64>>,
+    /// Rate limit of the EMFILE/ENFILE/ENOMEM warning (a storm repeats it every pause).
+    accept_warning: RefCell<crate::logging::Throttle>,
 }
 
 impl Worker {
@@ -112,6 +120,7 @@ impl Worker {
             access_log: shared.access_log.clone(),
             accept_loops: RefCell::new(Vec::new()),
             health_clean_generation: Cell::new(None),
+            accept_warning: RefCell::new(crate::logging::Throttle::new(ACCEPT_WARNING_INTERVAL)),
             shared,
         }
     }
@@ -261,6 +270,24 @@ impl Worker {
             inner: crate::connection::serve(Rc::clone(self), slot, stream, peer),
             worker: Rc::clone(self),
         });
+    }
+
+    /// Log an accept pause, at most once per `ACCEPT_WARNING_INTERVAL`; count the rest.
+    fn warn_accept_pause(&self, error: &io::Error) {
+        match self.accept_warning.borrow_mut().allow(Instant::now()) {
+            Some(0) => {
+                tracing::warn!(worker = self.id, %error, "accept: out of descriptors or memory; pausing");
+            }
+            Some(suppressed) => {
+                tracing::warn!(
+                    worker = self.id,
+                    %error,
+                    suppressed,
+                    "accept: out of descriptors or memory; pausing (repeats since the last line counted in gateway_log_lines_suppressed_total)"
+                );
+            }
+            None => metrics::add(&self.stats().log_lines_suppressed, 1),
+        }
     }
 
     /// The access-log line of a connection refused for `limits.max_connections` (Envoy's UO).
@@ -544,7 +571,7 @@ async fn accept_loop(worker: Rc<Worker>, slot: usize, listener: TcpListener, sto
                     if reason == AcceptError::Other {
                         tracing::debug!(%error, "accept failed");
                     } else {
-                        tracing::warn!(%error, "accept: out of descriptors or memory; pausing");
+                        worker.warn_accept_pause(&error);
                         monoio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     }
                     break;
