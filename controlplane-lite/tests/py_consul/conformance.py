@@ -181,6 +181,11 @@ def intentions_exact():
         "intention replicated",
         lambda: any(i["SourceName"] == "web" for i in s.connect.intentions.list()),
     )
+    # Written in the secondary, it is forwarded to the primary.
+    expect(s.connect.intentions.upsert("api", "socat", action="deny"), "upsert in secondary")
+    expect(p.connect.intentions.read("api", "socat")["Action"] == "deny", "forwarded")
+    expect(s.connect.intentions.delete("api", "socat"), "delete in secondary")
+    expect(p.connect.intentions.read("api", "socat") is None, "deleted in the primary")
 
 
 @check
