@@ -450,7 +450,9 @@ pub async fn deregister(
     write(&agent, move |tx| {
         let instance: ServiceInstance = tx
             .get(Table::Services, &id)?
-            .ok_or_else(|| Error::NotFound(format!("Unknown service ID {id:?}")))?;
+            .ok_or_else(|| Error::NotFound(format!(
+                    "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
+                )))?;
         require(authorizer.service_write(&instance.service), || {
             format!("service:write on {}", instance.service)
         })?;
