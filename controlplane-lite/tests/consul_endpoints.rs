@@ -127,3 +127,63 @@ fn exact_intentions() {
     assert_eq!(by_id.status, 404);
     assert_eq!(by_id.text.trim(), "Intention not found");
 }
+
+/// Bodies as HashiCorp's Go client (`github.com/hashicorp/consul/api`) marshals its structs:
+/// empty nested structs (`"MeshGateway": {}`, `"Expose": {}`), zero read-only fields and times,
+/// `null` slices.
+#[test]
+fn go_client_request_shapes() {
+    let dir = TempDir::new("consul-go-shapes");
+    let agent = Agent::start_in(dir.path(), "primary", &[]);
+    let registration = json!({
+        "ID": "web", "Name": "web", "Tags": ["v1"], "Port": 9090, "Address": "",
+        "Meta": {"version": "1"}, "EnableTagOverride": false,
+        "Weights": {"Passing": 1, "Warning": 1},
+        "Check": {"CheckID": "web-ttl", "Name": "web ttl", "TTL": "30s",
+                  "DeregisterCriticalServiceAfter": "1m"},
+        "Checks": null,
+        "Connect": {"SidecarService": {"Proxy": {"MeshGateway": {}, "Expose": {},
+            "Upstreams": [{"DestinationType": "service", "DestinationName": "socat",
+                           "LocalBindPort": 9191, "MeshGateway": {}, "Config": null}]}}},
+    });
+    let answer = agent.put(
+        "/v1/agent/service/register",
+        None,
+        &registration.to_string(),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let checks = agent.get("/v1/agent/checks", None).json();
+    assert_eq!(checks["web-ttl"]["Status"], "critical", "{checks}");
+    assert_eq!(checks["web-ttl"]["ServiceID"], "web");
+
+    let entry = json!({"Kind": "service-defaults", "Name": "socat", "Protocol": "tcp",
+        "MeshGateway": {}, "Expose": {}, "CreateIndex": 0, "ModifyIndex": 0});
+    let answer = agent.put("/v1/config", None, &entry.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let entry = json!({"Kind": "proxy-defaults", "Name": "global", "Config": null,
+        "MeshGateway": {"Mode": "local"}, "Expose": {}, "CreateIndex": 0, "ModifyIndex": 0});
+    let answer = agent.put("/v1/config", None, &entry.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.text);
+
+    let intention = json!({"ID": "", "SourceNS": "", "SourceName": "web",
+        "DestinationNS": "", "DestinationName": "socat", "SourceType": "consul",
+        "Action": "allow", "DefaultAddr": "", "DefaultPort": 0, "Meta": null, "Precedence": 0,
+        "CreatedAt": "0001-01-01T00:00:00Z", "UpdatedAt": "0001-01-01T00:00:00Z",
+        "Hash": null, "CreateIndex": 0, "ModifyIndex": 0});
+    let answer = agent.put(
+        "/v1/connect/intentions/exact?source=web&destination=socat",
+        None,
+        &intention.to_string(),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    // Fields Consul has that are not implemented are refused, not dropped.
+    let l7 = json!({"SourceName": "web", "DestinationName": "socat",
+        "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]});
+    let answer = agent.put(
+        "/v1/connect/intentions/exact?source=web&destination=socat",
+        None,
+        &l7.to_string(),
+    );
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert!(answer.text.contains("Permissions"), "{}", answer.text);
+}
