@@ -411,7 +411,8 @@ fn consul_client_shapes_and_token_update() {
     assert_eq!(answer.status, 400);
     assert!(answer.text.contains("Roles"), "{}", answer.text);
 
-    // A deleted token: reading it, or using its secret, is Consul's 403 "ACL not found".
+    // A deleted token: using its secret is Consul's 403 "ACL not found"; reading it by accessor
+    // is Consul's 404, whose text also ends in "ACL not found".
     let answer = agent.request(
         "DELETE",
         &format!("/v1/acl/token/{accessor}"),
@@ -419,18 +420,30 @@ fn consul_client_shapes_and_token_update() {
         None,
     );
     assert_eq!(answer.status, 200, "{}", answer.text);
-    for answer in [
-        agent.get(&format!("/v1/acl/token/{accessor}"), Some(&management)),
-        agent.get("/v1/acl/token/self", Some(&secret)),
-        agent.put(
-            &format!("/v1/acl/token/{accessor}"),
-            Some(&management),
-            &update.to_string(),
-        ),
-    ] {
-        assert_eq!(answer.status, 403, "{}", answer.text);
-        assert!(answer.text.contains("ACL not found"), "{}", answer.text);
-    }
+    let answer = agent.get("/v1/acl/token/self", Some(&secret));
+    assert_eq!(answer.status, 403, "{}", answer.text);
+    assert_eq!(answer.text.trim(), "ACL not found");
+    let answer = agent.get(&format!("/v1/acl/token/{accessor}"), Some(&management));
+    assert_eq!(answer.status, 404, "{}", answer.text);
+    assert_eq!(
+        answer.text.trim(),
+        "Requested token does not exist: ACL not found"
+    );
+    let answer = agent.put(
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        &update.to_string(),
+    );
+    assert_eq!(answer.status, 404, "{}", answer.text);
+    assert!(answer.text.contains("Cannot find token"), "{}", answer.text);
+    let answer = agent.request(
+        "DELETE",
+        &format!("/v1/acl/token/{accessor}"),
+        Some(&management),
+        None,
+    );
+    assert_eq!(answer.status, 404, "{}", answer.text);
+    assert_eq!(answer.text.trim(), "Cannot find token to delete");
 }
 
 fn uuid_like(n: u8) -> String {

@@ -134,8 +134,33 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
         state.status == 200 && state.json()["AgentAddress"] == json!(primary_https)
     });
 
+    // Every read Consul allows `?dc=` on is forwarded, not only health/connect: the catalog,
+    // health and config reads of the primary, asked at the secondary.
+    let services = ok(secondary.get("/v1/catalog/services?dc=primary", Some(token)));
+    assert!(services.get("socat").is_some(), "{services}");
+    let local = ok(secondary.get("/v1/catalog/services", Some(token)));
+    assert!(local.get("socat").is_none(), "{local}");
+    let rows = ok(secondary.get("/v1/health/service/socat?dc=primary", Some(token)));
+    assert_eq!(rows[0]["Node"]["Datacenter"], "primary", "{rows}");
+    let rows = ok(primary.get("/v1/catalog/service/web?dc=secondary", Some(token)));
+    assert_eq!(rows[0]["Datacenter"], "secondary", "{rows}");
+    // The caller's own token travels: without one, the remote's ACLs (default deny) decide.
+    let anonymous = secondary.get("/v1/catalog/service/socat?dc=primary", None);
+    assert_eq!(anonymous.status, 200, "{}", anonymous.text);
+    assert_eq!(
+        anonymous.json(),
+        json!([]),
+        "filtered by the primary's ACLs"
+    );
+    // Agent endpoints do not take `?dc=`: they describe the agent asked.
+    let me = ok(secondary.get("/v1/agent/self?dc=primary", Some(token)));
+    assert_eq!(me["Config"]["Datacenter"], "secondary");
+
     let unknown = secondary.get("/v1/health/connect/socat?dc=elsewhere", Some(token));
     // Consul's error for an unknown datacenter (structs.ErrNoDCPath), with its status.
+    assert_eq!(unknown.status, 500, "{}", unknown.text);
+    assert_eq!(unknown.text.trim(), "No path to datacenter");
+    let unknown = primary.get("/v1/catalog/services?dc=elsewhere", Some(token));
     assert_eq!(unknown.status, 500, "{}", unknown.text);
     assert_eq!(unknown.text.trim(), "No path to datacenter");
 

@@ -19,6 +19,11 @@ use crate::catalog::{from_value, validate_name};
 use crate::error::{Error, Result};
 use crate::store::{Table, Transaction};
 
+/// Consul's 404 texts for a missing token or policy (both end in its `ACL not found`, which
+/// clients such as Terraform's provider look for).
+const TOKEN_NOT_FOUND: &str = "Requested token does not exist: ACL not found";
+const POLICY_NOT_FOUND: &str = "Requested policy does not exist: ACL not found";
+
 fn acl_read(agent: &AgentState, ctx: &Ctx) -> Result<Authorizer> {
     let authorizer = ctx.authorizer(agent)?;
     require(authorizer.acl_read(), || "acl:read".to_owned())?;
@@ -184,7 +189,7 @@ pub async fn update_policy(
     let policy = write(&agent, move |tx| {
         let existing: Policy = tx
             .get(Table::AclPolicies, &id)?
-            .ok_or_else(|| Error::NotFound(format!("ACL policy {id:?} not found")))?;
+            .ok_or_else(|| Error::NotFound(POLICY_NOT_FOUND.to_owned()))?;
         let policy = Policy {
             id: id.clone(),
             name: request.name,
@@ -238,7 +243,7 @@ pub async fn read_policy(
         agent
             .store
             .get::<Policy>(Table::AclPolicies, &id)?
-            .ok_or_else(|| Error::NotFound(format!("ACL policy {id:?} not found")))
+            .ok_or_else(|| Error::NotFound(POLICY_NOT_FOUND.to_owned()))
     })
     .await
 }
@@ -256,7 +261,7 @@ pub async fn read_policy_by_name(
             .list::<Policy>(Table::AclPolicies)?
             .into_iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| Error::NotFound(format!("ACL policy {name:?} not found")))
+            .ok_or_else(|| Error::NotFound(POLICY_NOT_FOUND.to_owned()))
     })
     .await
 }
@@ -483,8 +488,10 @@ pub async fn update_token(
     let secret_id = check_uuid(&request.secret_id, "SecretID")?;
     let authorizer = acl_write(&agent, &ctx)?;
     let token = write(&agent, move |tx| {
-        // Consul answers an unknown accessor with its ACL-not-found error (403).
-        let existing: Token = tx.get(Table::AclTokens, &id)?.ok_or(Error::AclNotFound)?;
+        // Consul's text; its status is a 500, ours a 404 (the client's mistake, not ours).
+        let existing: Token = tx
+            .get(Table::AclTokens, &id)?
+            .ok_or_else(|| Error::NotFound(format!("Cannot find token {id:?}")))?;
         if secret_id.as_ref().is_some_and(|s| *s != existing.secret_id) {
             return Err(Error::bad_request(
                 "Changing a tokens SecretID is not allowed",
@@ -537,7 +544,7 @@ pub async fn read_token(
             let token = agent
                 .store
                 .get::<Token>(Table::AclTokens, &id)?
-                .ok_or(Error::AclNotFound)?;
+                .ok_or_else(|| Error::NotFound(TOKEN_NOT_FOUND.to_owned()))?;
             Ok(render_token(with_policy_names(&agent, token)?, &authorizer))
         },
     )
@@ -595,7 +602,7 @@ pub async fn delete_token(
     acl_write(&agent, &ctx)?;
     let existed = write(&agent, move |tx| tx.delete(Table::AclTokens, &id)).await?;
     if !existed {
-        return Err(Error::NotFound("ACL token not found".to_owned()));
+        return Err(Error::NotFound("Cannot find token to delete".to_owned()));
     }
     Ok(json_with_index(agent.store.index(Table::AclTokens), &true))
 }

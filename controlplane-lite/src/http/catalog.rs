@@ -383,9 +383,7 @@ fn replace_checks(
 /// Removes instance `id`, the sidecars that front it, and their checks (no ACL check: the
 /// caller has done it, or is the agent itself). Returns the removed instance.
 pub fn deregister_service(tx: &mut Transaction<'_>, id: &str) -> Result<Option<ServiceInstance>> {
-    let Some(instance) = tx.get::<ServiceInstance>(Table::Services, id)? else {
-        return Ok(None);
-    };
+    let instance = tx.get::<ServiceInstance>(Table::Services, id)?;
     let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
     let mut removed: Vec<String> = services
         .iter()
@@ -405,7 +403,9 @@ pub fn deregister_service(tx: &mut Transaction<'_>, id: &str) -> Result<Option<S
     for service in &removed {
         tx.delete(Table::Services, service)?;
     }
-    Ok(Some(instance))
+    // Checks of an instance that is already gone are removed too, so the check runner never
+    // asks again for the same deregistration.
+    Ok(instance)
 }
 
 /// Registers definitions from the agent's own config dir (trusted: management rights).
@@ -450,7 +450,9 @@ pub async fn deregister(
     write(&agent, move |tx| {
         let instance: ServiceInstance = tx
             .get(Table::Services, &id)?
-            .ok_or_else(|| Error::NotFound(format!("Unknown service ID {id:?}")))?;
+            .ok_or_else(|| Error::NotFound(format!(
+                    "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
+                )))?;
         require(authorizer.service_write(&instance.service), || {
             format!("service:write on {}", instance.service)
         })?;
