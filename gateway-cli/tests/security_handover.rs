@@ -62,6 +62,9 @@ fn a_peer_with_another_uid_gets_no_sockets() {
         return;
     }
     let dir = temp_dir("handover-peer");
+    // Test directories are 0700; the attacker (nobody) must reach the socket file so that the
+    // uid check, not the directory's mode, is what refuses it.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let socket = dir.join("handover.sock");
     let gateway = Gateway::start_from(handover_config(&socket), &[]);
     // The socket file is 0600; a lax mode (or an abstract socket) would let anyone connect,
