@@ -1,0 +1,53 @@
+//! The gateway's integration tests, as one test binary: each file of this folder is a module
+//! here (with `autotests = false` in Cargo.toml), so the workspace links one binary instead
+//! of a dozen and their tests share one parallel run. Each file keeps its own `mod common;`
+//! (a `#[path]` module resolves its submodules beside it), so a file is written as if it
+//! were its own test crate. A new file must be listed here; `every_test_file_is_listed`
+//! fails otherwise, so none is silently left out.
+// Each file uses a different part of the harness. Each file's `mod common;` / `mod
+// mesh_support;` loads the same few lines of re-exports from test-support; loading them once
+// per file keeps every file self-contained.
+#![allow(dead_code, unused_imports, clippy::duplicate_mod)]
+
+#[path = "guide_netns.rs"]
+mod guide_netns;
+#[path = "mesh_failover.rs"]
+mod mesh_failover;
+#[path = "mesh_federation.rs"]
+mod mesh_federation;
+#[path = "mesh_gateway.rs"]
+mod mesh_gateway;
+#[path = "ops_access_log.rs"]
+mod ops_access_log;
+#[path = "ops_admin.rs"]
+mod ops_admin;
+#[path = "ops_drain.rs"]
+mod ops_drain;
+#[path = "ops_handover.rs"]
+mod ops_handover;
+#[path = "ops_reload.rs"]
+mod ops_reload;
+#[path = "proxy.rs"]
+mod proxy;
+#[path = "real_clients.rs"]
+mod real_clients;
+#[path = "sidecar_mtls.rs"]
+mod sidecar_mtls;
+
+#[test]
+fn every_test_file_is_listed() {
+    let listed = include_str!("main.rs");
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&folder).expect("tests folder") {
+        let name = entry.expect("entry").file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".rs") && name != "main.rs" && !listed.contains(&format!("\"{name}\"")) {
+            missing.push(name.into_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not listed in tests/main.rs: {missing:?}"
+    );
+}
