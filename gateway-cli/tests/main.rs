@@ -31,6 +31,14 @@ mod ops_reload;
 mod proxy;
 #[path = "real_clients.rs"]
 mod real_clients;
+#[path = "resilience_emfile.rs"]
+mod resilience_emfile;
+#[path = "resilience_stall.rs"]
+mod resilience_stall;
+#[path = "security_admin.rs"]
+mod security_admin;
+#[path = "security_handover.rs"]
+mod security_handover;
 #[path = "sidecar_mtls.rs"]
 mod sidecar_mtls;
 
