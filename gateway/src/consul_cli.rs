@@ -129,6 +129,10 @@ pub struct SidecarCommand {
     /// Bind the public listener here instead of the registered address.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Leave client addresses out of every log line (like the gateway's
+    /// `[access_log] redact_addresses`).
+    #[arg(long)]
+    redact_addresses: bool,
 }
 
 impl SidecarCommand {
@@ -140,6 +144,7 @@ impl SidecarCommand {
             http_addr: http_addr(self.http_addr),
             admin_bind: self.admin_bind,
             listen: self.listen,
+            redact_addresses: self.redact_addresses,
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Args {
     /// Bind the public listener here instead of the registered address (for a sidecar
     /// behind a port mapping; the catalog still advertises the registered one).
     pub listen: Option<SocketAddr>,
+    /// `-redact-addresses`: no client address in any log line, at any level.
+    pub redact_addresses: bool,
 }
 
 /// The sidecar's configuration as the control plane resolves it (`/v1/internal/sidecar/:id`),
@@ -249,6 +251,8 @@ pub struct Shared {
     pub authz: ArcSwap<Authorization>,
     pub stats: Stats,
     pub round_robin: AtomicUsize,
+    /// Leave client addresses out of log lines.
+    pub redact_addresses: bool,
     /// Upstream listener tasks by `local_bind`.
     upstream_tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -314,6 +318,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         authz: ArcSwap::from_pointee(authorization),
         stats,
         round_robin: AtomicUsize::new(0),
+        redact_addresses: args.redact_addresses,
         upstream_tasks: Mutex::new(HashMap::new()),
     });
 
