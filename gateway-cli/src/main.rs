@@ -69,7 +69,16 @@ fn main() -> ExitCode {
         matches!(cli.log_format, LogFormat::Json),
     );
     match cli.command {
-        Command::Validate { config } => match Config::load(&config) {
+        Command::Validate { config } => match Config::load(&config).and_then(|parsed| {
+            // The token file is read at start; a bad one should fail validation too (systemd
+            // runs `validate` before start and reload).
+            match parsed.admin_token_file.as_deref() {
+                Some(path) => gateway::admin::AdminToken::load(path)
+                    .map(|_| parsed)
+                    .map_err(|error| vec![format!("admin.token_file: {error}")]),
+                None => Ok(parsed),
+            }
+        }) {
             Ok(parsed) => {
                 println!(
                     "{}: OK ({} listener(s), {} route(s))",

@@ -17,16 +17,24 @@ mod mesh_failover;
 mod mesh_federation;
 #[path = "mesh_gateway.rs"]
 mod mesh_gateway;
+#[path = "mesh_reload.rs"]
+mod mesh_reload;
 #[path = "ops_access_log.rs"]
 mod ops_access_log;
+#[path = "ops_access_log_dropped.rs"]
+mod ops_access_log_dropped;
 #[path = "ops_admin.rs"]
 mod ops_admin;
+#[path = "ops_documented.rs"]
+mod ops_documented;
 #[path = "ops_drain.rs"]
 mod ops_drain;
 #[path = "ops_handover.rs"]
 mod ops_handover;
 #[path = "ops_reload.rs"]
 mod ops_reload;
+#[path = "ops_watchdog.rs"]
+mod ops_watchdog;
 #[path = "proxy.rs"]
 mod proxy;
 #[path = "real_clients.rs"]
@@ -41,6 +49,8 @@ mod security_admin;
 mod security_handover;
 #[path = "sidecar_mtls.rs"]
 mod sidecar_mtls;
+#[path = "sidecar_redact.rs"]
+mod sidecar_redact;
 
 #[test]
 fn every_test_file_is_listed() {

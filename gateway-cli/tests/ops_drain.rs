@@ -105,8 +105,16 @@ fn the_drain_timeout_closes_what_is_left_and_exits_0() {
     let took = signalled.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-        "exit after the 1 s drain timeout, took {took:?}"
+        took >= Duration::from_millis(900),
+        "not before the 1 s drain timeout, took {took:?}"
+    );
+    // The timeout (not the connection finishing) ended the drain.
+    assert!(
+        gateway
+            .stderr()
+            .contains("drain timeout: closing the remaining connections"),
+        "{}",
+        gateway.stderr()
     );
     // The connection that did not finish was closed with the process.
     long.set_read_timeout(Some(Duration::from_secs(2)))
@@ -120,18 +128,32 @@ fn a_second_sigterm_exits_at_once() {
     let (mut gateway, _backend) = drain_gateway("announce = \"30s\"\ntimeout = \"30s\"");
     let _long = established(gateway.listen);
     gateway.signal("TERM");
-    thread::sleep(Duration::from_millis(300));
+    // Two signals sent before the first is handled merge into one: wait until the gateway
+    // says it is draining before sending the second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(gateway.admin, "GET", "/ready").map_or(0, |(status, _)| status) != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "the first SIGTERM did not start a drain"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         gateway.child.try_wait().expect("wait").is_none(),
         "first SIGTERM drains"
     );
-    let second = Instant::now();
     gateway.signal("TERM");
+    // The drain has 30 s of announce left: exiting within the wait's deadline, and saying
+    // why, is the second signal's doing.
     let status = gateway
-        .wait_exit(Duration::from_secs(3))
+        .wait_exit(Duration::from_secs(10))
         .expect("second SIGTERM exits at once");
     assert!(status.success(), "{status:?}");
-    assert!(second.elapsed() < Duration::from_secs(2));
+    assert!(
+        gateway.stderr().contains("second SIGTERM: exiting now"),
+        "{}",
+        gateway.stderr()
+    );
 }
 
 #[test]

@@ -157,15 +157,18 @@ fn eof_before_the_hello_is_complete_closes_at_once() {
     let mut stream = connect(gateway.listen);
     stream.write_all(&hello[..hello.len() / 2]).expect("send");
     stream.shutdown(Shutdown::Write).expect("half-close");
-    let started = Instant::now();
     assert!(read_to_end(&mut stream).is_empty());
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // Closed because of the EOF, not by the 10 s hello deadline: counted as such.
     assert_eq!(
         gateway.wait_metric(
             "gateway_client_hello_total{listener=\"wan\",result=\"eof\"}",
             1.0
         ),
         1.0
+    );
+    assert_eq!(
+        gateway.metric("gateway_client_hello_total{listener=\"wan\",result=\"timeout\"}"),
+        0.0
     );
 }
 
@@ -192,7 +195,8 @@ fn a_slow_hello_hits_the_deadline() {
     if !closed {
         assert!(read_to_end(&mut stream).is_empty());
     }
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The deadline closed it (not EOF or anything else): the timeout counter says so.
+    assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(
         gateway.wait_metric(
             "gateway_client_hello_total{listener=\"wan\",result=\"timeout\"}",
@@ -311,10 +315,8 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     let started = Instant::now();
     assert!(read_to_end(&mut stream).is_empty());
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
+    // Not before the timeout; that it was the idle timeout that closed it, the counter says.
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
     assert_eq!(
         gateway.wait_metric(&format!("gateway_connections_closed_total{{destination_service=\"{}\",destination_datacenter=\"\",reason=\"idle_timeout\"}}", testdata_sni(HELLO)), 1.0),
         1.0

@@ -225,3 +225,38 @@ fn debug_logs_redact_client_addresses_and_unrouted_names() {
         assert!(!log.contains(&secret), "`{secret}` in the log:\n{log}");
     }
 }
+
+#[test]
+fn validate_checks_the_token_file() {
+    let dir = temp_dir("admin-token-validate");
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, "token\n").expect("write token");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ),
+    )
+    .expect("write config");
+    let validate = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["validate", "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("run validate")
+    };
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o640))
+        .expect("chmod token");
+    let output = validate();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("admin.token_file"),
+        "{output:?}"
+    );
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod token");
+    assert!(validate().status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -253,6 +253,8 @@ pub struct Shared {
     pub authz: ArcSwap<Authorization>,
     pub stats: Stats,
     pub round_robin: AtomicUsize,
+    /// Leave client addresses out of log lines.
+    pub redact_addresses: bool,
     /// Upstream listener tasks by `local_bind`.
     upstream_tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -318,6 +320,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         authz: ArcSwap::from_pointee(authorization),
         stats,
         round_robin: AtomicUsize::new(0),
+        redact_addresses: args.redact_addresses,
         upstream_tasks: Mutex::new(HashMap::new()),
     });
 

@@ -82,7 +82,7 @@ pub fn start(
         AccessLogTarget::Stdout => Sink::Stdout(BufWriter::new(std::io::stdout())),
         AccessLogTarget::File(path) => Sink::File(BufWriter::new(open(path)?), path.clone()),
     };
-    let (sender, receiver) = sync_channel(QUEUE_LINES);
+    let (sender, receiver) = sync_channel(queue_lines());
     let reopen = Arc::new(AtomicBool::new(false));
     let reopen_requested = Arc::clone(&reopen);
     std::thread::Builder::new()
@@ -96,6 +96,20 @@ pub fn start(
         },
         AccessLogControl { sender, reopen },
     )))
+}
+
+/// The queue's capacity: `QUEUE_LINES`, or in debug builds a smaller one from
+/// `GATEWAY_ACCESS_LOG_QUEUE_LINES`, so that a test can reach the dropped-lines path with a
+/// few hundred connections instead of a hundred thousand.
+fn queue_lines() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(lines) = std::env::var("GATEWAY_ACCESS_LOG_QUEUE_LINES")
+        .ok()
+        .and_then(|value| value.parse::<usize>().ok())
+    {
+        return lines.clamp(1, QUEUE_LINES);
+    }
+    QUEUE_LINES
 }
 
 fn open(path: &PathBuf) -> std::io::Result<File> {

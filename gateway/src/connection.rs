@@ -206,6 +206,14 @@ async fn establish(
     {
         panic!("fault injection: a connection panics");
     }
+    // Fault injection for the stuck-worker test: block the whole worker thread, as a bug
+    // that spins or blocks would, so that its heartbeat stops. Debug builds only.
+    #[cfg(debug_assertions)]
+    if server_name.is_some_and(|name| name.starts_with("stall.fault-injection."))
+        && std::env::var_os("GATEWAY_FAULT_INJECTION").is_some()
+    {
+        std::thread::sleep(Duration::from_secs(8));
+    }
 
     // 2. The route, from this connection's one snapshot.
     let cluster_index = match snapshot.snapshot.table.lookup(server_name) {

@@ -94,6 +94,8 @@ pub struct SidecarArgs {
     /// Bind the public listener here instead of the registered address (for a sidecar
     /// behind a port mapping; the catalog still advertises the registered one).
     pub listen: Option<SocketAddr>,
+    /// `-redact-addresses`: no client address in any log line, at any level.
+    pub redact_addresses: bool,
 }
 
 /// `gateway mesh -register -service-name N -address A -wan-address W -token T -http-addr CP`
@@ -165,6 +167,10 @@ pub struct SidecarCommand {
     /// Bind the public listener here instead of the registered address.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Leave client addresses out of every log line (like the gateway's
+    /// `[access_log] redact_addresses`).
+    #[arg(long)]
+    redact_addresses: bool,
 }
 
 impl SidecarCommand {
@@ -176,6 +182,7 @@ impl SidecarCommand {
             http_addr: http_addr(self.http_addr),
             admin_bind: self.admin_bind,
             listen: self.listen,
+            redact_addresses: self.redact_addresses,
         }
     }
 }

@@ -270,17 +270,22 @@ impl Gateway {
     }
 
     /// The value of one sample, e.g. `gateway_client_hello_total{listener="wan",result="not_tls"}`.
+    /// A sample the gateway does not export fails the test: reading it as 0 would let a
+    /// renamed or removed metric pass every "is 0" check.
     pub fn metric(&self, sample: &str) -> f64 {
-        metric_value(&self.metrics(), sample)
+        let text = self.metrics();
+        metric_value(&text, sample).unwrap_or_else(|| panic!("no sample `{sample}` in:\n{text}"))
     }
 
-    /// Wait until a sample reaches a value (counters are updated as connections end).
+    /// Wait until a sample reaches a value (counters are updated as connections end). A
+    /// sample still absent at the deadline fails the test.
     pub fn wait_metric(&self, sample: &str, at_least: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let value = self.metric(sample);
-            if value >= at_least || Instant::now() > deadline {
-                return value;
+            let text = self.metrics();
+            let value = metric_value(&text, sample);
+            if value.is_some_and(|value| value >= at_least) || Instant::now() > deadline {
+                return value.unwrap_or_else(|| panic!("no sample `{sample}` in:\n{text}"));
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -294,11 +299,11 @@ impl Drop for Gateway {
     }
 }
 
-pub fn metric_value(text: &str, sample: &str) -> f64 {
+/// The value of one sample in Prometheus text; `None` when it is absent (never read as 0).
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A minimal HTTP/1.1 request (admin API), returning status and body.
