@@ -384,6 +384,31 @@ fn the_epoll_fallback_proxies_too() {
 }
 
 #[test]
+fn every_ring_setup_proxies_and_says_which_it_took() {
+    for setup in ["defer", "coop", "plain"] {
+        let backend = echo_backend();
+        let gateway = Gateway::start_with_env(
+            &route(&testdata_sni(HELLO), &[backend.address]),
+            &[("GATEWAY_RING_SETUP", setup), ("GATEWAY_LOG", "info")],
+        );
+        let hello = testdata(HELLO);
+        let payload = pattern(70_000, 4);
+        let received = echo_exchange(&gateway, &hello, &payload);
+        assert!(
+            received[hello.len()..] == payload[..],
+            "{setup}: bytes intact"
+        );
+        // This kernel accepts every setup, so the worker must say it took the one asked for.
+        let log = gateway.stderr();
+        let line = log
+            .lines()
+            .find(|line| line.contains("io_uring ring set up"))
+            .unwrap_or_else(|| panic!("{setup}: no ring setup line in {log}"));
+        assert!(line.contains(&format!("\"{setup}\"")), "{setup}: {line}");
+    }
+}
+
+#[test]
 fn a_busy_port_is_a_clear_error() {
     let (gateway, _backend) = echo_gateway();
     let dir = temp_dir("busy");

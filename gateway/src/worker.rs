@@ -460,10 +460,10 @@ fn build_runtime(id: usize) -> std::io::Result<WorkerRuntime> {
         match built {
             Ok(runtime) => {
                 if monoio::utils::detect_uring() {
-                    tracing::debug!(
+                    tracing::info!(
                         worker = id,
                         ring_setup = setup.name(),
-                        "io_uring runtime built"
+                        "io_uring ring set up"
                     );
                 }
                 return Ok(runtime);
