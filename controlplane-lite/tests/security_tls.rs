@@ -202,3 +202,66 @@ fn plain_http_across_datacenters_needs_the_insecure_flag() {
         },
     );
 }
+
+#[test]
+fn a_new_trust_domain_from_the_primary_is_refused() {
+    // A primary that is TLS-trusted but was rebuilt (a fresh data dir, so a new cluster id and
+    // root) at the address the secondary knows: the secondary keeps its trust domain.
+    let certs_dir = TempDir::new("td-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+    let (primary_dir, secondary_dir) = (TempDir::new("td-p"), TempDir::new("td-s"));
+    let (mut first, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
+    let relay = Relay::start(&first.https_address.clone().expect("https"));
+    let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+    let trust_domain = |agent: &Agent| {
+        let roots = agent.get("/v1/connect/ca/roots", None);
+        (roots.status == 200).then(|| roots.json()["TrustDomain"].clone())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the secondary adopts the CA",
+        || {
+            trust_domain(&secondary).is_some()
+                && secondary
+                    .get("/v1/acl/token/self", Some(&management))
+                    .status
+                    == 200
+        },
+    );
+    let adopted = trust_domain(&secondary);
+    assert_eq!(adopted, trust_domain(&first));
+
+    first.kill9();
+    let rebuilt_dir = TempDir::new("td-p2");
+    // The rebuilt primary gets the same replication token secret, as an operator restoring
+    // only the ACLs would (so replication of the rest would succeed).
+    let flags = owned(
+        &["-acl-default-policy", "allow"],
+        certs.agent_flags("primary"),
+    );
+    let rebuilt = Agent::start_in(rebuilt_dir.path(), "primary", &refs(&flags));
+    let token = json!({"SecretID": replication, "Policies": [{"Name": "global-management"}]});
+    let made = rebuilt.put("/v1/acl/token", None, &token.to_string());
+    assert_eq!(made.status, 403, "ACL writes need a token: {}", made.text);
+    let rebuilt_management = rebuilt.bootstrap();
+    let made = rebuilt.put(
+        "/v1/acl/token",
+        Some(&rebuilt_management),
+        &token.to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.text);
+    assert_ne!(trust_domain(&rebuilt), adopted);
+    relay.retarget(&rebuilt.https_address.clone().expect("https"));
+
+    eventually(
+        Duration::from_secs(30),
+        "the change is refused and counted",
+        || {
+            secondary.get("/metrics", None).text.contains(
+                "controlplane_replication_ca_changes_refused_total{reason=\"trust_domain\"}",
+            )
+        },
+    );
+    assert_eq!(trust_domain(&secondary), adopted);
+}
