@@ -77,7 +77,10 @@ fn the_wan_link_is_tls_and_carries_no_secret_in_clear() {
     let certs_dir = TempDir::new("tls-certs");
     let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
     let (primary_dir, secondary_dir) = (TempDir::new("tls-p"), TempDir::new("tls-s"));
-    let (primary, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
+    // The primary also requires client certificates: the secondary presents its own.
+    let mut primary_flags = certs.agent_flags("primary");
+    primary_flags.push("-verify-incoming".to_owned());
+    let (primary, management, replication) = primary(&primary_dir, primary_flags);
     // A recording relay stands for the WAN link.
     let relay = Relay::start(&primary.https_address.clone().expect("https"));
     let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
