@@ -70,6 +70,8 @@ pub struct Agent {
     /// The HTTP address other datacenters reach this agent at, once it listens (published
     /// in this datacenter's federation state).
     pub http_address: std::sync::OnceLock<String>,
+    /// One permit per blocking query held open (`-http-max-blocking-queries`).
+    pub blocking_slots: tokio::sync::Semaphore,
 }
 
 impl Agent {
@@ -90,6 +92,7 @@ impl Agent {
             )),
             _ => None,
         };
+        let blocking_slots = tokio::sync::Semaphore::new(config.limits.max_blocking_queries);
         let agent = Arc::new(Agent {
             config,
             store,
@@ -97,6 +100,7 @@ impl Agent {
             primary,
             shutdown,
             http_address: std::sync::OnceLock::new(),
+            blocking_slots,
         });
         agent.initialise(OffsetDateTime::now_utc())?;
         if let Some(root) = agent.active_root()? {

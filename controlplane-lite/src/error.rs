@@ -28,6 +28,9 @@ pub enum Error {
     /// The embedded store failed: disk full, corrupted file, I/O error (HTTP 500, our fault).
     #[error("store: {0}")]
     Store(String),
+    /// A limit of the agent is reached, e.g. too many blocking queries (HTTP 429; retry later).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The agent could not start: a bad flag, a port in use, an unreadable config dir (the
     /// operator's to fix).
     #[error("{0}")]
@@ -54,6 +57,7 @@ impl Error {
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             Error::Unavailable(_) => 503,
+            Error::TooManyRequests(_) => 429,
             Error::Store(_) | Error::Internal(_) | Error::Startup(_) => 500,
         }
     }

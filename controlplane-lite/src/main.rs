@@ -87,6 +87,7 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
             max_conns: flags.http_max_conns,
             max_conns_per_client: flags.http_max_conns_per_client,
             header_timeout: std::time::Duration::from_secs(flags.http_header_timeout.max(1)),
+            max_blocking_queries: flags.http_max_blocking_queries,
         },
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a

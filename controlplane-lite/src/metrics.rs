@@ -29,6 +29,7 @@ pub struct Metrics {
     root_expiry: AtomicI64,
     replication: Mutex<BTreeMap<&'static str, ReplicationGauges>>,
     replication_resets: Mutex<BTreeMap<&'static str, u64>>,
+    ca_changes_refused: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -108,6 +109,12 @@ impl Metrics {
         );
     }
 
+    /// Counts one CA change from the primary that the secondary refused (`reason`:
+    /// `trust_domain` or `root`).
+    pub fn count_ca_change_refused(&self, reason: &'static str) {
+        bump(&self.ca_changes_refused, reason);
+    }
+
     /// Counts one full resync after the primary's index went backwards.
     pub fn count_replication_reset(&self, kind: &'static str) {
         bump(&self.replication_resets, kind);
@@ -177,6 +184,25 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "controlplane_replication_resets_total{{type=\"{kind}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_replication_ca_changes_refused_total CA changes from the primary the secondary refused (another trust domain, or a root that does not chain to the held one)."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE controlplane_replication_ca_changes_refused_total counter"
+        );
+        for (reason, n) in self
+            .ca_changes_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "controlplane_replication_ca_changes_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
         let _ = writeln!(

@@ -29,6 +29,8 @@ pub struct Limits {
     /// A request's header, and the TLS handshake, must arrive within this; an idle keep-alive
     /// connection is closed after it.
     pub header_timeout: Duration,
+    /// Blocking queries held open at once; more are answered 429.
+    pub max_blocking_queries: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +39,7 @@ impl Default for Limits {
             max_conns: 4096,
             max_conns_per_client: 200,
             header_timeout: Duration::from_secs(10),
+            max_blocking_queries: 2048,
         }
     }
 }
@@ -229,6 +232,7 @@ mod tests {
                 max_conns: 3,
                 max_conns_per_client: 2,
                 header_timeout: Duration::from_secs(1),
+                max_blocking_queries: 1,
             },
             counts: Arc::default(),
         };

@@ -77,7 +77,10 @@ fn the_wan_link_is_tls_and_carries_no_secret_in_clear() {
     let certs_dir = TempDir::new("tls-certs");
     let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
     let (primary_dir, secondary_dir) = (TempDir::new("tls-p"), TempDir::new("tls-s"));
-    let (primary, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
+    // The primary also requires client certificates: the secondary presents its own.
+    let mut primary_flags = certs.agent_flags("primary");
+    primary_flags.push("-verify-incoming".to_owned());
+    let (primary, management, replication) = primary(&primary_dir, primary_flags);
     // A recording relay stands for the WAN link.
     let relay = Relay::start(&primary.https_address.clone().expect("https"));
     let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
@@ -201,4 +204,159 @@ fn plain_http_across_datacenters_needs_the_insecure_flag() {
                 == 200
         },
     );
+}
+
+#[test]
+fn a_new_trust_domain_from_the_primary_is_refused() {
+    // A primary that is TLS-trusted but was rebuilt (a fresh data dir, so a new cluster id and
+    // root) at the address the secondary knows: the secondary keeps its trust domain.
+    let certs_dir = TempDir::new("td-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+    let (primary_dir, secondary_dir) = (TempDir::new("td-p"), TempDir::new("td-s"));
+    let (mut first, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
+    let relay = Relay::start(&first.https_address.clone().expect("https"));
+    let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+    let trust_domain = |agent: &Agent| {
+        let roots = agent.get("/v1/connect/ca/roots", None);
+        (roots.status == 200).then(|| roots.json()["TrustDomain"].clone())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the secondary adopts the CA",
+        || {
+            trust_domain(&secondary).is_some()
+                && secondary
+                    .get("/v1/acl/token/self", Some(&management))
+                    .status
+                    == 200
+        },
+    );
+    let adopted = trust_domain(&secondary);
+    assert_eq!(adopted, trust_domain(&first));
+
+    first.kill9();
+    let rebuilt_dir = TempDir::new("td-p2");
+    // The rebuilt primary gets the same replication token secret, as an operator restoring
+    // only the ACLs would (so replication of the rest would succeed).
+    let flags = owned(
+        &["-acl-default-policy", "allow"],
+        certs.agent_flags("primary"),
+    );
+    let rebuilt = Agent::start_in(rebuilt_dir.path(), "primary", &refs(&flags));
+    let token = json!({"SecretID": replication, "Policies": [{"Name": "global-management"}]});
+    let made = rebuilt.put("/v1/acl/token", None, &token.to_string());
+    assert_eq!(made.status, 403, "ACL writes need a token: {}", made.text);
+    let rebuilt_management = rebuilt.bootstrap();
+    let made = rebuilt.put(
+        "/v1/acl/token",
+        Some(&rebuilt_management),
+        &token.to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.text);
+    assert_ne!(trust_domain(&rebuilt), adopted);
+    relay.retarget(&rebuilt.https_address.clone().expect("https"));
+
+    eventually(
+        Duration::from_secs(30),
+        "the change is refused and counted",
+        || {
+            secondary.get("/metrics", None).text.contains(
+                "controlplane_replication_ca_changes_refused_total{reason=\"trust_domain\"}",
+            )
+        },
+    );
+    assert_eq!(trust_domain(&secondary), adopted);
+}
+
+/// Runs the CLI with `env`; returns (exit code, stdout, stderr).
+fn cli_with(env: &[(&str, String)], args: &[&str]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(common::BINARY);
+    command
+        .args(args)
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("CONSUL_CACERT")
+        .env_remove("CONSUL_CLIENT_CERT")
+        .env_remove("CONSUL_CLIENT_KEY")
+        .env_remove("CONSUL_HTTP_SSL");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run cli");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_speaks_https_like_consul() {
+    let certs_dir = TempDir::new("cli-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary"]);
+    let made = std::process::Command::new(common::BINARY)
+        .args(["tls", "cert", "create", "-client", "-dc", "primary"])
+        .current_dir(certs_dir.path())
+        .output()
+        .expect("tls cert create -client");
+    assert!(made.status.success());
+    let client_cert = certs_dir.path().join("primary-client-consul-0.pem");
+    let client_key = certs_dir.path().join("primary-client-consul-0-key.pem");
+    let rogue_dir = TempDir::new("cli-rogue");
+    let rogue = Certs::make(rogue_dir.path(), &[]);
+
+    let data = TempDir::new("cli-agent");
+    let flags = owned(&["-verify-incoming"], certs.agent_flags("primary"));
+    let agent = Agent::start_in(data.path(), "primary", &refs(&flags));
+    let https = agent.https_address.clone().expect("https");
+    let url = format!("https://{https}");
+    let path = |p: &std::path::Path| p.display().to_string();
+
+    // CONSUL_HTTP_ADDR=https://…, CONSUL_CACERT, CONSUL_CLIENT_CERT/KEY: works.
+    let env = [
+        ("CONSUL_HTTP_ADDR", url.clone()),
+        ("CONSUL_CACERT", path(&certs.ca)),
+        ("CONSUL_CLIENT_CERT", path(&client_cert)),
+        ("CONSUL_CLIENT_KEY", path(&client_key)),
+    ];
+    let (code, stdout, stderr) = cli_with(&env, &["catalog", "datacenters"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "primary");
+    // A bare address with CONSUL_HTTP_SSL=true, and the flags instead of the environment.
+    let (code, _, stderr) = cli_with(
+        &[
+            ("CONSUL_HTTP_ADDR", https.clone()),
+            ("CONSUL_HTTP_SSL", "true".to_owned()),
+        ],
+        &[
+            "catalog",
+            "datacenters",
+            "-ca-file",
+            &path(&certs.ca),
+            "-client-cert",
+            &path(&client_cert),
+            "-client-key",
+            &path(&client_key),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+
+    // No client certificate: the agent (-verify-incoming) refuses the handshake.
+    let (code, _, _) = cli_with(&env[..2], &["catalog", "datacenters"]);
+    assert_ne!(code, 0);
+    // No CA file: refused before connecting, with a message.
+    let (code, _, stderr) = cli_with(&env[..1], &["catalog", "datacenters"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("CA"), "{stderr}");
+    // Another CA: the agent's certificate is not trusted.
+    let (code, _, _) = cli_with(
+        &[
+            ("CONSUL_HTTP_ADDR", url),
+            ("CONSUL_CACERT", path(&rogue.ca)),
+            ("CONSUL_CLIENT_CERT", path(&client_cert)),
+            ("CONSUL_CLIENT_KEY", path(&client_key)),
+        ],
+        &["catalog", "datacenters"],
+    );
+    assert_ne!(code, 0);
 }

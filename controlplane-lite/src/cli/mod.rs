@@ -206,6 +206,9 @@ pub struct AgentFlags {
     /// keep-alive connections close after it too.
     #[arg(long = "http-header-timeout", default_value_t = 10)]
     pub http_header_timeout: u64,
+    /// Blocking queries held open at once; more are answered 429.
+    #[arg(long = "http-max-blocking-queries", default_value_t = 2048)]
+    pub http_max_blocking_queries: usize,
 }
 
 /// Flags every client command takes (Consul's names and environment variables).

@@ -315,6 +315,14 @@ pub async fn wait_blocking(
         query.wait = query.wait.min(cap);
     }
     if query.should_wait(agent.store.max_index(tables)) {
+        // Each held query costs a connection and memory; past the cap, refuse rather than
+        // answer at once (which would turn clients' watch loops into busy loops).
+        let _slot = agent.blocking_slots.try_acquire().map_err(|_| {
+            Error::TooManyRequests(format!(
+                "too many blocking queries ({} held); retry later",
+                agent.config.limits.max_blocking_queries
+            ))
+        })?;
         let receivers = tables.iter().map(|t| agent.store.subscribe(*t)).collect();
         agent.metrics.blocking_queries(1);
         let _guard = BlockingGuard(agent.clone());

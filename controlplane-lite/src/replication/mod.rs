@@ -18,6 +18,7 @@ pub mod runner;
 #[cfg(test)]
 mod sim;
 pub mod snapshot;
+pub mod trust;
 
 use crate::store::Table;
 

@@ -171,6 +171,19 @@ fn apply_ca_roots(agent: &Agent, client: &PrimaryClient, payload: Value) -> Resu
         .find(|r| r.active && r.id == answer.active_root_id)
         .cloned()
         .ok_or_else(|| Error::Unavailable("primary has no active CA root".to_owned()))?;
+    // Never let one answer replace the trust this datacenter holds.
+    let held_cluster: Option<String> = agent.store.get(Table::System, CLUSTER_ID_KEY)?;
+    let held_active = agent.active_root()?;
+    if let Err(refused) = super::trust::check_ca_change(
+        held_cluster.as_deref(),
+        &cluster_id,
+        held_active.as_ref(),
+        &active,
+    ) {
+        agent.metrics.count_ca_change_refused(refused.reason());
+        tracing::error!(%refused, "refused a CA change from the primary");
+        return Err(Error::Unavailable(refused.to_string()));
+    }
     let existing: Option<SigningKey> = agent.store.get(Table::CaSigning, &active.id)?;
     let key = match existing.filter(|k| k.intermediate_pem.is_some()) {
         Some(key) => key,
