@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{field, Agent, TempDir};
+use common::{field, Agent, Certs, TempDir};
 use serde_json::json;
 
 /// The guide's replication policy (acl write, operator write, read on every service).
@@ -60,11 +60,18 @@ fn py_consul_walks_the_guide_on_two_datacenters() {
     };
     let primary_dir = TempDir::new("pyconsul-primary");
     let secondary_dir = TempDir::new("pyconsul-secondary");
-    let primary = Agent::start_in(
-        primary_dir.path(),
-        "primary",
-        &["-acl-default-policy", "deny"],
-    );
+    // The datacenters federate over verified HTTPS, as they must (issue 13); py-consul talks
+    // to each agent's plain loopback listener, as a local client does.
+    let certs_dir = TempDir::new("pyconsul-certs");
+    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+    let mut primary_flags = vec!["-acl-default-policy".to_owned(), "deny".to_owned()];
+    primary_flags.extend(certs.agent_flags("primary"));
+    let primary_flags: Vec<&str> = primary_flags.iter().map(String::as_str).collect();
+    let primary = Agent::start_in(primary_dir.path(), "primary", &primary_flags);
+    let primary_https = primary
+        .https_address
+        .clone()
+        .expect("the primary's HTTPS listener");
     let management = primary.bootstrap();
     let policy = primary.put(
         "/v1/acl/policy",
@@ -85,20 +92,22 @@ fn py_consul_walks_the_guide_on_two_datacenters() {
         Some(&management),
     );
     let replication_token = field(&out, "SecretID:");
-    let secondary = Agent::start_in(
-        secondary_dir.path(),
-        "secondary",
-        &[
-            "-acl-default-policy",
-            "deny",
-            "-primary-datacenter",
-            "primary",
-            "-primary-address",
-            &primary.address,
-            "-replication-token",
-            &replication_token,
-        ],
-    );
+    let mut secondary_flags: Vec<String> = [
+        "-acl-default-policy",
+        "deny",
+        "-primary-datacenter",
+        "primary",
+        "-primary-address",
+        &primary_https,
+        "-replication-token",
+        &replication_token,
+    ]
+    .iter()
+    .map(|flag| (*flag).to_owned())
+    .collect();
+    secondary_flags.extend(certs.agent_flags("secondary"));
+    let secondary_flags: Vec<&str> = secondary_flags.iter().map(String::as_str).collect();
+    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &secondary_flags);
     eventually(Duration::from_secs(30), "secondary CA and ACLs", || {
         secondary.get("/v1/connect/ca/roots", None).status == 200
             && secondary
