@@ -89,3 +89,46 @@ pub fn command(program: &Path, listeners: &[(&str, &TcpListener)]) -> Command {
     }
     command
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The child sees the listeners at 3 and 4 in order, `LISTEN_PID` is its own pid (the
+    /// pid the test knows it by), and the temporary copies made on the way are not inherited.
+    #[test]
+    fn the_child_gets_the_listeners_from_three_and_its_own_pid() {
+        let (first, second) = (listening(), listening());
+        // The child (a shell, exec'd in place by the wrapper) reports what it inherited;
+        // /proc/self/fd/N names a socket by its inode, as /proc/net/tcp lists it.
+        let script = "echo \"$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES\"; \
+                      readlink /proc/$$/fd/3 /proc/$$/fd/4; \
+                      for fd in /proc/$$/fd/*; do readlink \"$fd\"; done";
+        let output = command(Path::new("/bin/sh"), &[("one", &first), ("two", &second)])
+            .args(["-c", script])
+            .output()
+            .expect("run the child");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 3, "{text}");
+        let words: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(words.len(), 4, "{text}");
+        assert_eq!(words[0], words[1], "LISTEN_PID is the child's own pid");
+        assert_eq!(&words[2..], ["2", "one:two"]);
+        let inode = |listener: &TcpListener| {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+                .expect("our own descriptor");
+            link.to_string_lossy().into_owned()
+        };
+        assert_eq!(lines[1], inode(&first), "descriptor 3: {text}");
+        assert_eq!(lines[2], inode(&second), "descriptor 4: {text}");
+        // No stray copy of a listener is left open: each socket once among all descriptors.
+        for listener in [&first, &second] {
+            let copies = lines[3..]
+                .iter()
+                .filter(|link| **link == inode(listener))
+                .count();
+            assert_eq!(copies, 1, "copies of {}: {text}", inode(listener));
+        }
+    }
+}
