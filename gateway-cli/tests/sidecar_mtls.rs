@@ -171,3 +171,29 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
         Some(0.0)
     );
 }
+
+/// A socket passed for an upstream the configuration does not have yet is kept, and taken
+/// when a later registration adds that upstream (its port was held by the sidecar all along).
+#[test]
+fn a_passed_socket_waits_for_the_upstream_a_later_registration_adds() {
+    let cp = ControlPlane::start("sidecar-later");
+    let socat_public = listening();
+    let socat = socat_echo();
+    cp.register_socat(socat.port, port(&socat_public));
+    cp.allow("web", "socat");
+    let (web_public, later) = (listening(), listening());
+    let (web_port, later_port) = (port(&web_public), port(&later));
+    // web without upstreams first.
+    let body = format!(
+        r#"{{"service": {{"name": "web", "port": 8080,
+            "connect": {{"sidecar_service": {{"port": {web_port}}}}}}}}}"#
+    );
+    cp.ok("PUT", "/v1/agent/service/register", Some(&body));
+    let _socat_proxy = sidecar_passing(&cp, "socat", &cp.token, vec![socat_public]);
+    let _web_proxy = sidecar_passing(&cp, "web", &cp.token, vec![web_public, later]);
+
+    // The guide's web.json: now with the upstream on the passed socket's port.
+    cp.register_web(web_port, later_port);
+    let answer = eventually_echo(&format!("127.0.0.1:{later_port}"), "hello later\n");
+    assert_eq!(answer, "hello later\n");
+}
