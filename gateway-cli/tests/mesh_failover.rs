@@ -32,9 +32,11 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
     let primary = ControlPlane::start("fo-primary");
     let secondary = ControlPlane::start_secondary("fo-secondary", &primary);
 
-    let socat_sidecar = free_port();
+    // Every registered port is a listening socket of the test, passed to its sidecar (socket
+    // activation), so no other process can take one before the sidecar runs.
+    let socat_public = listening();
     let socat = socat_echo();
-    primary.register_socat(socat.port, socat_sidecar);
+    primary.register_socat(socat.port, port(&socat_public));
     primary.allow("web", "socat");
     primary.allow("api", "socat");
 
@@ -53,10 +55,11 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
     let (gw_p1, gw_p2) = (gateway_one.listen.port(), gateway_two.listen.port());
     let _gateway_secondary = mesh_gateway(&secondary, &secondary.token, "fo-gw-s");
 
-    let (web_sidecar, web_upstream) = (free_port(), free_port());
-    let (api_sidecar, api_upstream) = (free_port(), free_port());
-    secondary.register_client("web", web_sidecar, web_upstream, Some("local"));
-    secondary.register_client("api", api_sidecar, api_upstream, Some("remote"));
+    let web_sockets = [listening(), listening()];
+    let api_sockets = [listening(), listening()];
+    let (web_upstream, api_upstream) = (port(&web_sockets[1]), port(&api_sockets[1]));
+    secondary.register_client("web", port(&web_sockets[0]), web_upstream, Some("local"));
+    secondary.register_client("api", port(&api_sockets[0]), api_upstream, Some("remote"));
 
     let both = |endpoints: &serde_json::Value| {
         let endpoints = endpoints.as_array().cloned().unwrap_or_default();
@@ -86,9 +89,9 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
         },
     );
 
-    let _socat_proxy = sidecar(&primary, "socat", &[]);
-    let _web_proxy = sidecar(&secondary, "web", &[]);
-    let _api_proxy = sidecar(&secondary, "api", &[]);
+    let _socat_proxy = sidecar_passing(&primary, "socat", &primary.token, vec![socat_public]);
+    let _web_proxy = sidecar_passing(&secondary, "web", &secondary.token, web_sockets.into());
+    let _api_proxy = sidecar_passing(&secondary, "api", &secondary.token, api_sockets.into());
     let web = format!("127.0.0.1:{web_upstream}");
     let api = format!("127.0.0.1:{api_upstream}");
     assert_eq!(eventually_echo(&web, "before, local\n"), "before, local\n");
@@ -110,8 +113,7 @@ fn new_connections_succeed_after_one_of_two_gateways_is_killed() {
     // A killed process's listening sockets can outlive it for a moment: io_uring tears a ring
     // down asynchronously, and a pending poll on the listener holds it until then (seen here
     // as a LISTEN socket owned by no process). Wait, bounded, until the port refuses. Should
-    // it never, another process joined the port (a concurrent test's gateway whose
-    // `free_port` got the same number also binds with SO_REUSEPORT): not a data-plane bug.
+    // it never, another process joined the port: not a data-plane bug.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", gw_p1)).is_ok() {
         assert!(

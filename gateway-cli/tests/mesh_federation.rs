@@ -22,7 +22,10 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
     .expect("proxy-defaults.json");
     primary.ok("PUT", "/v1/config", Some(&proxy_defaults));
 
-    let socat_sidecar = free_port();
+    // Every registered port is a listening socket of the test, passed to its sidecar (socket
+    // activation), so no other process can take one before the sidecar runs.
+    let socat_public = listening();
+    let socat_sidecar = port(&socat_public);
     let socat = socat_echo();
     primary.register_socat(socat.port, socat_sidecar);
     primary.allow("web", "socat");
@@ -34,12 +37,13 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
     let (gateway_primary, gateway_secondary) =
         (gw_primary.listen.port(), gw_secondary.listen.port());
 
-    let (web_sidecar, web_upstream) = (free_port(), free_port());
-    let (api_sidecar, api_upstream) = (free_port(), free_port());
-    secondary.register_client("web", web_sidecar, web_upstream, None);
-    secondary.register_client("api", api_sidecar, api_upstream, Some("remote"));
-    let (cli_sidecar, cli_upstream) = (free_port(), free_port());
-    secondary.register_client("cli", cli_sidecar, cli_upstream, Some("none"));
+    let web = [listening(), listening()];
+    let api = [listening(), listening()];
+    let cli = [listening(), listening()];
+    let (web_upstream, api_upstream, cli_upstream) = (port(&web[1]), port(&api[1]), port(&cli[1]));
+    secondary.register_client("web", port(&web[0]), web_upstream, None);
+    secondary.register_client("api", port(&api[0]), api_upstream, Some("remote"));
+    secondary.register_client("cli", port(&cli[0]), cli_upstream, Some("none"));
 
     // Wait until federation states made each datacenter's gateway known to the other, and
     // the sidecars' upstreams resolve to gateways.
@@ -79,10 +83,10 @@ fn echo_across_datacenters_in_modes_local_remote_and_none() {
         })
     });
 
-    let _socat_proxy = sidecar(&primary, "socat", &[]);
-    let _web_proxy = sidecar(&secondary, "web", &[]);
-    let _api_proxy = sidecar(&secondary, "api", &[]);
-    let _cli_proxy = sidecar(&secondary, "cli", &[]);
+    let _socat_proxy = sidecar_passing(&primary, "socat", &primary.token, vec![socat_public]);
+    let _web_proxy = sidecar_passing(&secondary, "web", &secondary.token, web.into());
+    let _api_proxy = sidecar_passing(&secondary, "api", &secondary.token, api.into());
+    let _cli_proxy = sidecar_passing(&secondary, "cli", &secondary.token, cli.into());
 
     let local = eventually_echo(&format!("127.0.0.1:{web_upstream}"), "web via local\n");
     assert_eq!(local, "web via local\n");

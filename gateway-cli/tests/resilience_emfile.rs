@@ -21,15 +21,13 @@ fn emfile_pauses_are_counted_and_their_warnings_rate_limited() {
     require_tool("prlimit");
     let backend = echo_backend();
     let dir = temp_dir("emfile");
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("a");
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("a");
     let config_path = dir.join("gateway.toml");
     // A connection limit above what the descriptors allow, so accept itself runs out.
     std::fs::write(
         &config_path,
         base_config(
-            listen,
-            admin,
+            ANY_PORT,
+            ANY_PORT,
             &format!(
                 "[limits]\nmax_connections = 10000\n\n{}",
                 route(&testdata_sni(HELLO), &[backend.address])
@@ -44,10 +42,23 @@ fn emfile_pauses_are_counted_and_their_warnings_rate_limited() {
         .args(["run", "--config"])
         .arg(&config_path)
         .env("GATEWAY_LOG", "info")
-        .stdout(std::process::Stdio::null())
+        // `gateway bound:` lines say which ports it got (prlimit execs the gateway in place).
+        .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log_path).expect("log"))
         .spawn()
         .expect("spawn gateway under prlimit");
+    let bound = match child.stdout.take().map(read_bound) {
+        Some(Ok(bound)) => bound,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("the gateway did not report its addresses ({other:?}): {log}");
+        }
+    };
+    assert_eq!(bound.pid, child.id(), "the report is not our child's");
+    let listen = bound.listener("wan").expect("the wan listener's address");
+    let admin = bound.admin.expect("the admin address");
     let deadline = Instant::now() + Duration::from_secs(20);
     while http(admin, "GET", "/ready").map(|r| r.0).unwrap_or(0) != 200 {
         assert!(Instant::now() < deadline, "not ready");

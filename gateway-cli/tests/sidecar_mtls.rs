@@ -15,21 +15,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[test]
 fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() {
     let cp = ControlPlane::start("sidecar-none");
-    let (socat_sidecar, web_sidecar, upstream) = (free_port(), free_port(), free_port());
+    // The registered ports are the test's listening sockets, passed to the sidecars (socket
+    // activation), so no other process can take one in between.
+    let (socat_public, web_public, web_upstream) = (listening(), listening(), listening());
+    let (socat_sidecar, upstream) = (port(&socat_public), port(&web_upstream));
     let socat = socat_echo();
     cp.register_socat(socat.port, socat_sidecar);
-    cp.register_web(web_sidecar, upstream);
+    cp.register_web(port(&web_public), upstream);
     let config = cp.ok("GET", "/v1/internal/sidecar/web-sidecar-proxy", None);
     assert_eq!(config["upstreams"][0]["mesh_gateway_mode"], "none");
 
     // Each sidecar runs with its own service-identity token, as the guide's services do.
     let socat_token = cp.service_token("socat");
     let web_token = cp.service_token("web");
-    let socat_proxy = sidecar_with_token(&cp, "socat", &socat_token, &[]);
-    let web_proxy = sidecar_with_token(&cp, "web", &web_token, &[]);
+    let socat_proxy = sidecar_passing(&cp, "socat", &socat_token, vec![socat_public]);
+    let web_proxy = sidecar_passing(&cp, "web", &web_token, vec![web_public, web_upstream]);
+    assert_eq!(socat_proxy.public.port(), socat_sidecar);
     let upstream_address = format!("127.0.0.1:{upstream}");
-    wait_listening(&upstream_address);
-    wait_listening(&format!("127.0.0.1:{socat_sidecar}"));
     let socat_metrics = socat_proxy.admin.to_string();
     let web_metrics = web_proxy.admin.to_string();
 
@@ -79,13 +81,14 @@ fn echo_through_web_upstream_in_mode_none_and_default_deny_until_an_intention() 
 #[test]
 fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
     let cp = ControlPlane::start("sidecar-foreign");
-    let socat_sidecar = free_port();
+    let socat_public = listening();
+    let socat_sidecar = port(&socat_public);
     let socat = socat_echo();
     cp.register_socat(socat.port, socat_sidecar);
     cp.allow("web", "socat");
-    let socat_proxy = sidecar(&cp, "socat", &[]);
+    let socat_proxy = sidecar_passing(&cp, "socat", &cp.token, vec![socat_public]);
     let public = format!("127.0.0.1:{socat_sidecar}");
-    wait_listening(&public);
+    assert_eq!(socat_proxy.public.port(), socat_sidecar);
     let trust_domain = cp.trust_domain();
 
     // A leaf for `web` with the right SPIFFE ID, signed by a CA the mesh does not trust.
@@ -167,4 +170,30 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
         ),
         Some(0.0)
     );
+}
+
+/// A socket passed for an upstream the configuration does not have yet is kept, and taken
+/// when a later registration adds that upstream (its port was held by the sidecar all along).
+#[test]
+fn a_passed_socket_waits_for_the_upstream_a_later_registration_adds() {
+    let cp = ControlPlane::start("sidecar-later");
+    let socat_public = listening();
+    let socat = socat_echo();
+    cp.register_socat(socat.port, port(&socat_public));
+    cp.allow("web", "socat");
+    let (web_public, later) = (listening(), listening());
+    let (web_port, later_port) = (port(&web_public), port(&later));
+    // web without upstreams first.
+    let body = format!(
+        r#"{{"service": {{"name": "web", "port": 8080,
+            "connect": {{"sidecar_service": {{"port": {web_port}}}}}}}}}"#
+    );
+    cp.ok("PUT", "/v1/agent/service/register", Some(&body));
+    let _socat_proxy = sidecar_passing(&cp, "socat", &cp.token, vec![socat_public]);
+    let _web_proxy = sidecar_passing(&cp, "web", &cp.token, vec![web_public, later]);
+
+    // The guide's web.json: now with the upstream on the passed socket's port.
+    cp.register_web(web_port, later_port);
+    let answer = eventually_echo(&format!("127.0.0.1:{later_port}"), "hello later\n");
+    assert_eq!(answer, "hello later\n");
 }

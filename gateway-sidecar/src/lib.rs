@@ -5,15 +5,18 @@
 //! with tokio-rustls. Its protocol decisions (identities, intentions, renewal times) are
 //! sans-IO in [`identity`]; [`tls`] builds the rustls configurations; [`proxy`] moves bytes;
 //! [`follow`] keeps the leaf, roots, configuration and intentions current from the control
-//! plane with blocking queries.
+//! plane with blocking queries. [`activation`] takes listening sockets passed by systemd's
+//! socket-activation protocol (the crate's only `unsafe`, in `sys`, claims the descriptors).
 //!
 //! Everything a connection reads is an immutable value swapped whole (`ArcSwap`): the TLS
 //! state, the configuration, the intentions. A new leaf, new roots, new endpoints or a new
 //! intention apply to new connections and never touch established ones.
 
+pub mod activation;
 pub mod follow;
 pub mod identity;
 pub mod proxy;
+mod sys;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -257,10 +260,15 @@ pub struct Shared {
     pub redact_addresses: bool,
     /// Upstream listener tasks by `local_bind`.
     upstream_tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Listening sockets passed by socket activation that no listener has taken yet.
+    inherited: activation::Inherited,
 }
 
 /// Run the sidecar until SIGTERM or SIGINT.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Before any thread exists (the variables are unset) and before the sidecar opens a
+    // descriptor of its own (passed descriptors are numbered from 3).
+    let inherited = activation::Inherited::from_environment();
     // Two threads: the sidecar carries one service's traffic, and TLS handshakes should not
     // wait behind a bulk copy.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -269,10 +277,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot build the sidecar runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, inherited))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+async fn serve(args: Args, inherited: activation::Inherited) -> anyhow::Result<()> {
     let client = Client::new(&args.http_addr, args.token.clone());
     let proxy_id = args
         .proxy_id
@@ -322,20 +330,24 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         round_robin: AtomicUsize::new(0),
         redact_addresses: args.redact_addresses,
         upstream_tasks: Mutex::new(HashMap::new()),
+        inherited,
     });
 
-    let public = tokio::net::TcpListener::bind(public_address)
+    // Each listener is a socket passed by socket activation for its address, if there is
+    // one, and a new bind otherwise.
+    let public = activation::listen(&shared.inherited, public_address)
         .await
         .with_context(|| format!("public listener {public_address}"))?;
     reconcile_upstreams(&shared).await?;
     let mut admin_bound = None;
     if let Some(admin) = args.admin_bind {
-        let listener = tokio::net::TcpListener::bind(admin)
+        let listener = activation::listen(&shared.inherited, admin)
             .await
             .with_context(|| format!("admin address {admin}"))?;
         admin_bound = listener.local_addr().ok();
         tokio::spawn(follow::serve_admin(Arc::clone(&shared), listener));
     }
+    shared.inherited.report_unused();
     report_bound(public.local_addr().ok(), admin_bound);
     tokio::spawn(proxy::serve_public(Arc::clone(&shared), public));
     let root_changed = Arc::new(tokio::sync::Notify::new());
@@ -409,14 +421,17 @@ pub async fn reconcile_upstreams(shared: &Arc<Shared>) -> anyhow::Result<()> {
         if known {
             continue;
         }
-        let listener = tokio::net::TcpListener::bind(upstream.local_bind.as_str())
-            .await
-            .with_context(|| {
-                format!(
-                    "upstream {} listener {}",
-                    upstream.destination_name, upstream.local_bind
-                )
-            })?;
+        // An address that is not ip:port (a host name) cannot match a passed socket.
+        let listener = match upstream.local_bind.parse::<SocketAddr>() {
+            Ok(address) => activation::listen(&shared.inherited, address).await,
+            Err(_) => tokio::net::TcpListener::bind(upstream.local_bind.as_str()).await,
+        }
+        .with_context(|| {
+            format!(
+                "upstream {} listener {}",
+                upstream.destination_name, upstream.local_bind
+            )
+        })?;
         tracing::info!(
             destination = %upstream.destination_name,
             local_bind = %upstream.local_bind,

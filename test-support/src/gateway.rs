@@ -134,13 +134,6 @@ pub fn read_bound_of(stdout: std::process::ChildStdout, program: &str) -> Result
     Ok(bound)
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 pub use crate::dir::{temp_dir, write_private, TempDir};
 pub use crate::process::send_signal;
 
@@ -328,7 +321,7 @@ pub fn http(address: SocketAddr, method: &str, path: &str) -> std::io::Result<(u
     Ok((status, body))
 }
 
-/// A backend on a free port, stopped on drop.
+/// A backend on a port the kernel chose (127.0.0.1:0), stopped on drop.
 pub struct Backend {
     pub address: SocketAddr,
     stop: Arc<AtomicBool>,

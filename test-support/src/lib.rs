@@ -7,6 +7,7 @@
 //! with a clear message when one is missing. No test runs `cargo build` itself.
 #![allow(clippy::unwrap_used)] // a harness panics loudly on a broken environment
 
+pub mod activation;
 pub mod dir;
 pub mod gateway;
 pub mod mesh;

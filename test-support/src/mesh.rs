@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use crate::activation::{listening, port};
 pub use crate::dir::{temp_dir, TempDir};
-pub use crate::gateway::free_port;
 pub use crate::process::Proc;
 
 /// The controlplane-lite binary beside the test executable.
@@ -149,8 +149,8 @@ impl ControlPlane {
             .to_owned()
     }
 
-    /// The guide's `socat.json` with test ports (the sidecar's port fixed so that parallel
-    /// tests do not all get 21000).
+    /// The guide's `socat.json` with test ports (the sidecar's port named so that parallel
+    /// tests do not all get 21000: a port the test holds, see [`sidecar_passing`]).
     pub fn register_socat(&self, socat_port: u16, sidecar_port: u16) {
         let body = format!(
             r#"{{"service": {{"name": "socat", "port": {socat_port},
@@ -395,9 +395,44 @@ pub fn sidecar_with_token(
     token: &str,
     extra: &[&str],
 ) -> Sidecar {
+    spawn_sidecar(cp, service, token, extra, Vec::new())
+}
+
+/// `gateway sidecar` started with `listeners` passed by socket activation: the sockets of the
+/// ports the test registered (public port, upstreams' `local_bind_port`), bound by the test
+/// on port 0 and listening since, so no other process can take one before the sidecar uses
+/// it. The test's copies are closed once the sidecar runs: the sidecar holds them alone.
+pub fn sidecar_passing(
+    cp: &ControlPlane,
+    service: &str,
+    token: &str,
+    listeners: Vec<TcpListener>,
+) -> Sidecar {
+    spawn_sidecar(cp, service, token, &[], listeners)
+}
+
+fn spawn_sidecar(
+    cp: &ControlPlane,
+    service: &str,
+    token: &str,
+    extra: &[&str],
+    listeners: Vec<TcpListener>,
+) -> Sidecar {
+    let binary = crate::gateway::gateway_binary();
+    let mut command = if listeners.is_empty() {
+        Command::new(binary)
+    } else {
+        // Names only show in the sidecar's log: `web.0`, `web.1`, … in the order passed.
+        let names: Vec<String> = (0..listeners.len())
+            .map(|index| format!("{service}.{index}"))
+            .collect();
+        let named: Vec<(&str, &TcpListener)> =
+            names.iter().map(String::as_str).zip(&listeners).collect();
+        crate::activation::command(&binary, &named)
+    };
     let mut proc = Proc::spawn(
         "sidecar",
-        Command::new(crate::gateway::gateway_binary())
+        command
             .args(["sidecar", "-sidecar-for", service, "-token", token])
             .args(["-http-addr", &cp.address])
             .args(["-admin-bind", "127.0.0.1:0"])
@@ -405,6 +440,7 @@ pub fn sidecar_with_token(
             .env("GATEWAY_LOG", "info")
             .stdout(Stdio::piped()),
     );
+    drop(listeners);
     let stdout = proc.child.stdout.take().expect("piped stdout");
     let bound = crate::gateway::read_bound_of(stdout, "sidecar").unwrap_or_else(|error| {
         panic!("the {service} sidecar did not report its addresses: {error}")
