@@ -13,22 +13,40 @@ use mesh_support::*;
 #[test]
 fn a_redacting_sidecar_logs_refusals_without_the_client_address() {
     let cp = ControlPlane::start("sidecar-redact");
-    let (socat_port, sidecar_port, admin_port) = (free_port(), free_port(), free_port());
-    cp.register_socat(socat_port, sidecar_port);
+    // Nothing answers on socat's registered ports: the refusal happens in the sidecar's
+    // handshake. The test holds both so that nobody else is registered under them, and the
+    // sidecar binds its public listener on port 0 (`-listen`) and reports it.
+    let socat_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let registered = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    cp.register_socat(
+        socat_port.local_addr().expect("addr").port(),
+        registered.local_addr().expect("addr").port(),
+    );
     let dir = temp_dir("sidecar-redact-log");
     let log = dir.join("sidecar.log");
-    let _sidecar = Proc::spawn(
+    let mut sidecar = Proc::spawn(
         "sidecar",
         Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["sidecar", "-sidecar-for", "socat", "-token", &cp.token])
             .args(["-http-addr", &cp.address])
-            .args(["-admin-bind", &format!("127.0.0.1:{admin_port}")])
+            .args(["-admin-bind", "127.0.0.1:0", "-listen", "127.0.0.1:0"])
             .arg("-redact-addresses")
             .env("GATEWAY_LOG", "debug")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log")),
     );
-    let public = format!("127.0.0.1:{sidecar_port}");
+    let stdout = sidecar.child.stdout.take().expect("piped stdout");
+    let bound = test_support::gateway::read_bound_of(stdout, "sidecar")
+        .unwrap_or_else(|error| panic!("the sidecar did not report its addresses: {error}"));
+    assert_eq!(
+        bound.pid,
+        sidecar.child.id(),
+        "the report is not our child's"
+    );
+    let public = bound
+        .listener("public")
+        .expect("the public address")
+        .to_string();
     wait_listening(&public);
     // Not TLS at all: refused in the handshake, which is logged at warn with the reason.
     let mut client = TcpStream::connect(&public).expect("connect");
