@@ -114,9 +114,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database file and loads every table's index.
+    /// Opens the database file, or initialises a new one when `path` does not exist, and loads
+    /// every table's index.
+    ///
+    /// Only a missing file means "new datacenter". An existing file that is empty (0 bytes) or
+    /// that redb cannot open is an error naming the file: starting fresh over it would mint a
+    /// new CA, a new trust domain and an open ACL bootstrap, silently orphaning every sidecar
+    /// and token of the datacenter (see `controlplane-lite snapshot restore` for recovery).
     pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Store> {
-        let database = Database::create(path)?;
+        let database = if path.exists() {
+            open_existing(path)?
+        } else {
+            initialise(path)?
+        };
         let mut indexes = Vec::with_capacity(Table::ALL.len());
         {
             // Create every table up front so read transactions never see a missing table.
@@ -238,6 +248,64 @@ impl Store {
         }
         Ok(result)
     }
+}
+
+/// Opens an existing state file, refusing an empty or unreadable one.
+fn open_existing(path: &Path) -> Result<Database> {
+    let length = std::fs::metadata(path)
+        .map_err(|e| Error::Startup(format!("cannot stat state file {}: {e}", path.display())))?
+        .len();
+    if length == 0 {
+        return Err(Error::Startup(format!(
+            "refusing to start: state file {} is empty (0 bytes), so this datacenter's state (CA, ACL tokens, intentions) is lost or was truncated; starting fresh would create a new datacenter with a new CA and an open ACL bootstrap. Move the file aside and restore a backup (`controlplane-lite snapshot restore FILE` into the new agent), or delete it to deliberately start a new datacenter",
+            path.display()
+        )));
+    }
+    Database::open(path).map_err(|e| {
+        Error::Startup(format!(
+            "refusing to start: cannot open state file {} ({e}); it is not a readable controlplane-lite store. Move it aside and restore a backup with `controlplane-lite snapshot restore FILE`, or delete it to deliberately start a new datacenter",
+            path.display()
+        ))
+    })
+}
+
+/// Creates a new, empty store at `path`: initialised under a temporary name, synced, then
+/// renamed into place, so a crash part-way leaves no (empty) state file behind.
+fn initialise(path: &Path) -> Result<Database> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".init");
+    let temporary = std::path::PathBuf::from(temporary);
+    // A leftover from a crash during an earlier initialisation never held any state (it was
+    // never renamed into place), so it is safe to remove.
+    if temporary.exists() {
+        std::fs::remove_file(&temporary)
+            .map_err(|e| Error::Startup(format!("cannot remove {}: {e}", temporary.display())))?;
+    }
+    drop(crate::datadir::create_private_file(&temporary)?);
+    {
+        let database = Database::create(&temporary)?;
+        let mut txn = database.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            txn.open_table(META)?;
+            for table in Table::ALL {
+                txn.open_table(table.definition())?;
+            }
+        }
+        txn.commit()?;
+    }
+    let io = |e: std::io::Error| Error::Startup(format!("cannot create {}: {e}", path.display()));
+    std::fs::File::open(&temporary)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    tracing::info!(path = %path.display(), "initialised a new state store");
+    Database::open(path).map_err(Error::from)
 }
 
 fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T> {
@@ -371,6 +439,34 @@ mod tests {
             !Table::REPLICATED.contains(&Table::CaSigning),
             "private keys never leave the datacenter"
         );
+    }
+
+    #[test]
+    fn empty_or_garbage_state_file_is_an_error_not_a_fresh_start() {
+        let dir = crate::testutil::TempDir::new("store-empty");
+        let path = dir.path().join("state.redb");
+        std::fs::write(&path, b"").expect("write");
+        let error = Store::open(&path, Arc::new(Metrics::default()))
+            .err()
+            .expect("an empty state file must not open")
+            .to_string();
+        assert!(error.contains("is empty (0 bytes)"), "{error}");
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            0,
+            "untouched"
+        );
+        std::fs::write(&path, vec![0x5a; 8192]).expect("write");
+        let error = Store::open(&path, Arc::new(Metrics::default()))
+            .err()
+            .expect("garbage must not open")
+            .to_string();
+        assert!(error.contains("cannot open state file"), "{error}");
+        // A missing file is a new store, and the temporary name is gone afterwards.
+        std::fs::remove_file(&path).expect("remove");
+        drop(open(dir.path()));
+        assert!(path.exists());
+        assert!(!dir.path().join("state.redb.init").exists());
     }
 
     #[test]
