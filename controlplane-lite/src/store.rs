@@ -91,6 +91,11 @@ impl Table {
         }
     }
 
+    /// The table named `name` (see [`Table::name`]).
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The table's slot in per-table arrays: its declaration order, which `ALL` repeats (a
     /// unit test keeps the two in step).
     fn position(self) -> usize {
@@ -101,6 +106,9 @@ impl Table {
         TableDefinition::new(self.name())
     }
 }
+
+/// One table's rows as `(key, JSON value)`, in key order.
+pub type TableRows = (Table, Vec<(String, serde_json::Value)>);
 
 /// The table of indexes: `raft` holds the global index, `table/<name>` each table's index.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -205,6 +213,31 @@ impl Store {
             ));
         }
         Ok(out)
+    }
+
+    /// Every row of every table plus the global index, read in one transaction (a consistent
+    /// point-in-time copy, what `GET /v1/snapshot` saves).
+    pub fn dump(&self) -> Result<(u64, Vec<TableRows>)> {
+        let txn = self.database.begin_read()?;
+        let index = {
+            let meta = txn.open_table(META)?;
+            let value = meta.get(GLOBAL_INDEX_KEY)?.map(|v| v.value()).unwrap_or(0);
+            value
+        };
+        let mut tables = Vec::with_capacity(Table::ALL.len());
+        for table in Table::ALL {
+            let handle = txn.open_table(table.definition())?;
+            let mut rows = Vec::new();
+            for entry in handle.iter()? {
+                let (key, value) = entry?;
+                rows.push((
+                    key.value().to_owned(),
+                    decode(table, key.value(), value.value())?,
+                ));
+            }
+            tables.push((table, rows));
+        }
+        Ok((index, tables))
     }
 
     /// Runs `body` in one write transaction and commits it durably. The closure sees the index
@@ -367,6 +400,26 @@ impl Transaction<'_> {
         {
             let mut handle = self.txn.open_table(table.definition())?;
             handle.insert(key, bytes.as_slice())?;
+        }
+        self.touch(table);
+        Ok(())
+    }
+
+    /// Makes this transaction commit at an index above `floor` (a restored snapshot may carry
+    /// `ModifyIndex` values above this store's index; `X-Consul-Index` must never be below
+    /// them, or blocking queries would miss changes).
+    pub fn raise_index_past(&mut self, floor: u64) {
+        if self.index <= floor {
+            self.index = floor.saturating_add(1);
+        }
+    }
+
+    /// Deletes every row of `table` (and counts as a write to it even when it was empty, so
+    /// blocking queries on it wake).
+    pub fn clear(&mut self, table: Table) -> Result<()> {
+        {
+            let mut handle = self.txn.open_table(table.definition())?;
+            handle.retain(|_, _| false)?;
         }
         self.touch(table);
         Ok(())

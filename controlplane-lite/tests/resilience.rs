@@ -1,0 +1,108 @@
+//! Issue 14: the store's resilience. An empty state file is refused rather than starting a new
+//! datacenter; `snapshot save|restore` brings a datacenter back from a backup.
+
+mod common;
+
+use std::process::Command;
+
+use common::{refused_start, Agent, TempDir};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
+
+fn trust_domain(agent: &Agent, token: &str) -> String {
+    let roots = agent.get("/v1/connect/ca/roots", Some(token)).json();
+    roots["TrustDomain"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no TrustDomain in {roots}"))
+        .to_owned()
+}
+
+#[test]
+fn empty_state_file_is_refused_and_a_snapshot_restores_the_datacenter() {
+    let dir = TempDir::new("resilience-snapshot");
+    let data = dir.path().join("data");
+    let backup = dir.path().join("backup.snap");
+    let deny = ["-acl-default-policy", "deny"];
+    let (token, domain) = {
+        let agent = Agent::start_in(&data, "primary", &deny);
+        let token = agent.bootstrap();
+        let created = agent.request(
+            "POST",
+            "/v1/connect/intentions",
+            Some(&token),
+            Some(r#"{"SourceName":"web","DestinationName":"db","Action":"deny"}"#),
+        );
+        assert_eq!(created.status, 200, "{}", created.text);
+        // Only a management token may take a snapshot: it holds every secret.
+        let (code, _, stderr) = agent.cli(&["snapshot", "save", "x.snap"], None);
+        assert_ne!(code, 0);
+        assert!(stderr.contains("403"), "{stderr}");
+        let out = agent.cli_ok(
+            &["snapshot", "save", backup.to_str().expect("utf-8")],
+            Some(&token),
+        );
+        assert!(out.contains("Saved and verified snapshot"), "{out}");
+        let domain = trust_domain(&agent, &token);
+        (token, domain)
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&backup)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "a snapshot holds the CA key");
+    }
+
+    // The state file is truncated (a bad disk, an operator's mistake): refuse, never a new
+    // datacenter with a new CA and an open ACL bootstrap.
+    let state = data.join("state.redb");
+    std::fs::write(&state, b"").expect("truncate");
+    let stderr = refused_start(
+        Command::new(BINARY)
+            .args(["agent", "-http-addr", "127.0.0.1:0", "-data-dir"])
+            .arg(&data),
+    );
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert_eq!(std::fs::metadata(&state).expect("stat").len(), 0);
+
+    // Recovery as the message says: move the file aside, start, restore the backup.
+    std::fs::rename(&state, data.join("state.redb.bad")).expect("move aside");
+    let agent = Agent::start_in(&data, "primary", &deny);
+    let fresh = agent.bootstrap();
+    assert_ne!(
+        trust_domain(&agent, &fresh),
+        domain,
+        "a new CA before restore"
+    );
+
+    // A changed byte is refused by the agent itself, not only by the CLI.
+    let mut tampered = std::fs::read(&backup).expect("read backup");
+    let at = tampered.len() - 3;
+    tampered[at] ^= 0x01;
+    let answer = agent.request(
+        "PUT",
+        "/v1/snapshot",
+        Some(&fresh),
+        Some(&String::from_utf8_lossy(&tampered)),
+    );
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert!(answer.text.contains("checksum mismatch"), "{}", answer.text);
+
+    let out = agent.cli_ok(
+        &["snapshot", "restore", backup.to_str().expect("utf-8")],
+        Some(&fresh),
+    );
+    assert!(out.contains("Restored snapshot"), "{out}");
+    assert_eq!(trust_domain(&agent, &token), domain, "the old CA is back");
+    let intentions = agent.get("/v1/connect/intentions", Some(&token)).json();
+    let sources: Vec<&str> = intentions
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["SourceName"].as_str())
+        .collect();
+    assert_eq!(sources, ["web"], "{intentions}");
+    // The fresh datacenter's bootstrap token went with the state it belonged to.
+    assert_eq!(agent.get("/v1/acl/token/self", Some(&fresh)).status, 403);
+}
