@@ -30,6 +30,7 @@ pub struct Metrics {
     replication: Mutex<BTreeMap<&'static str, ReplicationGauges>>,
     replication_resets: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
+    store_corrupt: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// The replication gauges of one stream (see `replication::machine::StreamStatus`).
@@ -64,6 +65,11 @@ impl Metrics {
     /// Counts one leaf-signing outcome (`ok`, `denied`, `invalid`, `error`).
     pub fn count_leaf(&self, result: &'static str) {
         bump(&self.leaf_certs, result);
+    }
+
+    /// Counts one stored record whose checksum did not match (by table).
+    pub fn count_corrupt_record(&self, table: &'static str) {
+        bump(&self.store_corrupt, table);
     }
 
     /// Records one store commit.
@@ -314,6 +320,25 @@ impl Metrics {
             out,
             "controlplane_store_commit_duration_seconds_count {count}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_store_corrupt_records_total Stored records whose checksum did not match when read (never served)."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE controlplane_store_corrupt_records_total counter"
+        );
+        for (table, n) in self
+            .store_corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "controlplane_store_corrupt_records_total{{table=\"{table}\"}} {n}"
+            );
+        }
         self.render_replication(&mut out);
         out
     }

@@ -148,6 +148,13 @@ impl Store {
                     indexes.push(meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(0));
                 }
             }
+            let migrated = migrate_values(&txn)?;
+            if migrated > 0 {
+                tracing::info!(
+                    records = migrated,
+                    "added checksums to records written by an older version"
+                );
+            }
             txn.commit()?;
         }
         let watches = indexes.into_iter().map(|i| watch::channel(i).0).collect();
@@ -183,7 +190,7 @@ impl Store {
         let txn = self.database.begin_read()?;
         let handle = txn.open_table(table.definition())?;
         match handle.get(key)? {
-            Some(bytes) => decode(table, key, bytes.value()).map(Some),
+            Some(bytes) => decode(&self.metrics, table, key, bytes.value()).map(Some),
             None => Ok(None),
         }
     }
@@ -195,7 +202,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in handle.iter()? {
             let (key, value) = entry?;
-            out.push(decode(table, key.value(), value.value())?);
+            out.push(decode(&self.metrics, table, key.value(), value.value())?);
         }
         Ok(out)
     }
@@ -209,7 +216,7 @@ impl Store {
             let (key, value) = entry?;
             out.push((
                 key.value().to_owned(),
-                decode(table, key.value(), value.value())?,
+                decode(&self.metrics, table, key.value(), value.value())?,
             ));
         }
         Ok(out)
@@ -232,7 +239,7 @@ impl Store {
                 let (key, value) = entry?;
                 rows.push((
                     key.value().to_owned(),
-                    decode(table, key.value(), value.value())?,
+                    decode(&self.metrics, table, key.value(), value.value())?,
                 ));
             }
             tables.push((table, rows));
@@ -256,6 +263,7 @@ impl Store {
         };
         let mut transaction = Transaction {
             txn: &txn,
+            metrics: &self.metrics,
             index: current + 1,
             touched: Vec::new(),
         };
@@ -320,7 +328,8 @@ fn initialise(path: &Path) -> Result<Database> {
         let mut txn = database.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
-            txn.open_table(META)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(FORMAT_KEY, VALUE_FORMAT)?;
             for table in Table::ALL {
                 txn.open_table(table.definition())?;
             }
@@ -341,14 +350,108 @@ fn initialise(path: &Path) -> Result<Database> {
     Database::open(path).map_err(Error::from)
 }
 
-fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes)
+/// The first bytes of every stored value: a marker no JSON text starts with, then the format
+/// version. What follows is [`DIGEST_LEN`] bytes of the SHA-256 of the JSON, then the JSON.
+const VALUE_MAGIC: [u8; 2] = [0xC5, 0x01];
+/// How much of the SHA-256 each value carries: 64 bits make a random change that still
+/// matches a 2^-64 event, at 10 bytes of overhead per record.
+const DIGEST_LEN: usize = 8;
+const HEADER_LEN: usize = VALUE_MAGIC.len() + DIGEST_LEN;
+/// `meta` key of the value format: absent in files written before values were checksummed,
+/// [`VALUE_FORMAT`] once every value carries its checksum.
+const FORMAT_KEY: &str = "value_format";
+const VALUE_FORMAT: u64 = 1;
+
+fn digest(json: &[u8]) -> [u8; DIGEST_LEN] {
+    let full = ring::digest::digest(&ring::digest::SHA256, json);
+    let mut out = [0u8; DIGEST_LEN];
+    out.copy_from_slice(&full.as_ref()[..DIGEST_LEN]);
+    out
+}
+
+/// Frames JSON bytes with the marker and their checksum.
+fn frame(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + json.len());
+    out.extend_from_slice(&VALUE_MAGIC);
+    out.extend_from_slice(&digest(json));
+    out.extend_from_slice(json);
+    out
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(frame(&json))
+}
+
+/// The JSON inside a stored value, if its checksum holds.
+fn verified(bytes: &[u8]) -> Option<&[u8]> {
+    let rest = bytes.strip_prefix(&VALUE_MAGIC[..])?;
+    if rest.len() < DIGEST_LEN {
+        return None;
+    }
+    let (sum, json) = rest.split_at(DIGEST_LEN);
+    (sum == digest(json)).then_some(json)
+}
+
+/// Checks and parses a stored value. A checksum mismatch is never served: it is logged as an
+/// error, counted in `controlplane_store_corrupt_records_total`, and the read fails with a 500
+/// naming the record (a list fails whole rather than skipping the row: a missing deny
+/// intention or a missing ACL token would silently change who may talk to whom).
+fn decode<T: DeserializeOwned>(
+    metrics: &Metrics,
+    table: Table,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T> {
+    let Some(json) = verified(bytes) else {
+        tracing::error!(
+            table = table.name(),
+            key,
+            "corrupt record: checksum mismatch, the stored bytes changed on disk; not served"
+        );
+        metrics.count_corrupt_record(table.name());
+        return Err(Error::Store(format!(
+            "corrupt record {}/{key}: checksum mismatch (the stored bytes changed on disk); not served. Restore a snapshot (`controlplane-lite snapshot restore`) or write the record again",
+            table.name()
+        )));
+    };
+    serde_json::from_slice(json)
         .map_err(|e| Error::Store(format!("corrupt value {}/{key}: {e}", table.name())))
+}
+
+/// Adds checksums to every value of a store written before values carried them (their bytes
+/// are JSON as is), once, in the transaction that opens the store; then records the format so
+/// that, from then on, a value without its marker is corruption rather than an old record.
+/// Table indexes do not move: the records did not change.
+fn migrate_values(txn: &redb::WriteTransaction) -> Result<usize> {
+    let mut meta = txn.open_table(META)?;
+    let format = meta.get(FORMAT_KEY)?.map(|v| v.value()).unwrap_or(0);
+    if format >= VALUE_FORMAT {
+        return Ok(0);
+    }
+    let mut migrated = 0;
+    for table in Table::ALL {
+        let mut handle = txn.open_table(table.definition())?;
+        let mut legacy = Vec::new();
+        for entry in handle.iter()? {
+            let (key, value) = entry?;
+            if !value.value().starts_with(&VALUE_MAGIC) {
+                legacy.push((key.value().to_owned(), frame(value.value())));
+            }
+        }
+        for (key, value) in &legacy {
+            handle.insert(key.as_str(), value.as_slice())?;
+        }
+        migrated += legacy.len();
+    }
+    meta.insert(FORMAT_KEY, VALUE_FORMAT)?;
+    Ok(migrated)
 }
 
 /// One write transaction in progress (see [`Store::write`]).
 pub struct Transaction<'a> {
     txn: &'a redb::WriteTransaction,
+    metrics: &'a Metrics,
     index: u64,
     touched: Vec<Table>,
 }
@@ -363,7 +466,7 @@ impl Transaction<'_> {
     pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
         let handle = self.txn.open_table(table.definition())?;
         let value = match handle.get(key)? {
-            Some(bytes) => Some(decode(table, key, bytes.value())?),
+            Some(bytes) => Some(decode(self.metrics, table, key, bytes.value())?),
             None => None,
         };
         Ok(value)
@@ -375,7 +478,7 @@ impl Transaction<'_> {
         let mut out = Vec::new();
         for entry in handle.iter()? {
             let (key, value) = entry?;
-            out.push(decode(table, key.value(), value.value())?);
+            out.push(decode(self.metrics, table, key.value(), value.value())?);
         }
         Ok(out)
     }
@@ -388,7 +491,7 @@ impl Transaction<'_> {
             let (key, value) = entry?;
             out.push((
                 key.value().to_owned(),
-                decode(table, key.value(), value.value())?,
+                decode(self.metrics, table, key.value(), value.value())?,
             ));
         }
         Ok(out)
@@ -396,7 +499,7 @@ impl Transaction<'_> {
 
     /// Inserts or replaces one value.
     pub fn put<T: Serialize>(&mut self, table: Table, key: &str, value: &T) -> Result<()> {
-        let bytes = serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))?;
+        let bytes = encode(value)?;
         {
             let mut handle = self.txn.open_table(table.definition())?;
             handle.insert(key, bytes.as_slice())?;
@@ -520,6 +623,93 @@ mod tests {
         drop(open(dir.path()));
         assert!(path.exists());
         assert!(!dir.path().join("state.redb.init").exists());
+    }
+
+    fn raw(path: &Path, table: Table, key: &str) -> Vec<u8> {
+        let database = Database::open(path).expect("open raw");
+        let txn = database.begin_read().expect("read");
+        let handle = txn.open_table(table.definition()).expect("table");
+        let value = handle
+            .get(key)
+            .expect("get")
+            .expect("present")
+            .value()
+            .to_vec();
+        value
+    }
+
+    fn put_raw(path: &Path, table: Table, key: &str, bytes: &[u8]) {
+        let database = Database::create(path).expect("open raw");
+        let txn = database.begin_write().expect("write");
+        {
+            let mut handle = txn.open_table(table.definition()).expect("table");
+            handle.insert(key, bytes).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    #[test]
+    fn records_written_before_checksums_still_load_and_gain_them() {
+        let dir = crate::testutil::TempDir::new("store-legacy");
+        let path = dir.path().join("state.redb");
+        // What an older version wrote: bare JSON values, no format marker in `meta`.
+        put_raw(&path, Table::Intentions, "i1", br#"{"SourceName":"web"}"#);
+        {
+            let store = Store::open(&path, Arc::new(Metrics::default())).expect("open");
+            let value: Option<serde_json::Value> = store.get(Table::Intentions, "i1").expect("get");
+            assert_eq!(value, Some(serde_json::json!({"SourceName": "web"})));
+            assert_eq!(
+                store.index(Table::Intentions),
+                0,
+                "migration is not a write"
+            );
+        }
+        let bytes = raw(&path, Table::Intentions, "i1");
+        assert!(bytes.starts_with(&VALUE_MAGIC), "{bytes:?}");
+        assert_eq!(verified(&bytes), Some(&br#"{"SourceName":"web"}"#[..]));
+    }
+
+    #[test]
+    fn a_changed_byte_is_counted_and_never_served() {
+        let dir = crate::testutil::TempDir::new("store-corrupt");
+        let path = dir.path().join("state.redb");
+        {
+            let store = open(dir.path());
+            store
+                .write(|tx| tx.put(Table::Intentions, "i1", &"src-r5-0-0"))
+                .expect("write");
+        }
+        let mut bytes = raw(&path, Table::Intentions, "i1");
+        let last_digit = bytes.len() - 2;
+        bytes[last_digit] = b'9';
+        put_raw(&path, Table::Intentions, "i1", &bytes);
+        let metrics = Arc::new(Metrics::default());
+        let store = Store::open(&path, metrics.clone()).expect("open");
+        let error = store
+            .get::<String>(Table::Intentions, "i1")
+            .expect_err("a changed value must not be served")
+            .to_string();
+        assert!(
+            error.contains("corrupt record intentions/i1: checksum mismatch"),
+            "{error}"
+        );
+        assert!(
+            store.list::<String>(Table::Intentions).is_err(),
+            "lists fail whole"
+        );
+        assert!(store
+            .write(|tx| tx.get::<String>(Table::Intentions, "i1"))
+            .is_err());
+        let text = metrics.render();
+        assert!(
+            text.contains("controlplane_store_corrupt_records_total{table=\"intentions\"} 3"),
+            "{text}"
+        );
+        // A marker-less value after migration is corruption too, not an old record.
+        drop(store);
+        put_raw(&path, Table::Intentions, "i2", br#""bare""#);
+        let store = Store::open(&path, Arc::new(Metrics::default())).expect("open");
+        assert!(store.get::<String>(Table::Intentions, "i2").is_err());
     }
 
     #[test]

@@ -106,3 +106,75 @@ fn empty_state_file_is_refused_and_a_snapshot_restores_the_datacenter() {
     // The fresh datacenter's bootstrap token went with the state it belonged to.
     assert_eq!(agent.get("/v1/acl/token/self", Some(&fresh)).status, 403);
 }
+
+/// Stops an agent with SIGTERM (a clean shutdown, so redb closes the file) and waits for it.
+fn stop(agent: &mut Agent) {
+    let pid = agent.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while agent.child.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent did not stop in 30s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_byte_changed_on_disk_is_counted_and_never_served() {
+    let dir = TempDir::new("resilience-corrupt");
+    let data = dir.path().join("data");
+    let id = {
+        let mut agent = Agent::start_in(&data, "primary", &[]);
+        let created = agent.request(
+            "POST",
+            "/v1/connect/intentions",
+            None,
+            Some(r#"{"SourceName":"src-r5-0-0","DestinationName":"db","Action":"deny"}"#),
+        );
+        assert_eq!(created.status, 200, "{}", created.text);
+        stop(&mut agent);
+        created.json()["ID"].as_str().expect("ID").to_owned()
+    };
+    // The probe's corruption: `src-r5-0-0` becomes `src-r5-0-9` wherever the file holds it.
+    let state = data.join("state.redb");
+    let mut bytes = std::fs::read(&state).expect("read state");
+    let needle = b"src-r5-0-0";
+    let mut flipped = 0;
+    for at in 0..bytes.len().saturating_sub(needle.len()) {
+        if &bytes[at..at + needle.len()] == needle {
+            bytes[at + needle.len() - 1] = b'9';
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0, "the intention is not in the file as text");
+    std::fs::write(&state, &bytes).expect("write state");
+
+    let agent = Agent::start_in(&data, "primary", &[]);
+    let read = agent.get(&format!("/v1/connect/intentions/{id}"), None);
+    assert_eq!(read.status, 500, "served a changed record: {}", read.text);
+    assert!(read.text.contains("checksum mismatch"), "{}", read.text);
+    assert!(!read.text.contains("src-r5-0-9"), "{}", read.text);
+    // Lists fail whole: leaving out a deny intention would allow what it denies.
+    let list = agent.get("/v1/connect/intentions", None);
+    assert_eq!(list.status, 500, "{}", list.text);
+    let check = agent.get(
+        "/v1/connect/intentions/check?source=src-r5-0-9&destination=db",
+        None,
+    );
+    assert_eq!(check.status, 500, "{}", check.text);
+    let metrics = agent.get("/metrics", None).text;
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("controlplane_store_corrupt_records_total{table=\"intentions\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no corrupt-record count in {metrics}"));
+    assert!(count >= 3, "{count}");
+}
