@@ -31,6 +31,7 @@ pub struct Metrics {
     replication_resets: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
     store_corrupt: Mutex<BTreeMap<&'static str, u64>>,
+    store_unhealthy: std::sync::atomic::AtomicBool,
 }
 
 /// The replication gauges of one stream (see `replication::machine::StreamStatus`).
@@ -65,6 +66,11 @@ impl Metrics {
     /// Counts one leaf-signing outcome (`ok`, `denied`, `invalid`, `error`).
     pub fn count_leaf(&self, result: &'static str) {
         bump(&self.leaf_certs, result);
+    }
+
+    /// Records whether the store takes writes (false: read-only after a disk error).
+    pub fn set_store_healthy(&self, healthy: bool) {
+        self.store_unhealthy.store(!healthy, Ordering::Relaxed);
     }
 
     /// Counts one stored record whose checksum did not match (by table).
@@ -319,6 +325,16 @@ impl Metrics {
         let _ = writeln!(
             out,
             "controlplane_store_commit_duration_seconds_count {count}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_store_healthy 1 if the store takes writes, 0 if it is read-only after a failed disk write."
+        );
+        let _ = writeln!(out, "# TYPE controlplane_store_healthy gauge");
+        let _ = writeln!(
+            out,
+            "controlplane_store_healthy {}",
+            u8::from(!self.store_unhealthy.load(Ordering::Relaxed))
         );
         let _ = writeln!(
             out,

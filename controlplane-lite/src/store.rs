@@ -12,9 +12,9 @@
 //! stream exactly [`Table::REPLICATED`] (`replication::Kind` maps its streams onto them; the
 //! `system` table's cluster id arrives with the CA roots).
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -115,10 +115,34 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const GLOBAL_INDEX_KEY: &str = "raft";
 
 /// The store: a redb database plus one watch channel per table for blocking queries.
+///
+/// After a failed write that leaves redb's handle poisoned (a failed `fsync` or write, e.g.
+/// `ENOSPC`: redb then answers every write with "Previous I/O error occurred"), the store is
+/// **read-only**: reads go on through the old handle (what it has cached or can still read),
+/// writes answer a 500 naming the original cause, and `controlplane_store_healthy` is 0. Each
+/// later write first checks, at most once per [`RECOVERY_INTERVAL`], whether the disk takes a
+/// small probe file; if so it closes the handle and opens the file again (redb repairs it to
+/// the last durable commit, so every acknowledged write is kept) and the write proceeds.
 pub struct Store {
-    database: Database,
+    path: PathBuf,
+    database: RwLock<Option<Arc<Database>>>,
+    health: Mutex<Health>,
     watches: Vec<watch::Sender<u64>>,
     metrics: Arc<Metrics>,
+}
+
+/// How often a read-only store tries to recover (only when a write asks for it).
+pub const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
+/// The free space a recovery attempt needs: redb's repair and the next commits write pages.
+const RECOVERY_PROBE_BYTES: usize = 256 << 10;
+/// How long a recovery waits for in-flight reads to let go of the old handle.
+const RECOVERY_DRAIN: Duration = Duration::from_secs(2);
+
+/// Why the store is read-only, if it is.
+#[derive(Default)]
+struct Health {
+    failure: Option<String>,
+    last_attempt: Option<Instant>,
 }
 
 impl Store {
@@ -158,8 +182,11 @@ impl Store {
             txn.commit()?;
         }
         let watches = indexes.into_iter().map(|i| watch::channel(i).0).collect();
+        metrics.set_store_healthy(true);
         Ok(Store {
-            database,
+            path: path.to_owned(),
+            database: RwLock::new(Some(Arc::new(database))),
+            health: Mutex::new(Health::default()),
             watches,
             metrics,
         })
@@ -187,7 +214,7 @@ impl Store {
 
     /// Reads one value.
     pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
-        let txn = self.database.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let handle = txn.open_table(table.definition())?;
         match handle.get(key)? {
             Some(bytes) => decode(&self.metrics, table, key, bytes.value()).map(Some),
@@ -197,7 +224,7 @@ impl Store {
 
     /// Reads every value of a table, in key order.
     pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
-        let txn = self.database.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let handle = txn.open_table(table.definition())?;
         let mut out = Vec::new();
         for entry in handle.iter()? {
@@ -209,7 +236,7 @@ impl Store {
 
     /// Reads every row of a table as `(key, JSON value)`, in key order (what replication sends).
     pub fn entries(&self, table: Table) -> Result<Vec<(String, serde_json::Value)>> {
-        let txn = self.database.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let handle = txn.open_table(table.definition())?;
         let mut out = Vec::new();
         for entry in handle.iter()? {
@@ -225,7 +252,7 @@ impl Store {
     /// Every row of every table plus the global index, read in one transaction (a consistent
     /// point-in-time copy, what `GET /v1/snapshot` saves).
     pub fn dump(&self) -> Result<(u64, Vec<TableRows>)> {
-        let txn = self.database.begin_read()?;
+        let txn = self.handle()?.begin_read()?;
         let index = {
             let meta = txn.open_table(META)?;
             let value = meta.get(GLOBAL_INDEX_KEY)?.map(|v| v.value()).unwrap_or(0);
@@ -253,8 +280,114 @@ impl Store {
     ///
     /// This blocks on `fsync`: call it from a blocking context (see `http::write`).
     pub fn write<R>(&self, body: impl FnOnce(&mut Transaction<'_>) -> Result<R>) -> Result<R> {
+        self.recover()?;
+        let database = self.handle()?;
+        match self.write_on(&database, body) {
+            Err(Error::Store(cause)) if database.begin_write().is_err() => {
+                // The handle is poisoned (redb refuses any further write): remember the cause,
+                // which redb's later errors no longer name.
+                tracing::error!(%cause, path = %self.path.display(), "store write failed; the store is read-only until the disk takes writes again");
+                self.lock_health().failure = Some(cause.clone());
+                self.metrics.set_store_healthy(false);
+                Err(read_only(&cause))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether writes are refused after a disk error (and the cause), for health endpoints.
+    pub fn read_only(&self) -> Option<String> {
+        self.lock_health().failure.clone()
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current redb handle (absent only while a recovery could not reopen the file).
+    fn handle(&self) -> Result<Arc<Database>> {
+        let guard = self.database.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().ok_or_else(|| {
+            Error::Store(format!(
+                "state file {} is closed after a disk error and could not be reopened yet: {}",
+                self.path.display(),
+                self.read_only().unwrap_or_default()
+            ))
+        })
+    }
+
+    /// In a read-only store: if the disk takes writes again, reopens the file. Otherwise, or
+    /// between attempts, answers the read-only error.
+    fn recover(&self) -> Result<()> {
+        let cause = {
+            let mut health = self.lock_health();
+            let Some(cause) = health.failure.clone() else {
+                return Ok(());
+            };
+            if health
+                .last_attempt
+                .is_some_and(|t| t.elapsed() < RECOVERY_INTERVAL)
+            {
+                return Err(read_only(&cause));
+            }
+            health.last_attempt = Some(Instant::now());
+            cause
+        };
+        if let Err(probe) = self.probe_space() {
+            return Err(read_only(&format!("{cause}; still failing: {probe}")));
+        }
+        let mut slot = self.database.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.take() {
+            // Readers clone the handle for the length of one call; wait for them (bounded)
+            // so the old handle really closes and releases its file lock.
+            let deadline = Instant::now() + RECOVERY_DRAIN;
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if Arc::strong_count(&old) > 1 {
+                *slot = Some(old);
+                return Err(read_only(&format!(
+                    "{cause}; readers still hold the old handle"
+                )));
+            }
+            drop(old);
+        }
+        match Database::open(&self.path) {
+            Ok(database) => {
+                *slot = Some(Arc::new(database));
+                drop(slot);
+                self.lock_health().failure = None;
+                self.metrics.set_store_healthy(true);
+                tracing::warn!(path = %self.path.display(), %cause, "store reopened after a disk error; writes resume");
+                Ok(())
+            }
+            Err(e) => Err(read_only(&format!("{cause}; reopening failed: {e}"))),
+        }
+    }
+
+    /// Writes, syncs and removes a small file next to the store: whether the disk takes
+    /// writes again.
+    fn probe_space(&self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut probe = self.path.as_os_str().to_owned();
+        probe.push(".probe");
+        let probe = PathBuf::from(probe);
+        let result = (|| {
+            let mut file = std::fs::File::create(&probe)?;
+            file.write_all(&vec![0u8; RECOVERY_PROBE_BYTES])?;
+            file.sync_all()
+        })();
+        let _ = std::fs::remove_file(&probe);
+        result
+    }
+
+    fn write_on<R>(
+        &self,
+        database: &Database,
+        body: impl FnOnce(&mut Transaction<'_>) -> Result<R>,
+    ) -> Result<R> {
         let started = Instant::now();
-        let mut txn = self.database.begin_write()?;
+        let mut txn = database.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let current = {
             let meta = txn.open_table(META)?;
@@ -289,6 +422,13 @@ impl Store {
         }
         Ok(result)
     }
+}
+
+/// The answer to a write while the store is read-only: Consul-style 500 text with the cause.
+fn read_only(cause: &str) -> Error {
+    Error::Store(format!(
+        "read-only after a failed disk write ({cause}); writes resume once the disk takes writes again"
+    ))
 }
 
 /// Opens an existing state file, refusing an empty or unreadable one.

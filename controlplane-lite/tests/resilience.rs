@@ -178,3 +178,173 @@ fn a_byte_changed_on_disk_is_counted_and_never_served() {
         .unwrap_or_else(|| panic!("no corrupt-record count in {metrics}"));
     assert!(count >= 3, "{count}");
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a `size` tmpfs under `dir`; `None` (after saying why) if mounting is impossible
+    /// here, which fails the test under `CI=true` instead.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let target = dir.join("tmpfs");
+        std::fs::create_dir_all(&target).expect("mkdir");
+        let output = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&target)
+            .output();
+        match output {
+            Ok(out) if out.status.success() => Some(Tmpfs(target)),
+            other => {
+                let why = match other {
+                    Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "cannot mount a tmpfs for the disk-full test (needs root): {why}"
+                );
+                eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `path` until it refuses more bytes (bounded by `limit`).
+fn fill(path: &std::path::Path, limit: usize) -> usize {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).expect("create filler");
+    let chunk = vec![0x42u8; 4096];
+    let mut written = 0;
+    while written < limit {
+        match file.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n,
+        }
+    }
+    let _ = file.sync_all();
+    written
+}
+
+fn register(agent: &Agent, name: &str) -> common::Answer {
+    let padding = "p".repeat(2048);
+    agent.put(
+        "/v1/agent/service/register",
+        None,
+        &format!(r#"{{"Name":"{name}","Port":80,"Meta":{{"pad":"{padding}"}}}}"#),
+    )
+}
+
+fn metric(agent: &Agent, name: &str) -> String {
+    let text = agent.get("/metrics", None).text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .to_owned()
+}
+
+#[test]
+fn disk_full_makes_the_store_read_only_until_space_is_freed() {
+    let dir = TempDir::new("resilience-disk-full");
+    let Some(tmpfs) = Tmpfs::mount(dir.path(), "4M") else {
+        return;
+    };
+    let data = tmpfs.0.join("data");
+    let mut agent = Agent::start_in(&data, "primary", &[]);
+    assert_eq!(metric(&agent, "controlplane_store_healthy"), "1");
+    let filler = tmpfs.0.join("filler");
+    fill(&filler, 8 << 20);
+
+    // Writes until the disk refuses one (redb may still reuse pages it already owns).
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for n in 0..2000 {
+        let name = format!("svc-{n}");
+        let answer = register(&agent, &name);
+        if answer.status == 200 {
+            acknowledged.push(name);
+        } else {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let refused = refused.expect("the full disk never refused a write");
+    assert_eq!(refused.status, 500, "{}", refused.text);
+    assert!(
+        refused.text.contains("No space left on device"),
+        "the cause is named: {}",
+        refused.text
+    );
+    assert_eq!(metric(&agent, "controlplane_store_healthy"), "0");
+    let leader = agent.get("/v1/status/leader", None).json();
+    assert_eq!(
+        leader,
+        serde_json::json!(""),
+        "no leader while writes cannot commit"
+    );
+    let stats = agent.get("/v1/agent/self", None).json();
+    assert_eq!(stats["Stats"]["store"]["read_only"], "true", "{stats}");
+    // Still full: still refused, still naming the cause.
+    let again = register(&agent, "while-full");
+    assert_eq!(again.status, 500, "{}", again.text);
+    assert!(
+        again.text.contains("No space left on device"),
+        "{}",
+        again.text
+    );
+
+    // Free the space: writes resume on their own, without a restart.
+    std::fs::remove_file(&filler).expect("free space");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let answer = register(&agent, "after-free");
+        if answer.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes did not resume within 20 s: {}",
+            answer.text
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    acknowledged.push("after-free".to_owned());
+    assert_eq!(metric(&agent, "controlplane_store_healthy"), "1");
+    assert_ne!(
+        agent.get("/v1/status/leader", None).json(),
+        serde_json::json!("")
+    );
+    let services = agent.get("/v1/catalog/services", None).json();
+    for name in &acknowledged {
+        assert!(services.get(name).is_some(), "{name} lost before restart");
+    }
+    assert!(
+        services.get("while-full").is_none(),
+        "a refused write was stored"
+    );
+
+    // And every acknowledged write is still there after a restart.
+    agent.kill9();
+    drop(agent);
+    let agent = Agent::start_in(&data, "primary", &[]);
+    let services = agent.get("/v1/catalog/services", None).json();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|name| services.get(name.as_str()).is_none())
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    drop(agent);
+    drop(tmpfs);
+}
