@@ -348,3 +348,131 @@ fn disk_full_makes_the_store_read_only_until_space_is_freed() {
     drop(agent);
     drop(tmpfs);
 }
+
+/// Polls `condition` every 100 ms until it holds or `bound` passes (then fails naming `what`).
+fn eventually(bound: std::time::Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + bound;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {bound:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn gauge(agent: &Agent, line_prefix: &str) -> Option<f64> {
+    let text = agent.get("/metrics", None).text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn a_silent_partition_surfaces_within_seconds() {
+    let (primary_dir, secondary_dir) = (
+        TempDir::new("resilience-part-p"),
+        TempDir::new("resilience-part-s"),
+    );
+    let primary = Agent::start_in(primary_dir.path(), "primary", &[]);
+    let relay = common::Relay::start(&primary.address);
+    let secondary = Agent::start_in(
+        secondary_dir.path(),
+        "secondary",
+        &[
+            "-primary-datacenter",
+            "primary",
+            "-primary-address",
+            &relay.address,
+            "-primary-insecure-http",
+        ],
+    );
+    let status = "controlplane_replication_status{type=\"intentions\"} ";
+    let contact = "controlplane_replication_last_contact_seconds ";
+    eventually(
+        std::time::Duration::from_secs(30),
+        "replication healthy",
+        || gauge(&secondary, status) == Some(1.0),
+    );
+    let intention = |source: &str| {
+        format!(r#"{{"SourceName":"{source}","DestinationName":"db","Action":"deny"}}"#)
+    };
+    let forwarded = secondary.request(
+        "POST",
+        "/v1/connect/intentions",
+        None,
+        Some(&intention("before")),
+    );
+    assert_eq!(forwarded.status, 200, "{}", forwarded.text);
+    // Idle but connected for longer than the staleness bound: the heartbeat keeps the
+    // contact fresh, so no false alarm while replication's blocking query simply waits.
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_eq!(
+        gauge(&secondary, status),
+        Some(1.0),
+        "false alarm while idle"
+    );
+    assert!(gauge(&secondary, contact).is_some_and(|age| age < 10.0));
+
+    relay.partition(true);
+    let started = std::time::Instant::now();
+    let forwarded = secondary.request(
+        "POST",
+        "/v1/connect/intentions",
+        None,
+        Some(&intention("during")),
+    );
+    let write_took = started.elapsed();
+    assert_eq!(forwarded.status, 503, "{}", forwarded.text);
+    assert!(
+        forwarded.text.contains("may be partitioned"),
+        "the error names the timeout: {}",
+        forwarded.text
+    );
+    let started = std::time::Instant::now();
+    let read = secondary.get("/v1/catalog/services?dc=primary", None);
+    let read_took = started.elapsed();
+    assert_eq!(read.status, 503, "{}", read.text);
+    assert!(read.text.contains("may be partitioned"), "{}", read.text);
+    eprintln!(
+        "partitioned: forwarded write failed after {write_took:?}, ?dc= read after {read_took:?}"
+    );
+
+    // Replication's blocking query hangs on the partition for its whole wait (60 s); the
+    // heartbeat's silence turns the health red long before that.
+    let started = std::time::Instant::now();
+    eventually(
+        std::time::Duration::from_secs(30),
+        "replication reported failing",
+        || gauge(&secondary, status) == Some(0.0),
+    );
+    eprintln!(
+        "partitioned: replication status 0 after {:?}",
+        started.elapsed()
+    );
+    assert!(gauge(&secondary, contact).is_some_and(|age| age > 10.0));
+    let stats = secondary.get("/v1/agent/self", None).json();
+    assert_eq!(stats["Stats"]["replication"]["healthy"], "false", "{stats}");
+
+    relay.partition(false);
+    eventually(
+        std::time::Duration::from_secs(30),
+        "healthy after healing",
+        || gauge(&secondary, status) == Some(1.0),
+    );
+    eventually(
+        std::time::Duration::from_secs(30),
+        "forwarded writes work after healing",
+        || {
+            secondary
+                .request(
+                    "POST",
+                    "/v1/connect/intentions",
+                    None,
+                    Some(&intention("after")),
+                )
+                .status
+                == 200
+        },
+    );
+}

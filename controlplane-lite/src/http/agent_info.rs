@@ -77,7 +77,7 @@ pub async fn agent_self(State(agent): State<AgentState>, ctx: Ctx) -> Result<Res
                 "Status": 1,
             },
             "Meta": {},
-            "Stats": {"store": store_stats(&agent)},
+            "Stats": {"store": store_stats(&agent), "replication": replication_stats(&agent)},
             "xDS": null,
         }),
     ))
@@ -89,6 +89,19 @@ fn store_stats(agent: &Agent) -> Value {
         None => json!({"healthy": "true", "read_only": "false"}),
         Some(cause) => json!({"healthy": "false", "read_only": "true", "error": cause}),
     }
+}
+
+/// A secondary's link to the primary in `agent/self`'s `Stats` (empty in the primary).
+fn replication_stats(agent: &Agent) -> Value {
+    if agent.primary.is_none() {
+        return json!({});
+    }
+    let age = agent.metrics.primary_contact_age();
+    let healthy = age.is_some_and(|a| a <= crate::metrics::CONTACT_STALE_AFTER);
+    json!({
+        "healthy": healthy.to_string(),
+        "last_contact_seconds": age.map_or_else(|| "never".to_owned(), |a| format!("{a:.1}")),
+    })
 }
 
 /// `GET /v1/status/leader`: this agent (no ACL, like Consul), or `""` while the store is
