@@ -95,6 +95,7 @@ fn py_consul_walks_the_guide_on_two_datacenters() {
             "primary",
             "-primary-address",
             &primary.address,
+            "-primary-insecure-http",
             "-replication-token",
             &replication_token,
         ],
