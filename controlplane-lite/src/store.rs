@@ -317,8 +317,9 @@ impl Store {
     }
 
     /// In a read-only store: if the disk takes writes again, reopens the file. Otherwise, or
-    /// between attempts, answers the read-only error.
-    fn recover(&self) -> Result<()> {
+    /// between attempts (at most one per [`RECOVERY_INTERVAL`]), answers the read-only error.
+    /// Writes call it first; the agent also calls it on a timer.
+    pub fn recover(&self) -> Result<()> {
         let cause = {
             let mut health = self.lock_health();
             let Some(cause) = health.failure.clone() else {

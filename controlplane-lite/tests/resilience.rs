@@ -305,8 +305,13 @@ fn disk_full_makes_the_store_read_only_until_space_is_freed() {
         again.text
     );
 
-    // Free the space: writes resume on their own, without a restart.
+    // Free the space: the store recovers on its own, without a restart or a write.
     std::fs::remove_file(&filler).expect("free space");
+    eventually(
+        std::time::Duration::from_secs(20),
+        "store healthy again without a write",
+        || metric(&agent, "controlplane_store_healthy") == "1",
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let answer = register(&agent, "after-free");
