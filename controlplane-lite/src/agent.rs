@@ -316,6 +316,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     ));
     crate::replication::runner::spawn(&agent);
     crate::checks_runner::spawn(&agent);
+    spawn_store_recovery(&agent);
     let stopping = agent.clone();
     let limits = agent.config.limits;
     crate::server::serve(
@@ -330,6 +331,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+/// Brings a read-only store (after a disk error) back on its own once the disk takes writes,
+/// so health and metrics recover even when no client writes.
+fn spawn_store_recovery(agent: &Arc<Agent>) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let mut shutdown = agent.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(crate::store::RECOVERY_INTERVAL * 2) => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => return,
+            }
+            if agent.store.read_only().is_some() {
+                let worker = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || worker.store.recover()).await;
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -14,8 +14,8 @@ pub const STATE_FILE: &str = "state.redb";
 /// Permission bits that let the group or others in.
 const FOREIGN_BITS: u32 = 0o077;
 
-/// Creates the data directory (`0700`) and the store file (`0600`) if missing, checks both
-/// allow their owner only, and returns the store file's path.
+/// Creates the data directory (`0700`) if missing, checks it and an existing store file allow
+/// their owner only, and returns the store file's path (see [`create_private_file`]).
 pub fn prepare(dir: &Path) -> Result<PathBuf> {
     if !dir.exists() {
         fs::DirBuilder::new()
@@ -32,19 +32,28 @@ pub fn prepare(dir: &Path) -> Result<PathBuf> {
     }
     check_private(dir, "data dir", "chmod 700")?;
     let state = dir.join(STATE_FILE);
+    // The store creates a missing state file itself (0600, initialised under a temporary
+    // name and renamed into place), so a crash mid-initialisation never leaves an empty
+    // `state.redb` behind; an existing one must already be private.
     if !state.exists() {
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&state)
-            .map_err(|e| Error::Startup(format!("cannot create {}: {e}", state.display())))?;
-        fs::set_permissions(&state, fs::Permissions::from_mode(0o600)).map_err(|e| {
-            Error::Startup(format!("cannot set the mode of {}: {e}", state.display()))
-        })?;
+        return Ok(state);
     }
     check_private(&state, "state file", "chmod 600")?;
     Ok(state)
+}
+
+/// Creates a new file readable and writable by its owner only (`0600`, whatever the umask).
+pub fn create_private_file(path: &Path) -> Result<fs::File> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Startup(format!("cannot create {}: {e}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::Startup(format!("cannot set the mode of {}: {e}", path.display())))?;
+    Ok(file)
 }
 
 /// Refuses a path whose mode lets the group or others in.
@@ -86,6 +95,11 @@ mod tests {
         let dir = scratch("create");
         let state = prepare(&dir.join("nested")).expect("prepare");
         assert_eq!(mode(&dir.join("nested")), 0o700);
+        assert!(
+            !state.exists(),
+            "the store creates the state file, not prepare"
+        );
+        create_private_file(&state).expect("create");
         assert_eq!(mode(&state), 0o600);
         // A second start on the same directory is fine.
         assert!(prepare(&dir.join("nested")).is_ok());
@@ -96,6 +110,7 @@ mod tests {
     fn refuses_foreign_readable_dir_or_file() {
         let dir = scratch("refuse");
         let state = prepare(&dir).expect("prepare");
+        create_private_file(&state).expect("create");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).expect("chmod");
         let error = prepare(&dir).expect_err("group-readable dir").to_string();
         assert!(error.contains("chmod 700"), "{error}");

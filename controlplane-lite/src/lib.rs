@@ -26,6 +26,7 @@ pub mod remote_dc;
 pub mod replication;
 pub mod routes;
 pub mod server;
+pub mod snapshot;
 pub mod spiffe;
 pub mod store;
 pub mod tls;

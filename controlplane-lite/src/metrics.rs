@@ -31,6 +31,22 @@ pub struct Metrics {
     replication_resets: Mutex<BTreeMap<&'static str, u64>>,
     ca_changes_refused: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
+    store_corrupt: Mutex<BTreeMap<&'static str, u64>>,
+    store_unhealthy: std::sync::atomic::AtomicBool,
+    primary_contact_unix: Mutex<Option<f64>>,
+}
+
+/// A secondary whose last successful exchange with the primary is older than this reports its
+/// replication as failing (status 0), whatever its streams last said: a blocking query can
+/// hang on a silent partition for its whole `wait`. The heartbeat (`replication::runner`)
+/// refreshes contact every few seconds, so only a real outage crosses it.
+pub const CONTACT_STALE_AFTER: f64 = 10.0;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The replication gauges of one stream (see `replication::machine::StreamStatus`).
@@ -65,6 +81,16 @@ impl Metrics {
     /// Counts one leaf-signing outcome (`ok`, `denied`, `invalid`, `error`).
     pub fn count_leaf(&self, result: &'static str) {
         bump(&self.leaf_certs, result);
+    }
+
+    /// Records whether the store takes writes (false: read-only after a disk error).
+    pub fn set_store_healthy(&self, healthy: bool) {
+        self.store_unhealthy.store(!healthy, Ordering::Relaxed);
+    }
+
+    /// Counts one stored record whose checksum did not match (by table).
+    pub fn count_corrupt_record(&self, table: &'static str) {
+        bump(&self.store_corrupt, table);
     }
 
     /// Records one store commit.
@@ -115,6 +141,29 @@ impl Metrics {
         bump(&self.ca_changes_refused, reason);
     }
 
+    /// Records a successful exchange with the primary (a heartbeat or a replication fetch).
+    pub fn record_primary_contact(&self) {
+        self.record_primary_contact_at(unix_now());
+    }
+
+    fn record_primary_contact_at(&self, unix_seconds: f64) {
+        let mut guard = self
+            .primary_contact_unix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *guard = Some(unix_seconds);
+    }
+
+    /// Seconds since the last successful exchange with the primary (`None`: never, or this
+    /// agent does not replicate).
+    pub fn primary_contact_age(&self) -> Option<f64> {
+        let guard = self
+            .primary_contact_unix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        guard.map(|at| (unix_now() - at).max(0.0))
+    }
+
     /// Counts one full resync after the primary's index went backwards.
     pub fn count_replication_reset(&self, kind: &'static str) {
         bump(&self.replication_resets, kind);
@@ -133,10 +182,19 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if !gauges.is_empty() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+            let now = unix_now();
+            let contact_age = self.primary_contact_age();
+            let _ = writeln!(out, "# HELP controlplane_replication_last_contact_seconds Seconds since the last successful exchange with the primary (heartbeat or fetch); +Inf if never.");
+            let _ = writeln!(
+                out,
+                "# TYPE controlplane_replication_last_contact_seconds gauge"
+            );
+            let _ = writeln!(
+                out,
+                "controlplane_replication_last_contact_seconds {}",
+                contact_age.map_or_else(|| "+Inf".to_owned(), |age| format!("{age}"))
+            );
+            let contact_stale = contact_age.is_none_or(|age| age > CONTACT_STALE_AFTER);
             let families: [(&str, &str, &str); 4] = [
                 ("controlplane_replication_status", "gauge", "1 if the last fetch and apply from the primary succeeded, else 0."),
                 ("controlplane_replication_index", "gauge", "The primary's index of the last applied snapshot."),
@@ -147,6 +205,13 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP {name} {help}");
                 let _ = writeln!(out, "# TYPE {name} {kind_of}");
                 for (kind, g) in &gauges {
+                    // A stream that last said "healthy" is not, once the primary has been
+                    // silent too long; its copy is then as stale as the last contact.
+                    let mut g = *g;
+                    if g.healthy && contact_stale {
+                        g.healthy = false;
+                        g.last_success_unix = contact_age.map(|age| now - age);
+                    }
                     let value = match name {
                         "controlplane_replication_status" => f64::from(u8::from(g.healthy)),
                         "controlplane_replication_index" => g.index as f64,
@@ -340,6 +405,35 @@ impl Metrics {
             out,
             "controlplane_store_commit_duration_seconds_count {count}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_store_healthy 1 if the store takes writes, 0 if it is read-only after a failed disk write."
+        );
+        let _ = writeln!(out, "# TYPE controlplane_store_healthy gauge");
+        let _ = writeln!(
+            out,
+            "controlplane_store_healthy {}",
+            u8::from(!self.store_unhealthy.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP controlplane_store_corrupt_records_total Stored records whose checksum did not match when read (never served)."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE controlplane_store_corrupt_records_total counter"
+        );
+        for (table, n) in self
+            .store_corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "controlplane_store_corrupt_records_total{{table=\"{table}\"}} {n}"
+            );
+        }
         self.render_replication(&mut out);
         out
     }
@@ -375,6 +469,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs_f64();
+        metrics.record_primary_contact();
         metrics.set_replication("intentions", true, 12, Some(now));
         metrics.set_replication("acl-tokens", false, 3, Some(now - 30.0));
         metrics.set_replication("ca-roots", false, 0, None);
@@ -391,5 +486,39 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .expect("acl-tokens lag");
         assert!((30.0..60.0).contains(&lag), "{lag}");
+    }
+
+    #[test]
+    fn a_silent_primary_turns_healthy_streams_failing_with_the_contact_age_as_lag() {
+        let metrics = Metrics::default();
+        let now = unix_now();
+        metrics.set_replication("intentions", true, 12, Some(now - 100.0));
+        metrics.record_primary_contact_at(now - 25.0);
+        let text = metrics.render();
+        assert!(
+            text.contains("controlplane_replication_status{type=\"intentions\"} 0"),
+            "{text}"
+        );
+        let value = |prefix: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+        };
+        let contact = value("controlplane_replication_last_contact_seconds ");
+        assert!((25.0..60.0).contains(&contact), "{contact}");
+        let lag = value("controlplane_replication_lag_seconds{type=\"intentions\"} ");
+        assert!(
+            (25.0..60.0).contains(&lag),
+            "the lag is since the last contact: {lag}"
+        );
+        // Fresh contact: healthy again, lag 0.
+        metrics.record_primary_contact();
+        let text = metrics.render();
+        assert!(
+            text.contains("controlplane_replication_status{type=\"intentions\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("controlplane_replication_lag_seconds{type=\"intentions\"} 0"));
     }
 }

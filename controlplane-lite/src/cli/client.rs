@@ -89,6 +89,38 @@ impl Client {
         Ok(Answer { status, body })
     }
 
+    /// Sends a request with a binary body and reads a binary answer of up to `limit` bytes
+    /// (snapshots are larger than the JSON answers [`Client::request`] expects).
+    pub fn bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>)> {
+        let url = format!("{}{}", self.base, path);
+        let unreachable = |e: ureq::Error| {
+            Error::Unavailable(format!("cannot reach the agent at {}: {e}", self.base))
+        };
+        let mut response = match (method, body) {
+            ("GET", _) => self.with_token(self.agent.get(&url)).call(),
+            ("PUT", Some(body)) => self
+                .with_token(self.agent.put(&url))
+                .header("content-type", "application/octet-stream")
+                .send(body),
+            (other, _) => return Err(Error::Internal(format!("unsupported method {other}"))),
+        }
+        .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(unreachable)?;
+        Ok((status, body))
+    }
+
     fn with_token<B>(&self, builder: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
         match &self.token {
             Some(token) => builder.header("X-Consul-Token", token),

@@ -10,7 +10,9 @@ use super::{
     AclCommand, AclPolicyCommand, AclTokenCommand, CatalogCommand, ClientFlags, Command,
     ConfigCommand,
 };
-use super::{IntentionCommand, ServicesCommand, TlsCaCommand, TlsCertCommand, TlsCommand};
+use super::{
+    IntentionCommand, ServicesCommand, SnapshotCommand, TlsCaCommand, TlsCertCommand, TlsCommand,
+};
 use crate::error::{Error, Result};
 
 impl ClientFlags {
@@ -99,9 +101,62 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Intention(intention) => intention_command(intention),
         Command::Catalog(catalog) => catalog_command(catalog),
         Command::Tls(tls) => tls_command(tls),
+        Command::Snapshot(snapshot) => snapshot_command(snapshot),
         Command::Reload(client) => {
             client.client()?.json("PUT", "/v1/agent/reload", None)?;
             println!("Configuration reload triggered");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn snapshot_command(command: SnapshotCommand) -> Result<ExitCode> {
+    use crate::snapshot::{decode, MAX_SNAPSHOT_BYTES};
+    let limit = u64::try_from(MAX_SNAPSHOT_BYTES).unwrap_or(u64::MAX);
+    match command {
+        SnapshotCommand::Save { client, file } => {
+            let (status, bytes) = client.client()?.bytes("GET", "/v1/snapshot", None, limit)?;
+            if status != 200 {
+                return Err(Error::bad_request(format!(
+                    "Unexpected response code: {status} ({})",
+                    String::from_utf8_lossy(&bytes).trim()
+                )));
+            }
+            // Check what arrived before keeping it: a backup that cannot be restored is worse
+            // than none.
+            let snapshot = decode(&bytes)?;
+            let mut temporary = file.as_os_str().to_owned();
+            temporary.push(".part");
+            let temporary = std::path::PathBuf::from(temporary);
+            let _ = std::fs::remove_file(&temporary);
+            let io = |e: std::io::Error| {
+                Error::bad_request(format!("cannot write {}: {e}", file.display()))
+            };
+            {
+                use std::io::Write as _;
+                let mut out = crate::datadir::create_private_file(&temporary)?;
+                out.write_all(&bytes).map_err(io)?;
+                out.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&temporary, &file).map_err(io)?;
+            println!("Saved and verified snapshot to index {}", snapshot.index);
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Restore { client, file } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| Error::bad_request(format!("{}: {e}", file.display())))?;
+            decode(&bytes)?;
+            let (status, answer) =
+                client
+                    .client()?
+                    .bytes("PUT", "/v1/snapshot", Some(&bytes), 1 << 20)?;
+            if status != 200 {
+                return Err(Error::bad_request(format!(
+                    "Unexpected response code: {status} ({})",
+                    String::from_utf8_lossy(&answer).trim()
+                )));
+            }
+            println!("Restored snapshot");
             Ok(ExitCode::SUCCESS)
         }
     }

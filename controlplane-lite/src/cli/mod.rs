@@ -75,6 +75,32 @@ pub enum Command {
     /// Make certificates for the agents' HTTPS (like `consul tls`).
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Save or restore the whole state of an agent (like `consul snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `snapshot ...`.
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Writes the agent's whole state (including the CA private keys and token secrets) to
+    /// FILE, mode 0600, after checking the snapshot's checksum.
+    Save {
+        /// Agent address and token (a management token).
+        #[command(flatten)]
+        client: ClientFlags,
+        /// Where to write the snapshot.
+        file: PathBuf,
+    },
+    /// Replaces the agent's whole state with the snapshot in FILE (checked first, applied in
+    /// one transaction).
+    Restore {
+        /// Agent address and token (a management token).
+        #[command(flatten)]
+        client: ClientFlags,
+        /// The snapshot to restore.
+        file: PathBuf,
+    },
 }
 
 /// `tls ...`.

@@ -77,14 +77,40 @@ pub async fn agent_self(State(agent): State<AgentState>, ctx: Ctx) -> Result<Res
                 "Status": 1,
             },
             "Meta": {},
-            "Stats": {},
+            "Stats": {"store": store_stats(&agent), "replication": replication_stats(&agent)},
             "xDS": null,
         }),
     ))
 }
 
-/// `GET /v1/status/leader`: this agent (no ACL, like Consul).
+/// The store's health in `agent/self`'s `Stats` (Consul's stats are maps of strings).
+fn store_stats(agent: &Agent) -> Value {
+    match agent.store.read_only() {
+        None => json!({"healthy": "true", "read_only": "false"}),
+        Some(cause) => json!({"healthy": "false", "read_only": "true", "error": cause}),
+    }
+}
+
+/// A secondary's link to the primary in `agent/self`'s `Stats` (empty in the primary).
+fn replication_stats(agent: &Agent) -> Value {
+    if agent.primary.is_none() {
+        return json!({});
+    }
+    let age = agent.metrics.primary_contact_age();
+    let healthy = age.is_some_and(|a| a <= crate::metrics::CONTACT_STALE_AFTER);
+    json!({
+        "healthy": healthy.to_string(),
+        "last_contact_seconds": age.map_or_else(|| "never".to_owned(), |a| format!("{a:.1}")),
+    })
+}
+
+/// `GET /v1/status/leader`: this agent (no ACL, like Consul), or `""` while the store is
+/// read-only after a disk error: Consul answers `""` when no server can commit writes, which
+/// is what a read-only store means (`agent/self` `Stats.store` says why).
 pub async fn status_leader(State(agent): State<AgentState>) -> Result<Response> {
+    if agent.store.read_only().is_some() {
+        return Ok(json_with_index(0, &""));
+    }
     Ok(json_with_index(0, &own_address(&agent)))
 }
 

@@ -16,6 +16,7 @@ mod intentions;
 mod internal;
 mod remote;
 mod replication;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,108 +42,115 @@ pub type AgentState = Arc<Agent>;
 
 /// Builds the router.
 pub fn router(agent: AgentState) -> Router {
-    let api = Router::new()
-        .route("/v1/catalog/datacenters", get(catalog::datacenters))
-        .route("/v1/catalog/services", get(catalog::services))
-        .route("/v1/catalog/service/{name}", get(catalog::service_nodes))
-        .route("/v1/catalog/connect/{name}", get(catalog::connect_nodes))
-        .route("/v1/health/service/{name}", get(catalog::health_service))
-        .route("/v1/health/connect/{name}", get(catalog::health_connect))
-        .route("/v1/agent/services", get(catalog::agent_services))
-        .route("/v1/agent/service/{id}", get(agent_info::agent_service))
-        .route("/v1/agent/self", get(agent_info::agent_self))
-        .route("/v1/agent/checks", get(checks::agent_checks))
-        .route("/v1/agent/check/register", put(checks::register))
-        .route("/v1/agent/check/deregister/{id}", put(checks::deregister))
-        .route("/v1/agent/check/pass/{id}", put(checks::pass))
-        .route("/v1/agent/check/warn/{id}", put(checks::warn))
-        .route("/v1/agent/check/fail/{id}", put(checks::fail))
-        .route("/v1/agent/check/update/{id}", put(checks::update))
-        .route("/v1/health/checks/{name}", get(checks::service_checks))
-        .route("/v1/health/state/{state}", get(checks::state))
-        .route("/v1/status/leader", get(agent_info::status_leader))
-        .route("/v1/status/peers", get(agent_info::status_peers))
-        .route("/v1/catalog/nodes", get(agent_info::catalog_nodes))
-        .route("/v1/catalog/node/{node}", get(agent_info::catalog_node))
-        .route("/v1/agent/connect/ca/roots", get(ca::roots))
-        .route("/v1/agent/connect/ca/leaf/{service}", get(ca::agent_leaf))
-        .route("/v1/connect/ca/configuration", get(ca::configuration))
-        .route("/v1/agent/service/register", put(catalog::register))
-        .route(
-            "/v1/agent/service/deregister/{id}",
-            put(catalog::deregister),
-        )
-        .route("/v1/agent/reload", put(catalog::reload))
-        .route("/v1/agent/connect/authorize", post(intentions::authorize))
-        .route("/v1/config", put(config::apply))
-        .route("/v1/config/{kind}", get(config::list))
-        .route(
-            "/v1/config/{kind}/{name}",
-            get(config::read).delete(config::delete),
-        )
-        .route(
-            "/v1/connect/intentions",
-            get(intentions::list).post(intentions::create),
-        )
-        .route("/v1/connect/intentions/check", get(intentions::check))
-        .route(
-            "/v1/connect/intentions/exact",
-            get(intentions::read_exact)
-                .put(intentions::upsert_exact)
-                .delete(intentions::delete_exact),
-        )
-        .route(
-            "/v1/connect/intentions/match",
-            get(intentions::match_intentions),
-        )
-        .route(
-            "/v1/connect/intentions/{id}",
-            get(intentions::read)
-                .put(intentions::update)
-                .delete(intentions::delete),
-        )
-        .route("/v1/acl/bootstrap", put(acl::bootstrap))
-        .route("/v1/acl/policy", put(acl::create_policy))
-        .route("/v1/acl/policies", get(acl::list_policies))
-        .route("/v1/acl/policy/name/{name}", get(acl::read_policy_by_name))
-        .route(
-            "/v1/acl/policy/{id}",
-            get(acl::read_policy)
-                .put(acl::update_policy)
-                .delete(acl::delete_policy),
-        )
-        .route("/v1/acl/token", put(acl::create_token))
-        .route("/v1/acl/tokens", get(acl::list_tokens))
-        .route("/v1/acl/token/self", get(acl::token_self))
-        .route(
-            "/v1/acl/token/{id}",
-            get(acl::read_token)
-                .put(acl::update_token)
-                .delete(acl::delete_token),
-        )
-        .route("/v1/connect/ca/roots", get(ca::roots))
-        .route("/v1/connect/ca/leaf/sign", post(ca::sign).put(ca::sign))
-        .route("/v1/internal/mesh-gateway/routes", get(internal::routes))
-        .route("/v1/internal/sidecar/{proxy_id}", get(internal::sidecar))
-        .route(
-            "/v1/internal/federation-states",
-            get(internal::federation_states),
-        )
-        .route(
-            "/v1/internal/federation-state/{dc}",
-            get(internal::read_federation_state)
-                .put(internal::write_federation_state)
-                .delete(internal::delete_federation_state),
-        )
-        .route(
-            "/v1/internal/replication/{kind}",
-            get(replication::snapshot),
-        )
-        .route(
-            "/v1/connect/ca/intermediate/sign",
-            post(replication::sign_intermediate),
-        )
-        .route("/metrics", get(metrics));
+    let api =
+        Router::new()
+            .route("/v1/catalog/datacenters", get(catalog::datacenters))
+            .route("/v1/catalog/services", get(catalog::services))
+            .route("/v1/catalog/service/{name}", get(catalog::service_nodes))
+            .route("/v1/catalog/connect/{name}", get(catalog::connect_nodes))
+            .route("/v1/health/service/{name}", get(catalog::health_service))
+            .route("/v1/health/connect/{name}", get(catalog::health_connect))
+            .route("/v1/agent/services", get(catalog::agent_services))
+            .route("/v1/agent/service/{id}", get(agent_info::agent_service))
+            .route("/v1/agent/self", get(agent_info::agent_self))
+            .route("/v1/agent/checks", get(checks::agent_checks))
+            .route("/v1/agent/check/register", put(checks::register))
+            .route("/v1/agent/check/deregister/{id}", put(checks::deregister))
+            .route("/v1/agent/check/pass/{id}", put(checks::pass))
+            .route("/v1/agent/check/warn/{id}", put(checks::warn))
+            .route("/v1/agent/check/fail/{id}", put(checks::fail))
+            .route("/v1/agent/check/update/{id}", put(checks::update))
+            .route("/v1/health/checks/{name}", get(checks::service_checks))
+            .route("/v1/health/state/{state}", get(checks::state))
+            .route("/v1/status/leader", get(agent_info::status_leader))
+            .route("/v1/status/peers", get(agent_info::status_peers))
+            .route("/v1/catalog/nodes", get(agent_info::catalog_nodes))
+            .route("/v1/catalog/node/{node}", get(agent_info::catalog_node))
+            .route("/v1/agent/connect/ca/roots", get(ca::roots))
+            .route("/v1/agent/connect/ca/leaf/{service}", get(ca::agent_leaf))
+            .route("/v1/connect/ca/configuration", get(ca::configuration))
+            .route("/v1/agent/service/register", put(catalog::register))
+            .route(
+                "/v1/agent/service/deregister/{id}",
+                put(catalog::deregister),
+            )
+            .route("/v1/agent/reload", put(catalog::reload))
+            .route("/v1/agent/connect/authorize", post(intentions::authorize))
+            .route("/v1/config", put(config::apply))
+            .route("/v1/config/{kind}", get(config::list))
+            .route(
+                "/v1/config/{kind}/{name}",
+                get(config::read).delete(config::delete),
+            )
+            .route(
+                "/v1/connect/intentions",
+                get(intentions::list).post(intentions::create),
+            )
+            .route("/v1/connect/intentions/check", get(intentions::check))
+            .route(
+                "/v1/connect/intentions/exact",
+                get(intentions::read_exact)
+                    .put(intentions::upsert_exact)
+                    .delete(intentions::delete_exact),
+            )
+            .route(
+                "/v1/connect/intentions/match",
+                get(intentions::match_intentions),
+            )
+            .route(
+                "/v1/connect/intentions/{id}",
+                get(intentions::read)
+                    .put(intentions::update)
+                    .delete(intentions::delete),
+            )
+            .route("/v1/acl/bootstrap", put(acl::bootstrap))
+            .route("/v1/acl/policy", put(acl::create_policy))
+            .route("/v1/acl/policies", get(acl::list_policies))
+            .route("/v1/acl/policy/name/{name}", get(acl::read_policy_by_name))
+            .route(
+                "/v1/acl/policy/{id}",
+                get(acl::read_policy)
+                    .put(acl::update_policy)
+                    .delete(acl::delete_policy),
+            )
+            .route("/v1/acl/token", put(acl::create_token))
+            .route("/v1/acl/tokens", get(acl::list_tokens))
+            .route("/v1/acl/token/self", get(acl::token_self))
+            .route(
+                "/v1/acl/token/{id}",
+                get(acl::read_token)
+                    .put(acl::update_token)
+                    .delete(acl::delete_token),
+            )
+            .route("/v1/connect/ca/roots", get(ca::roots))
+            .route("/v1/connect/ca/leaf/sign", post(ca::sign).put(ca::sign))
+            .route("/v1/internal/mesh-gateway/routes", get(internal::routes))
+            .route("/v1/internal/sidecar/{proxy_id}", get(internal::sidecar))
+            .route(
+                "/v1/internal/federation-states",
+                get(internal::federation_states),
+            )
+            .route(
+                "/v1/internal/federation-state/{dc}",
+                get(internal::read_federation_state)
+                    .put(internal::write_federation_state)
+                    .delete(internal::delete_federation_state),
+            )
+            .route(
+                "/v1/internal/replication/{kind}",
+                get(replication::snapshot),
+            )
+            .route(
+                "/v1/connect/ca/intermediate/sign",
+                post(replication::sign_intermediate),
+            )
+            .route(
+                "/v1/snapshot",
+                get(snapshot::save).put(snapshot::restore).layer(
+                    axum::extract::DefaultBodyLimit::max(crate::snapshot::MAX_SNAPSHOT_BYTES),
+                ),
+            )
+            .route("/metrics", get(metrics));
     api.route_layer(middleware::from_fn_with_state(
         agent.clone(),
         crate::replication::forward::forward_writes,

@@ -6,8 +6,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::tls::ClientTls;
 
-/// Bound on a write forwarded to the primary or a federation-state push.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a write forwarded to the primary or a federation-state push: the primary answers
+/// after one durable commit (milliseconds), so a silent partition surfaces within seconds
+/// instead of holding the caller for half a minute.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on opening a connection to another datacenter's agent (TCP and TLS handshakes).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How this agent reaches the agents of other datacenters (replication, forwarded writes,
 /// cross-datacenter reads). Tokens cross this link, the replication token included, so it is
@@ -90,7 +94,9 @@ impl PrimaryClient {
         transport: &CrossDcTransport,
     ) -> Result<PrimaryClient> {
         let base = transport.base_url(address)?;
-        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT));
         if base.starts_with("https://") {
             config = config.tls_config(transport.tls.ureq_config()?);
         }
@@ -119,9 +125,22 @@ impl PrimaryClient {
     ) -> Result<PrimaryAnswer> {
         let url = format!("{}{}", self.base, path_and_query);
         let token = token.or(self.replication_token.as_deref());
-        let unreachable =
-            |e: ureq::Error| Error::Unavailable(format!("primary at {}: {e}", self.base));
-        let timeout = Some(timeout.unwrap_or(WRITE_TIMEOUT));
+        let bound = timeout.unwrap_or(WRITE_TIMEOUT);
+        let unreachable = |e: ureq::Error| {
+            match e {
+            ureq::Error::Timeout(which) => Error::Unavailable(format!(
+                "no answer from the agent at {} within {} ({which} timed out): the link between the datacenters may be partitioned",
+                self.base,
+                if matches!(which, ureq::Timeout::Connect) {
+                    format!("{}s", CONNECT_TIMEOUT.as_secs())
+                } else {
+                    format!("{}s", bound.as_secs())
+                }
+            )),
+            other => Error::Unavailable(format!("agent at {}: {other}", self.base)),
+        }
+        };
+        let timeout = Some(bound);
         let mut response = match method {
             "GET" | "DELETE" => {
                 let builder = if method == "GET" {

@@ -30,10 +30,45 @@ const FEDERATION_RESYNC: Duration = Duration::from_secs(30);
 /// (every datacenter). Both stop when the agent shuts down.
 pub fn spawn(agent: &Arc<Agent>) {
     if let Some(client) = agent.primary.clone() {
-        tokio::spawn(replicate(agent.clone(), client));
+        tokio::spawn(replicate(agent.clone(), client.clone()));
+        tokio::spawn(heartbeat(agent.clone(), client));
     }
     if agent.is_primary() || agent.primary.is_some() {
         tokio::spawn(publish_federation_state(agent.clone()));
+    }
+}
+
+/// How often a secondary checks that the primary answers at all, and the bound on one check.
+/// Replication's blocking queries can hang for their whole `wait` on a silent partition; this
+/// keeps `controlplane_replication_last_contact_seconds` within a few seconds of the truth.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the primary `GET /v1/status/leader` every [`HEARTBEAT`]; each answer is a contact.
+async fn heartbeat(agent: Arc<Agent>, client: Arc<PrimaryClient>) {
+    let mut shutdown = agent.shutdown.subscribe();
+    loop {
+        let task_client = client.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            task_client
+                .send(
+                    "GET",
+                    "/v1/status/leader",
+                    None,
+                    None,
+                    Some(HEARTBEAT_TIMEOUT),
+                )
+                .is_ok_and(|a| a.status == 200)
+        })
+        .await
+        .unwrap_or(false);
+        if answered {
+            agent.metrics.record_primary_contact();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT) => {}
+            () = stopped(&mut shutdown) => return,
+        }
     }
 }
 
@@ -58,8 +93,12 @@ async fn replicate(agent: Arc<Agent>, client: Arc<PrimaryClient>) {
             {
                 let client = client.clone();
                 let sender = sender.clone();
+                let metrics = agent.metrics.clone();
                 tokio::task::spawn_blocking(move || {
                     let result = fetch(&client, kind, index, wait).map_err(|e| e.to_string());
+                    if result.is_ok() {
+                        metrics.record_primary_contact();
+                    }
                     let _ = sender.send((id, kind, result));
                 });
             }

@@ -337,6 +337,7 @@ pub struct Relay {
     target: std::sync::Arc<std::sync::Mutex<String>>,
     capture: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Bound on the recorded bytes (enough for a test's whole federation traffic).
@@ -350,13 +351,24 @@ impl Relay {
         let target = Arc::new(Mutex::new(target.to_owned()));
         let capture = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (t, c, s) = (target.clone(), capture.clone(), stop.clone());
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, c, s, h) = (target.clone(), capture.clone(), stop.clone(), held.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     return;
                 }
-                let Ok(client) = client else { continue };
+                let Ok(mut client) = client else { continue };
+                if h.load(Ordering::Relaxed) {
+                    // A silent partition: the connection opens (as a middlebox or a SYN
+                    // queue would let it) but nothing ever comes back.
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let mut sink = [0u8; 4096];
+                        while client.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+                    });
+                    continue;
+                }
                 let to = t.lock().map(|t| t.clone()).unwrap_or_default();
                 let Ok(server) = std::net::TcpStream::connect(&to) else {
                     continue;
@@ -369,6 +381,7 @@ impl Relay {
                 .filter_map(|(a, b)| a.ok().zip(b.ok()))
                 {
                     let capture = c.clone();
+                    let held = h.clone();
                     std::thread::spawn(move || {
                         use std::io::{Read, Write};
                         let mut buffer = [0u8; 16 << 10];
@@ -377,6 +390,10 @@ impl Relay {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
+                            if held.load(Ordering::Relaxed) {
+                                // Partitioned: bytes vanish, and the connection stays open.
+                                continue;
+                            }
                             if let Ok(mut capture) = capture.lock() {
                                 if capture.len() + n <= CAPTURE_LIMIT {
                                     capture.extend_from_slice(&buffer[..n]);
@@ -397,7 +414,14 @@ impl Relay {
             target,
             capture,
             stop,
+            held,
         }
+    }
+
+    /// Holds (`true`) or heals (`false`) a silent partition: while held, bytes on existing
+    /// connections are dropped and new connections are accepted but never answered.
+    pub fn partition(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
     }
 
     /// Sends new connections to `target` from now on.
