@@ -106,8 +106,9 @@ impl SidecarConfig {
                 .map_err(|_| format!("sidecar config: `{field}` {value:?} is not ip:port"))
         };
         let spiffe = |field: &str, value: &str| {
-            SpiffeId::parse(value)
-                .ok_or_else(|| format!("sidecar config: `{field}` {value:?} is not a SPIFFE ID"))
+            SpiffeId::parse(value).map_err(|error| {
+                format!("sidecar config: `{field}` {value:?} is not a SPIFFE ID: {error}")
+            })
         };
         let mut upstreams = Vec::new();
         for (index, upstream) in wire.upstreams.into_iter().enumerate() {
