@@ -20,9 +20,7 @@ use gateway::control::Control;
 use gateway::route_source::{publish, RouteSource, SourceFuture};
 use gateway::routes::{Pattern, RouteSpec};
 use mesh_client::cp_client::{backoff, next_index, Client, ControlPlaneStats};
-use serde::Deserialize;
-
-pub const ROUTES_PATH: &str = "/v1/internal/mesh-gateway/routes";
+use mesh_model::wire::{RouteSnapshot, MESH_GATEWAY_ROUTES_PATH};
 
 /// Command-line arguments of `gateway mesh`.
 pub use mesh_client::consul_cli::MeshArgs as Args;
@@ -83,23 +81,11 @@ pub fn registration(args: &Args) -> serde_json::Value {
     })
 }
 
-#[derive(Deserialize)]
-struct WireRoutes {
-    generation: u64,
-    routes: Vec<WireRoute>,
-}
-
-#[derive(Deserialize)]
-struct WireRoute {
-    sni: String,
-    endpoints: Vec<String>,
-}
-
 /// A route table from the control plane, parsed into the gateway's own types. Routes that
 /// do not parse are left out and reported (one bad name must not stop the others); an
 /// endpoint that is not `ip:port` is left out the same way.
 pub fn parse_routes(body: &[u8]) -> Result<(u64, Vec<RouteSpec>, Vec<String>), String> {
-    let wire: WireRoutes =
+    let wire: RouteSnapshot =
         serde_json::from_slice(body).map_err(|error| format!("route table: {error}"))?;
     let mut routes = Vec::with_capacity(wire.routes.len());
     let mut problems = Vec::new();
@@ -194,9 +180,11 @@ impl Follower {
                 registered = self.register(&args).await;
             }
             let answer = if index == 0 {
-                self.client.get(ROUTES_PATH).await
+                self.client.get(MESH_GATEWAY_ROUTES_PATH).await
             } else {
-                self.client.get_blocking(ROUTES_PATH, index).await
+                self.client
+                    .get_blocking(MESH_GATEWAY_ROUTES_PATH, index)
+                    .await
             };
             let answer = match answer {
                 Ok(answer) => answer,

@@ -59,8 +59,12 @@ pub async fn fetch_config(
     proxy_id: &str,
     index: u64,
 ) -> anyhow::Result<(SidecarConfig, u64)> {
-    let answer =
-        blocking_or_plain(client, &format!("/v1/internal/sidecar/{proxy_id}"), index).await?;
+    let answer = blocking_or_plain(
+        client,
+        &mesh_model::wire::sidecar_config_path(proxy_id),
+        index,
+    )
+    .await?;
     let config = SidecarConfig::parse(&answer.body).map_err(|error| anyhow!(error))?;
     Ok((config, next_index(index, answer.index)))
 }

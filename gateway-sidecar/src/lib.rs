@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use serde::Deserialize;
 
 use identity::{DefaultDecision, Intention, SpiffeId};
 use mesh_client::cp_client::{Client, ControlPlaneStats};
@@ -75,30 +74,10 @@ pub struct Upstream {
     pub endpoints: Vec<String>,
 }
 
-#[derive(Deserialize)]
-struct WireConfig {
-    generation: u64,
-    service: String,
-    spiffe_id: String,
-    public_listener: String,
-    local_app: String,
-    upstreams: Vec<WireUpstream>,
-}
-
-#[derive(Deserialize)]
-struct WireUpstream {
-    destination_name: String,
-    local_bind: String,
-    sni: String,
-    spiffe_id: String,
-    mesh_gateway_mode: String,
-    endpoints: Vec<String>,
-}
-
 impl SidecarConfig {
     /// Parse the control plane's answer; every error names its field.
     pub fn parse(body: &[u8]) -> Result<SidecarConfig, String> {
-        let wire: WireConfig =
+        let wire: mesh_model::wire::SidecarConfig =
             serde_json::from_slice(body).map_err(|error| format!("sidecar config: {error}"))?;
         let address = |field: &str, value: &str| {
             value
