@@ -3,8 +3,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
-
 /// A Connect service identity, from the Consul contract shared with controlplane-lite.
 pub use mesh_model::spiffe::SpiffeId;
 
@@ -34,45 +32,8 @@ pub fn leaf_identity(certificate_der: &[u8]) -> Result<SpiffeId, &'static str> {
     }
 }
 
-/// `allow` or `deny`, as controlplane-lite stores them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// The fields of an intention the decision reads (Consul's JSON shape).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Intention {
-    #[serde(rename = "ID", default)]
-    pub id: String,
-    #[serde(rename = "SourceNS", default = "default_namespace")]
-    pub source_ns: String,
-    pub source_name: String,
-    #[serde(rename = "DestinationNS", default = "default_namespace")]
-    pub destination_ns: String,
-    pub destination_name: String,
-    pub action: Action,
-}
-
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-impl Intention {
-    /// The names the shared intention model (`mesh-model`, also used by controlplane-lite)
-    /// works on.
-    pub fn names(&self) -> mesh_model::Names<'_> {
-        mesh_model::Names {
-            source_ns: &self.source_ns,
-            source_name: &self.source_name,
-            destination_ns: &self.destination_ns,
-            destination_name: &self.destination_name,
-        }
-    }
-}
+/// The intention wire type, shared with controlplane-lite.
+pub use mesh_model::intention::{Action, Intention};
 
 /// Consul's precedence (spec §4.2), from the shared intention model.
 pub fn precedence(intention: &Intention) -> u8 {
@@ -187,6 +148,14 @@ mod tests {
             destination_ns: "default".into(),
             destination_name: destination.into(),
             action,
+            description: String::new(),
+            source_type: "consul".into(),
+            meta: Default::default(),
+            precedence: 0,
+            created_at: String::new(),
+            updated_at: String::new(),
+            create_index: 0,
+            modify_index: 0,
         }
     }
 

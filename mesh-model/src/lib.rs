@@ -3,12 +3,14 @@
 //! functions, no sockets, no clock.
 //!
 //! - [`spiffe`]: the SPIFFE ID of a Connect service and its parser.
+//! - [`intention`]: the intention wire type.
 //! - [`wire`]: the `/v1/internal/*` bodies `gateway mesh` and the sidecar read, and their paths.
 //! - The crate root: Consul's intention model, which intention applies to a connection and in
 //!   which order they are evaluated. controlplane-lite stores intentions and answers `check`
 //!   and `match`; the sidecar enforces them on each client certificate.
 #![forbid(unsafe_code)]
 
+pub mod intention;
 pub mod spiffe;
 pub mod wire;
 
