@@ -2,6 +2,7 @@
 //! sidecar) must agree on, written once so the two sides cannot drift. IO-free: plain types and
 //! functions, no sockets, no clock.
 //!
+//! - [`blocking`]: Consul's blocking-query index rules and back-off.
 //! - [`spiffe`]: the SPIFFE ID of a Connect service and its parser.
 //! - [`intention`]: the intention wire type.
 //! - [`wire`]: the `/v1/internal/*` bodies `gateway mesh` and the sidecar read, and their paths.
@@ -10,6 +11,7 @@
 //!   and `match`; the sidecar enforces them on each client certificate.
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 pub mod intention;
 pub mod spiffe;
 pub mod wire;
