@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 
 use identity::{DefaultDecision, Intention, SpiffeId};
 use mesh_client::cp_client::{Client, ControlPlaneStats};
+use mesh_client::watch::Watch;
 use tls::TlsState;
 
 /// Command-line arguments of `gateway sidecar`.
@@ -257,7 +258,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{}-sidecar-proxy", args.sidecar_for));
     // Start-up needs the control plane once: configuration, roots, a leaf, intentions.
-    let (config, config_index) = follow::fetch_config(&client, &proxy_id, 0)
+    let mut config_watch = Watch::new();
+    let config = follow::fetch_config(&client, &proxy_id, &mut config_watch)
         .await
         .with_context(|| format!("sidecar configuration of {proxy_id}"))?;
     if config.service != args.sidecar_for {
@@ -267,14 +269,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             args.sidecar_for
         );
     }
-    let (roots, roots_index) = follow::fetch_roots(&client, 0)
+    let mut roots_watch = Watch::new();
+    let roots = follow::fetch_roots(&client, &mut roots_watch)
         .await
         .context("trust roots")?;
     let leaf = follow::sign_leaf(&client, &config.service, &config.identity)
         .await
         .context("leaf certificate")?;
-    let (authorization, intentions_index) =
-        follow::fetch_authorization(&client, &config.service, 0)
+    let mut intentions_watch = Watch::new();
+    let authorization =
+        follow::fetch_authorization(&client, &config.service, &mut intentions_watch)
             .await
             .context("intentions")?;
     let tls = TlsState::new(
@@ -316,16 +320,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     report_bound(public.local_addr().ok(), admin_bound);
     tokio::spawn(proxy::serve_public(Arc::clone(&shared), public));
     let root_changed = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(follow::follow_config(Arc::clone(&shared), config_index));
+    tokio::spawn(follow::follow_config(Arc::clone(&shared), config_watch));
     tokio::spawn(follow::follow_roots(
         Arc::clone(&shared),
         roots,
-        roots_index,
+        roots_watch,
         Arc::clone(&root_changed),
     ));
     tokio::spawn(follow::follow_intentions(
         Arc::clone(&shared),
-        intentions_index,
+        intentions_watch,
     ));
     tokio::spawn(follow::renew_leaf(
         Arc::clone(&shared),
