@@ -4,6 +4,7 @@
 //!
 //! - [`blocking`]: Consul's blocking-query index rules and back-off.
 //! - [`spiffe`]: the SPIFFE ID of a Connect service and its parser.
+//! - [`cli`]: Consul's single-dash long flags, rewritten for clap.
 //! - [`intention`]: the intention wire type.
 //! - [`wire`]: the `/v1/internal/*` bodies `gateway mesh` and the sidecar read, and their paths.
 //! - The crate root: Consul's intention model, which intention applies to a connection and in
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blocking;
+pub mod cli;
 pub mod intention;
 pub mod spiffe;
 pub mod wire;
