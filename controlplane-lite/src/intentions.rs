@@ -8,62 +8,14 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::acl::DefaultPolicy;
 use crate::error::{Error, Result};
 
-/// The only namespace in OSS.
-pub const DEFAULT_NAMESPACE: &str = "default";
-/// The wildcard.
-pub const WILDCARD: &str = "*";
-
-/// `allow` or `deny`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Connections are allowed.
-    Allow,
-    /// Connections are refused.
-    Deny,
-}
-
-/// A stored intention (Consul's shape).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "PascalCase")]
-pub struct Intention {
-    /// UUID.
-    #[serde(rename = "ID")]
-    pub id: String,
-    /// Free text.
-    pub description: String,
-    /// Source namespace.
-    #[serde(rename = "SourceNS")]
-    pub source_ns: String,
-    /// Source service or `*`.
-    pub source_name: String,
-    /// Destination namespace.
-    #[serde(rename = "DestinationNS")]
-    pub destination_ns: String,
-    /// Destination service or `*`.
-    pub destination_name: String,
-    /// Always `consul`.
-    pub source_type: String,
-    /// The decision.
-    pub action: Action,
-    /// Metadata.
-    pub meta: BTreeMap<String, String>,
-    /// Computed precedence (read-only).
-    pub precedence: u8,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339.
-    pub updated_at: String,
-    /// Raft index of creation.
-    pub create_index: u64,
-    /// Raft index of the last change.
-    pub modify_index: u64,
-}
+// The intention type is the Consul contract shared with the sidecar that enforces it.
+pub use mesh_model::intention::{Action, Intention, DEFAULT_NAMESPACE};
+pub use mesh_model::WILDCARD;
 
 /// The writable fields of an intention, as a client sends them.
 #[derive(Clone, Debug, Deserialize)]
@@ -228,18 +180,6 @@ fn name(value: &str, field: &str) -> Result<()> {
         )));
     }
     crate::catalog::validate_name(value, field)
-}
-
-impl Intention {
-    /// The names the shared intention model works on.
-    pub fn names(&self) -> mesh_model::Names<'_> {
-        mesh_model::Names {
-            source_ns: &self.source_ns,
-            source_name: &self.source_name,
-            destination_ns: &self.destination_ns,
-            destination_name: &self.destination_name,
-        }
-    }
 }
 
 /// Consul's precedence number (9 = most specific); the rule lives in `mesh-model`, shared with

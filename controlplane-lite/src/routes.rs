@@ -12,6 +12,8 @@ use crate::catalog::{join_host_port, ServiceInstance, KIND_CONNECT_PROXY, KIND_M
 use crate::config_entries::{resolve_mesh_gateway_mode, ConfigEntry, MeshGatewayMode, ModeInputs};
 use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
+// The answer bodies are the Consul contract shared with `gateway mesh` and the sidecar.
+pub use mesh_model::wire::{Route, RouteSnapshot, SidecarConfig, UpstreamConfig};
 
 /// The mesh gateways of one datacenter (Consul's federation state, reduced to addresses).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -95,24 +97,6 @@ fn check_host_port(value: &str, field: &str) -> Result<()> {
     }
 }
 
-/// One SNI route.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Route {
-    /// Exact name or `*.suffix`.
-    pub sni: String,
-    /// `host:port` endpoints.
-    pub endpoints: Vec<String>,
-}
-
-/// A gateway's whole route table.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RouteSnapshot {
-    /// Changes whenever any input changes (the store index of the inputs).
-    pub generation: u64,
-    /// Routes, exact names first, each list sorted.
-    pub routes: Vec<Route>,
-}
-
 /// Everything a route or sidecar computation reads.
 pub struct MeshView<'a> {
     /// This datacenter.
@@ -187,48 +171,6 @@ pub fn mesh_gateway_routes(view: &MeshView<'_>) -> RouteSnapshot {
         generation: view.generation,
         routes,
     }
-}
-
-/// The configuration of one sidecar proxy.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SidecarConfig {
-    /// See [`RouteSnapshot::generation`].
-    pub generation: u64,
-    /// The proxy's instance ID.
-    pub proxy_id: String,
-    /// The service it fronts.
-    pub service: String,
-    /// This datacenter.
-    pub datacenter: String,
-    /// The trust domain.
-    pub trust_domain: String,
-    /// The identity its leaf certificate must carry.
-    pub spiffe_id: String,
-    /// Where the public (mTLS) listener binds.
-    pub public_listener: String,
-    /// Where the application listens (plaintext).
-    pub local_app: String,
-    /// Upstream listeners.
-    pub upstreams: Vec<UpstreamConfig>,
-}
-
-/// One upstream of a sidecar.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    /// The destination service.
-    pub destination_name: String,
-    /// The destination's datacenter.
-    pub datacenter: String,
-    /// The local listener.
-    pub local_bind: String,
-    /// SNI to send.
-    pub sni: String,
-    /// SPIFFE ID the server certificate must carry.
-    pub spiffe_id: String,
-    /// `none`, `local` or `remote` (after precedence).
-    pub mesh_gateway_mode: String,
-    /// Where to connect; empty if nothing is known yet.
-    pub endpoints: Vec<String>,
 }
 
 /// Builds the sidecar configuration of `proxy_id`.

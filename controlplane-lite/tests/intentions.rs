@@ -103,6 +103,23 @@ fn precedence_table_over_http() {
             .contains("DENY default/web => default/db"),
         "{answer}"
     );
+
+    // A dotted service name is a valid SPIFFE ID (Consul's parser takes any segment without
+    // a `/`), so a certificate for `web.v2` is decided by the intentions, here `* => db`,
+    // rather than refused as malformed.
+    let body =
+        r#"{"Target":"db","ClientCertURI":"spiffe://x.consul/ns/default/dc/secondary/svc/web.v2"}"#;
+    let answer = agent.request("POST", "/v1/agent/connect/authorize", None, Some(body));
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let answer = answer.json();
+    assert_eq!(answer["Authorized"], true, "{answer}");
+    assert!(
+        answer["Reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ALLOW default/* => default/db"),
+        "{answer}"
+    );
 }
 
 #[test]

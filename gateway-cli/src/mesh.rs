@@ -19,10 +19,9 @@ use gateway::config::Config;
 use gateway::control::Control;
 use gateway::route_source::{publish, RouteSource, SourceFuture};
 use gateway::routes::{Pattern, RouteSpec};
-use mesh_client::cp_client::{backoff, next_index, Client, ControlPlaneStats};
-use serde::Deserialize;
-
-pub const ROUTES_PATH: &str = "/v1/internal/mesh-gateway/routes";
+use mesh_client::cp_client::{backoff, Client, ControlPlaneStats};
+use mesh_client::watch::Watch;
+use mesh_model::wire::{RouteSnapshot, MESH_GATEWAY_ROUTES_PATH};
 
 /// Command-line arguments of `gateway mesh`.
 pub use mesh_client::consul_cli::MeshArgs as Args;
@@ -83,23 +82,11 @@ pub fn registration(args: &Args) -> serde_json::Value {
     })
 }
 
-#[derive(Deserialize)]
-struct WireRoutes {
-    generation: u64,
-    routes: Vec<WireRoute>,
-}
-
-#[derive(Deserialize)]
-struct WireRoute {
-    sni: String,
-    endpoints: Vec<String>,
-}
-
 /// A route table from the control plane, parsed into the gateway's own types. Routes that
 /// do not parse are left out and reported (one bad name must not stop the others); an
 /// endpoint that is not `ip:port` is left out the same way.
 pub fn parse_routes(body: &[u8]) -> Result<(u64, Vec<RouteSpec>, Vec<String>), String> {
-    let wire: WireRoutes =
+    let wire: RouteSnapshot =
         serde_json::from_slice(body).map_err(|error| format!("route table: {error}"))?;
     let mut routes = Vec::with_capacity(wire.routes.len());
     let mut problems = Vec::new();
@@ -186,40 +173,31 @@ impl Follower {
         let stats = &self.stats;
         stats.enabled.store(true, Ordering::Relaxed);
         let mut registered = false;
-        let mut index = 0;
-        let mut failures = 0u32;
+        let mut watch = Watch::new();
         let mut published: Option<Vec<RouteSpec>> = None;
         loop {
             if !registered {
                 registered = self.register(&args).await;
             }
-            let answer = if index == 0 {
-                self.client.get(ROUTES_PATH).await
-            } else {
-                self.client.get_blocking(ROUTES_PATH, index).await
-            };
-            let answer = match answer {
+            let answer = match watch.query(&self.client, MESH_GATEWAY_ROUTES_PATH).await {
                 Ok(answer) => answer,
                 Err(error) => {
                     stats.connected.store(false, Ordering::Relaxed);
                     stats.watch_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, "control plane unreachable; serving the last snapshot");
-                    tokio::time::sleep(backoff(failures)).await;
-                    failures = failures.saturating_add(1);
-                    // The control plane may come back with a lower index (restored): ask
-                    // for the current table rather than wait for an index it never reaches.
-                    index = 0;
+                    // The watch starts over at index 0: the control plane may come back
+                    // with a lower index (restored), so ask for the current table rather
+                    // than wait for an index it never reaches.
+                    tokio::time::sleep(watch.failed()).await;
                     // Re-register after an outage: a control plane that lost its catalog
                     // must learn about us again (PUT is idempotent).
                     registered = false;
                     continue;
                 }
             };
-            if failures > 0 {
+            if watch.succeeded(answer.index) {
                 tracing::info!("control plane reachable again");
-                failures = 0;
             }
-            index = next_index(index, answer.index);
             let (generation, routes, problems) = match parse_routes(&answer.body) {
                 Ok(parsed) => parsed,
                 Err(error) => {

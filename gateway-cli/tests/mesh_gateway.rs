@@ -38,9 +38,10 @@ async fn web_client(cp: &ControlPlane, trust_domain: &str) -> Arc<rustls::Client
     let leaf = gateway_sidecar::follow::sign_leaf(&client, "web", &web)
         .await
         .expect("leaf");
-    let (roots, _) = gateway_sidecar::follow::fetch_roots(&client, 0)
-        .await
-        .expect("roots");
+    let roots =
+        gateway_sidecar::follow::fetch_roots(&client, &mut mesh_client::watch::Watch::new())
+            .await
+            .expect("roots");
     let state = TlsState::new(leaf.credentials, root_store(&roots.pems).expect("roots"))
         .expect("tls state");
     let socat = SpiffeId::parse(&format!(

@@ -122,9 +122,10 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
         // The client verifies socat's sidecar with the real roots, so only our certificate
         // is wrong.
         let client = Client::new(&cp.address, Some(cp.token.clone()));
-        let (roots, _) = gateway_sidecar::follow::fetch_roots(&client, 0)
-            .await
-            .expect("roots");
+        let roots =
+            gateway_sidecar::follow::fetch_roots(&client, &mut mesh_client::watch::Watch::new())
+                .await
+                .expect("roots");
         let state = TlsState::new(
             foreign,
             gateway_sidecar::tls::root_store(&roots.pems).expect("roots"),

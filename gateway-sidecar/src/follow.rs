@@ -20,7 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::identity::{renewal_delay, renewal_fraction, DefaultDecision, Intention, SpiffeId};
 use super::tls::{certificates_from_pem, root_store, Credentials, TlsState};
 use super::{reconcile_upstreams, Authorization, Shared, SidecarConfig};
-use mesh_client::cp_client::{backoff, next_index, Client, ClientError};
+use mesh_client::cp_client::{backoff, Client};
+use mesh_client::watch::Watch;
 
 /// The trust roots as the control plane lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,25 +45,30 @@ struct WireRoot {
     root_cert: String,
 }
 
-pub async fn fetch_roots(client: &Client, index: u64) -> anyhow::Result<(Roots, u64)> {
-    let answer = blocking_or_plain(client, "/v1/connect/ca/roots", index).await?;
+/// The trust roots; a usable answer advances `watch`.
+pub async fn fetch_roots(client: &Client, watch: &mut Watch) -> anyhow::Result<Roots> {
+    let answer = watch.query(client, "/v1/connect/ca/roots").await?;
     let wire: WireRoots = serde_json::from_slice(&answer.body).context("CA roots")?;
     let roots = Roots {
         active_id: wire.active_root_id,
         pems: wire.roots.into_iter().map(|root| root.root_cert).collect(),
     };
-    Ok((roots, next_index(index, answer.index)))
+    watch.succeeded(answer.index);
+    Ok(roots)
 }
 
+/// The sidecar configuration of `proxy_id`; a usable answer advances `watch`.
 pub async fn fetch_config(
     client: &Client,
     proxy_id: &str,
-    index: u64,
-) -> anyhow::Result<(SidecarConfig, u64)> {
-    let answer =
-        blocking_or_plain(client, &format!("/v1/internal/sidecar/{proxy_id}"), index).await?;
+    watch: &mut Watch,
+) -> anyhow::Result<SidecarConfig> {
+    let answer = watch
+        .query(client, &mesh_model::wire::sidecar_config_path(proxy_id))
+        .await?;
     let config = SidecarConfig::parse(&answer.body).map_err(|error| anyhow!(error))?;
-    Ok((config, next_index(index, answer.index)))
+    watch.succeeded(answer.index);
+    Ok(config)
 }
 
 /// The intentions whose destination matches `service`, and the default decision. The default
@@ -72,10 +78,10 @@ pub async fn fetch_config(
 pub async fn fetch_authorization(
     client: &Client,
     service: &str,
-    index: u64,
-) -> anyhow::Result<(Authorization, u64)> {
+    watch: &mut Watch,
+) -> anyhow::Result<Authorization> {
     let path = format!("/v1/connect/intentions/match?by=destination&name={service}");
-    let answer = blocking_or_plain(client, &path, index).await?;
+    let answer = watch.query(client, &path).await?;
     let mut by_name: std::collections::HashMap<String, Vec<Intention>> =
         serde_json::from_slice(&answer.body).context("intentions")?;
     let intentions = by_name.remove(service).unwrap_or_default();
@@ -95,25 +101,11 @@ pub async fn fetch_authorization(
     } else {
         DefaultDecision::Deny
     };
-    Ok((
-        Authorization {
-            intentions,
-            default,
-        },
-        next_index(index, answer.index),
-    ))
-}
-
-async fn blocking_or_plain(
-    client: &Client,
-    path: &str,
-    index: u64,
-) -> Result<mesh_client::cp_client::Answer, ClientError> {
-    if index == 0 {
-        client.get(path).await
-    } else {
-        client.get_blocking(path, index).await
-    }
+    watch.succeeded(answer.index);
+    Ok(Authorization {
+        intentions,
+        default,
+    })
 }
 
 /// A freshly signed leaf.
@@ -233,7 +225,7 @@ pub async fn renew_leaf(
 
 async fn renew_once(shared: &Shared) -> anyhow::Result<(SystemTime, SystemTime)> {
     let config = shared.config.load_full();
-    let (roots, _) = fetch_roots(&shared.client, 0).await?;
+    let roots = fetch_roots(&shared.client, &mut Watch::new()).await?;
     let leaf = sign_leaf(&shared.client, &config.service, &config.identity).await?;
     let state = TlsState::new(
         leaf.credentials,
@@ -255,15 +247,12 @@ async fn renew_once(shared: &Shared) -> anyhow::Result<(SystemTime, SystemTime)>
 pub async fn follow_roots(
     shared: Arc<Shared>,
     mut known: Roots,
-    mut index: u64,
+    mut watch: Watch,
     root_changed: Arc<tokio::sync::Notify>,
 ) {
-    let mut failures = 0;
     loop {
-        match fetch_roots(&shared.client, index).await {
-            Ok((roots, next)) => {
-                failures = 0;
-                index = next;
+        match fetch_roots(&shared.client, &mut watch).await {
+            Ok(roots) => {
                 if roots != known {
                     tracing::info!(active = %roots.active_id, "trust roots changed");
                     known = roots;
@@ -272,21 +261,16 @@ pub async fn follow_roots(
             }
             Err(error) => {
                 failed(&shared, "roots", &error);
-                tokio::time::sleep(backoff(failures)).await;
-                failures += 1;
-                index = 0;
+                tokio::time::sleep(watch.failed()).await;
             }
         }
     }
 }
 
-pub async fn follow_config(shared: Arc<Shared>, mut index: u64) {
-    let mut failures = 0;
+pub async fn follow_config(shared: Arc<Shared>, mut watch: Watch) {
     loop {
-        match fetch_config(&shared.client, &shared.proxy_id, index).await {
-            Ok((config, next)) => {
-                failures = 0;
-                index = next;
+        match fetch_config(&shared.client, &shared.proxy_id, &mut watch).await {
+            Ok(config) => {
                 shared.stats.control_plane.received(config.generation);
                 let current = shared.config.load();
                 if config.upstreams != current.upstreams
@@ -306,36 +290,30 @@ pub async fn follow_config(shared: Arc<Shared>, mut index: u64) {
             }
             Err(error) => {
                 failed(&shared, "sidecar configuration", &error);
-                tokio::time::sleep(backoff(failures)).await;
-                failures += 1;
-                index = 0;
+                tokio::time::sleep(watch.failed()).await;
             }
         }
     }
 }
 
-pub async fn follow_intentions(shared: Arc<Shared>, mut index: u64) {
-    let mut failures = 0;
+pub async fn follow_intentions(shared: Arc<Shared>, mut watch: Watch) {
     loop {
         let service = shared.config.load().service.clone();
-        match fetch_authorization(&shared.client, &service, index).await {
-            Ok((authorization, next)) => {
-                failures = 0;
-                if next != index {
+        let index = watch.index();
+        match fetch_authorization(&shared.client, &service, &mut watch).await {
+            Ok(authorization) => {
+                if watch.index() != index {
                     tracing::info!(
                         intentions = authorization.intentions.len(),
                         default = ?authorization.default,
                         "intentions in force"
                     );
                 }
-                index = next;
                 shared.authz.store(Arc::new(authorization));
             }
             Err(error) => {
                 failed(&shared, "intentions", &error);
-                tokio::time::sleep(backoff(failures)).await;
-                failures += 1;
-                index = 0;
+                tokio::time::sleep(watch.failed()).await;
             }
         }
     }

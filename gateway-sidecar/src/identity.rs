@@ -3,59 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
-
-/// A Connect service identity: `spiffe://<trust-domain>/ns/<ns>/dc/<dc>/svc/<name>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub datacenter: String,
-    pub service: String,
-}
-
-impl SpiffeId {
-    /// Parse strictly (Consul's shape): lower-case trust domain, exactly
-    /// `/ns/<ns>/dc/<dc>/svc/<name>`, no port, query or fragment.
-    pub fn parse(uri: &str) -> Option<SpiffeId> {
-        let rest = uri.strip_prefix("spiffe://")?;
-        let (host, path) = rest.split_once('/')?;
-        let host_ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-        if !host_ok {
-            return None;
-        }
-        let segment_ok = |segment: &str| {
-            !segment.is_empty()
-                && segment
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        };
-        match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "dc", dc, "svc", svc] if [ns, dc, svc].iter().all(|s| segment_ok(s)) => {
-                Some(SpiffeId {
-                    trust_domain: host.to_owned(),
-                    namespace: (*ns).to_owned(),
-                    datacenter: (*dc).to_owned(),
-                    service: (*svc).to_owned(),
-                })
-            }
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/dc/{}/svc/{}",
-            self.trust_domain, self.namespace, self.datacenter, self.service
-        )
-    }
-}
+/// A Connect service identity, from the Consul contract shared with controlplane-lite.
+pub use mesh_model::spiffe::SpiffeId;
 
 /// The URI SANs of a DER certificate; `None` if it does not parse.
 pub fn uri_sans(certificate_der: &[u8]) -> Option<Vec<String>> {
@@ -77,51 +26,14 @@ pub fn uri_sans(certificate_der: &[u8]) -> Option<Vec<String>> {
 pub fn leaf_identity(certificate_der: &[u8]) -> Result<SpiffeId, &'static str> {
     let uris = uri_sans(certificate_der).ok_or("certificate does not parse")?;
     match uris.as_slice() {
-        [uri] => SpiffeId::parse(uri).ok_or("URI SAN is not a SPIFFE service ID"),
+        [uri] => SpiffeId::parse(uri).map_err(|_| "URI SAN is not a SPIFFE service ID"),
         [] => Err("certificate has no URI SAN"),
         _ => Err("certificate has several URI SANs"),
     }
 }
 
-/// `allow` or `deny`, as controlplane-lite stores them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// The fields of an intention the decision reads (Consul's JSON shape).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Intention {
-    #[serde(rename = "ID", default)]
-    pub id: String,
-    #[serde(rename = "SourceNS", default = "default_namespace")]
-    pub source_ns: String,
-    pub source_name: String,
-    #[serde(rename = "DestinationNS", default = "default_namespace")]
-    pub destination_ns: String,
-    pub destination_name: String,
-    pub action: Action,
-}
-
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-impl Intention {
-    /// The names the shared intention model (`mesh-model`, also used by controlplane-lite)
-    /// works on.
-    pub fn names(&self) -> mesh_model::Names<'_> {
-        mesh_model::Names {
-            source_ns: &self.source_ns,
-            source_name: &self.source_name,
-            destination_ns: &self.destination_ns,
-            destination_name: &self.destination_name,
-        }
-    }
-}
+/// The intention wire type, shared with controlplane-lite.
+pub use mesh_model::intention::{Action, Intention};
 
 /// Consul's precedence (spec §4.2), from the shared intention model.
 pub fn precedence(intention: &Intention) -> u8 {
@@ -236,26 +148,14 @@ mod tests {
             destination_ns: "default".into(),
             destination_name: destination.into(),
             action,
-        }
-    }
-
-    #[test]
-    fn spiffe_ids_parse_strictly_and_round_trip() {
-        let text = "spiffe://td.consul/ns/default/dc/primary/svc/socat";
-        let parsed = SpiffeId::parse(text).expect("valid");
-        assert_eq!(parsed.service, "socat");
-        assert_eq!(parsed.datacenter, "primary");
-        assert_eq!(parsed.to_string(), text);
-        for bad in [
-            "spiffe://td.consul",
-            "spiffe://TD.consul/ns/default/dc/primary/svc/socat",
-            "spiffe://td.consul:8443/ns/default/dc/primary/svc/socat",
-            "spiffe://td.consul/ns/default/dc/primary/svc/socat/extra",
-            "spiffe://td.consul/ns/default/dc/primary/svc/",
-            "spiffe://td.consul/ns/default/dc/primary/svc/socat?x=1",
-            "https://td.consul/ns/default/dc/primary/svc/socat",
-        ] {
-            assert_eq!(SpiffeId::parse(bad), None, "{bad}");
+            description: String::new(),
+            source_type: "consul".into(),
+            meta: Default::default(),
+            precedence: 0,
+            created_at: String::new(),
+            updated_at: String::new(),
+            create_index: 0,
+            modify_index: 0,
         }
     }
 

@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use serde::Deserialize;
 
 use identity::{DefaultDecision, Intention, SpiffeId};
 use mesh_client::cp_client::{Client, ControlPlaneStats};
+use mesh_client::watch::Watch;
 use tls::TlsState;
 
 /// Command-line arguments of `gateway sidecar`.
@@ -78,30 +78,10 @@ pub struct Upstream {
     pub endpoints: Vec<String>,
 }
 
-#[derive(Deserialize)]
-struct WireConfig {
-    generation: u64,
-    service: String,
-    spiffe_id: String,
-    public_listener: String,
-    local_app: String,
-    upstreams: Vec<WireUpstream>,
-}
-
-#[derive(Deserialize)]
-struct WireUpstream {
-    destination_name: String,
-    local_bind: String,
-    sni: String,
-    spiffe_id: String,
-    mesh_gateway_mode: String,
-    endpoints: Vec<String>,
-}
-
 impl SidecarConfig {
     /// Parse the control plane's answer; every error names its field.
     pub fn parse(body: &[u8]) -> Result<SidecarConfig, String> {
-        let wire: WireConfig =
+        let wire: mesh_model::wire::SidecarConfig =
             serde_json::from_slice(body).map_err(|error| format!("sidecar config: {error}"))?;
         let address = |field: &str, value: &str| {
             value
@@ -109,8 +89,9 @@ impl SidecarConfig {
                 .map_err(|_| format!("sidecar config: `{field}` {value:?} is not ip:port"))
         };
         let spiffe = |field: &str, value: &str| {
-            SpiffeId::parse(value)
-                .ok_or_else(|| format!("sidecar config: `{field}` {value:?} is not a SPIFFE ID"))
+            SpiffeId::parse(value).map_err(|error| {
+                format!("sidecar config: `{field}` {value:?} is not a SPIFFE ID: {error}")
+            })
         };
         let mut upstreams = Vec::new();
         for (index, upstream) in wire.upstreams.into_iter().enumerate() {
@@ -287,7 +268,8 @@ async fn serve(args: Args, inherited: activation::Inherited) -> anyhow::Result<(
         .clone()
         .unwrap_or_else(|| format!("{}-sidecar-proxy", args.sidecar_for));
     // Start-up needs the control plane once: configuration, roots, a leaf, intentions.
-    let (config, config_index) = follow::fetch_config(&client, &proxy_id, 0)
+    let mut config_watch = Watch::new();
+    let config = follow::fetch_config(&client, &proxy_id, &mut config_watch)
         .await
         .with_context(|| format!("sidecar configuration of {proxy_id}"))?;
     if config.service != args.sidecar_for {
@@ -297,14 +279,16 @@ async fn serve(args: Args, inherited: activation::Inherited) -> anyhow::Result<(
             args.sidecar_for
         );
     }
-    let (roots, roots_index) = follow::fetch_roots(&client, 0)
+    let mut roots_watch = Watch::new();
+    let roots = follow::fetch_roots(&client, &mut roots_watch)
         .await
         .context("trust roots")?;
     let leaf = follow::sign_leaf(&client, &config.service, &config.identity)
         .await
         .context("leaf certificate")?;
-    let (authorization, intentions_index) =
-        follow::fetch_authorization(&client, &config.service, 0)
+    let mut intentions_watch = Watch::new();
+    let authorization =
+        follow::fetch_authorization(&client, &config.service, &mut intentions_watch)
             .await
             .context("intentions")?;
     let tls = TlsState::new(
@@ -351,16 +335,16 @@ async fn serve(args: Args, inherited: activation::Inherited) -> anyhow::Result<(
     report_bound(public.local_addr().ok(), admin_bound);
     tokio::spawn(proxy::serve_public(Arc::clone(&shared), public));
     let root_changed = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(follow::follow_config(Arc::clone(&shared), config_index));
+    tokio::spawn(follow::follow_config(Arc::clone(&shared), config_watch));
     tokio::spawn(follow::follow_roots(
         Arc::clone(&shared),
         roots,
-        roots_index,
+        roots_watch,
         Arc::clone(&root_changed),
     ));
     tokio::spawn(follow::follow_intentions(
         Arc::clone(&shared),
-        intentions_index,
+        intentions_watch,
     ));
     tokio::spawn(follow::renew_leaf(
         Arc::clone(&shared),

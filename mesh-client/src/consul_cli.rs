@@ -6,47 +6,17 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use mesh_model::cli::Scope;
+
 /// The subcommands whose flags may be written with one dash.
 const CONSUL_STYLE: [&str; 2] = ["mesh", "sidecar"];
 
 /// Rewrite `-long-flag` to `--long-flag` after a Consul-style subcommand, so clap parses
-/// Consul's spelling. Short flags (`-c`), values and anything after `--` stay as they are. A
-/// value that itself starts with `-letter` must be written `-flag=value`.
+/// Consul's spelling (the rule is `mesh-model`'s, shared with controlplane-lite's command line).
+/// Short flags (`-c`), values and anything after `--` stay as they are. A value that itself
+/// starts with `-letter` must be written `-flag=value`.
 pub fn rewrite_single_dash(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let mut out = Vec::new();
-    let mut consul_style = false;
-    let mut rest_verbatim = false;
-    for arg in args {
-        let Some(text) = arg.to_str() else {
-            out.push(arg);
-            continue;
-        };
-        if rest_verbatim {
-            out.push(arg);
-            continue;
-        }
-        if text == "--" {
-            rest_verbatim = true;
-            out.push(arg);
-            continue;
-        }
-        if !consul_style && CONSUL_STYLE.contains(&text) {
-            consul_style = true;
-            out.push(arg);
-            continue;
-        }
-        let single_dash_long = consul_style
-            && text.len() > 2
-            && text.starts_with('-')
-            && !text.starts_with("--")
-            && text[1..].starts_with(|c: char| c.is_ascii_alphabetic());
-        if single_dash_long {
-            out.push(OsString::from(format!("-{text}")));
-        } else {
-            out.push(arg);
-        }
-    }
-    out
+    mesh_model::cli::rewrite_single_dash(args, Scope::AfterSubcommand(&CONSUL_STYLE))
 }
 
 fn http_addr(flag: Option<String>) -> String {

@@ -9,6 +9,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mesh_model::blocking::Backoff;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -254,22 +256,19 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Consul's rule for following a blocking query (spec §7.5): use the returned index next time,
-/// but reset to 0 if it went backwards (a restored or replaced server), and never send 0 as
-/// "seen" for a non-zero answer.
-pub fn next_index(previous: u64, returned: Option<u64>) -> u64 {
-    match returned {
-        Some(index) if index < previous => 0,
-        Some(index) => index.max(1),
-        None => 0,
-    }
-}
+/// Consul's rule for following a blocking query (spec §7.5), shared with controlplane-lite's
+/// replication: use the returned index next time, reset to 0 if it went backwards.
+pub use mesh_model::blocking::next_index;
 
-/// Exponential back-off between failed control-plane requests: 250 ms doubling to 30 s.
-pub fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(250);
-    base.saturating_mul(1u32 << failures.min(7))
-        .min(Duration::from_secs(30))
+/// The back-off between failed control-plane requests: 250 ms doubling to 30 s.
+pub const BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(250),
+    max: Duration::from_secs(30),
+};
+
+/// The back-off before retry number `retries` (0 for the first retry after a failure).
+pub fn backoff(retries: u32) -> Duration {
+    BACKOFF.delay(retries.saturating_add(1))
 }
 
 /// What the control-plane follower reports for `/metrics`.
@@ -352,16 +351,6 @@ mod tests {
         assert_eq!(parse_response(raw).expect("parse").body, b"abcde");
         let truncated = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\nabc";
         assert!(parse_response(truncated).is_err());
-    }
-
-    #[test]
-    fn index_goes_forward_and_resets_when_it_goes_back() {
-        assert_eq!(next_index(0, Some(5)), 5);
-        assert_eq!(next_index(5, Some(9)), 9);
-        assert_eq!(next_index(9, Some(3)), 0);
-        assert_eq!(next_index(9, Some(0)), 0);
-        assert_eq!(next_index(0, Some(0)), 1);
-        assert_eq!(next_index(7, None), 0);
     }
 
     #[test]

@@ -1,8 +1,22 @@
-//! Consul's intention model: which intention applies to a connection, and in which order they
-//! are evaluated. Shared by controlplane-lite, which stores intentions and answers `check` and
-//! `match`, and by the gateway's sidecar, which enforces them on each client certificate, so
-//! the two can never disagree. Plain functions over names; no IO.
+//! The Consul contract: everything controlplane-lite and its clients (`gateway mesh`, the
+//! sidecar) must agree on, written once so the two sides cannot drift. IO-free: plain types and
+//! functions, no sockets, no clock.
+//!
+//! - [`blocking`]: Consul's blocking-query index rules and back-off.
+//! - [`spiffe`]: the SPIFFE ID of a Connect service and its parser.
+//! - [`cli`]: Consul's single-dash long flags, rewritten for clap.
+//! - [`intention`]: the intention wire type.
+//! - [`wire`]: the `/v1/internal/*` bodies `gateway mesh` and the sidecar read, and their paths.
+//! - The crate root: Consul's intention model, which intention applies to a connection and in
+//!   which order they are evaluated. controlplane-lite stores intentions and answers `check`
+//!   and `match`; the sidecar enforces them on each client certificate.
 #![forbid(unsafe_code)]
+
+pub mod blocking;
+pub mod cli;
+pub mod intention;
+pub mod spiffe;
+pub mod wire;
 
 use std::cmp::Ordering;
 

@@ -15,30 +15,10 @@ use clap::{Args, Parser, Subcommand};
 pub use client::Client;
 pub use commands::run;
 
-/// Rewrites Consul-style single-dash long flags into clap's double-dash form.
+/// Rewrites Consul-style single-dash long flags into clap's double-dash form (`mesh-model`'s
+/// rule, shared with `gateway mesh` and `gateway sidecar`).
 pub fn consul_style_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut passthrough = false;
-    for (position, arg) in args.into_iter().enumerate() {
-        if position == 0 || passthrough {
-            out.push(arg);
-            continue;
-        }
-        if arg == "--" {
-            passthrough = true;
-            out.push(arg);
-            continue;
-        }
-        let bytes = arg.as_bytes();
-        let single_dash_word =
-            bytes.len() > 2 && bytes[0] == b'-' && bytes[1].is_ascii_alphabetic();
-        if single_dash_word {
-            out.push(format!("-{arg}"));
-        } else {
-            out.push(arg);
-        }
-    }
-    out
+    mesh_model::cli::rewrite_single_dash(args, mesh_model::cli::Scope::Everywhere)
 }
 
 /// controlplane-lite: a Consul-shaped control plane for the mesh gateway.

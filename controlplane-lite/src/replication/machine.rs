@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use mesh_model::blocking::{went_backwards, Backoff};
+
 use super::Kind;
 
 /// Timing of the protocol.
@@ -223,7 +225,9 @@ impl Replicator {
             Ok((index, payload)) => {
                 // Spec §4.5: "reset index to 0 if it goes backwards". The answer is a full
                 // snapshot, so applying it *is* the resync; the flag is for logs and metrics.
-                let reset = stream.applied.is_some_and(|applied| index < applied);
+                let reset = stream
+                    .applied
+                    .is_some_and(|applied| went_backwards(applied, index));
                 if reset {
                     stream.status.resets += 1;
                 }
@@ -294,11 +298,11 @@ fn fail(config: &Config, stream: &mut Stream, now: Instant, error: String) {
     stream.status.failures = stream.status.failures.saturating_add(1);
     stream.status.health = Health::Failing;
     stream.status.last_error = Some(error);
-    let exponent = (stream.status.failures - 1).min(16);
-    let delay = config
-        .backoff_base
-        .saturating_mul(1 << exponent)
-        .min(config.backoff_max);
+    let delay = Backoff {
+        base: config.backoff_base,
+        max: config.backoff_max,
+    }
+    .delay(stream.status.failures);
     stream.phase = Phase::Waiting { until: now + delay };
 }
 
