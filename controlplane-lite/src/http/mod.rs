@@ -124,8 +124,14 @@ pub fn router(agent: AgentState) -> Router {
             )
             .route("/v1/connect/ca/roots", get(ca::roots))
             .route("/v1/connect/ca/leaf/sign", post(ca::sign).put(ca::sign))
-            .route(mesh_model::wire::MESH_GATEWAY_ROUTES_PATH, get(internal::routes))
-            .route(mesh_model::wire::SIDECAR_CONFIG_ROUTE, get(internal::sidecar))
+            .route(
+                mesh_model::wire::MESH_GATEWAY_ROUTES_PATH,
+                get(internal::routes),
+            )
+            .route(
+                mesh_model::wire::SIDECAR_CONFIG_ROUTE,
+                get(internal::sidecar),
+            )
             .route(
                 "/v1/internal/federation-states",
                 get(internal::federation_states),
