@@ -394,6 +394,16 @@ pub fn connect(address: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A connection the gateway has proxied to an echo backend: `hello` (a ClientHello its route
+/// matches) was sent and came back whole.
+pub fn established(address: SocketAddr, hello: &[u8]) -> TcpStream {
+    let mut stream = connect(address);
+    stream.write_all(hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    stream.read_exact(&mut echoed).expect("echo");
+    stream
+}
+
 /// Read until EOF; returns what arrived (or what arrived before an error).
 pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
