@@ -529,12 +529,9 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..8 {
-        let mut stream = connect(gateway.listen);
-        stream.write_all(&hello).expect("hello");
-        let mut echoed = vec![0u8; hello.len()];
-        match stream.read_exact(&mut echoed) {
-            Ok(()) => open.push(stream),
-            Err(_) => refused += 1,
+        match try_established(gateway.listen, &hello) {
+            Some(stream) => open.push(stream),
+            None => refused += 1,
         }
     }
     assert!(
