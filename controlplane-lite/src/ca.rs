@@ -100,20 +100,30 @@ pub struct GeneratedRoot {
     pub not_after_unix: i64,
 }
 
-/// Generates the root for `cluster_id` at `now`.
-pub fn generate_root(cluster_id: &str, now: OffsetDateTime, serial: u64) -> Result<GeneratedRoot> {
-    let trust_domain = format!("{}.consul", cluster_id.to_ascii_lowercase());
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+/// What every CA certificate here starts from: the common name `common_name`, a CA with
+/// `constraints`, and the key usages a CA needs (cert sign, CRL sign, digital signature).
+pub(crate) fn ca_params(common_name: String, constraints: BasicConstraints) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, format!("Consul CA {serial}"));
+    name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    params
+}
+
+/// Generates the root for `cluster_id` at `now`.
+pub fn generate_root(cluster_id: &str, now: OffsetDateTime, serial: u64) -> Result<GeneratedRoot> {
+    let trust_domain = format!("{}.consul", cluster_id.to_ascii_lowercase());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let mut params = ca_params(
+        format!("Consul CA {serial}"),
+        BasicConstraints::Unconstrained,
+    );
     params.subject_alt_names = vec![SanType::URI(
         format!("spiffe://{trust_domain}")
             .try_into()

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
@@ -195,19 +195,10 @@ pub fn ca_paths(dir: &Path, domain: &str) -> (PathBuf, PathBuf) {
 pub fn create_ca(dir: &Path, domain: &str, days: i64) -> Result<(PathBuf, PathBuf)> {
     let (cert_path, key_path) = ca_paths(dir, domain);
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(
-        DnType::CommonName,
+    let mut params = crate::ca::ca_params(
         format!("{domain} Agent CA {}", uuid::Uuid::new_v4().simple()),
+        BasicConstraints::Unconstrained,
     );
-    params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(1);
     params.not_after = now + Duration::days(days);

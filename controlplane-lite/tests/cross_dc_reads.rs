@@ -6,24 +6,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Agent, Certs, TempDir};
+use common::{eventually, Agent, Federation};
 use serde_json::{json, Value};
 
-const REPLICATION_POLICY: &str =
-    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// The bound on every wait here.
+const LIMIT: Duration = Duration::from_secs(20);
 
 fn ok(answer: common::Answer) -> Value {
     assert_eq!(answer.status, 200, "{}", answer.text);
@@ -40,67 +29,30 @@ fn gateway(wan_port: u16) -> Value {
 
 #[test]
 fn reads_with_dc_are_answered_by_the_other_datacenter() {
-    let (primary_dir, secondary_dir) = (TempDir::new("xdc-primary"), TempDir::new("xdc-secondary"));
-    // Both directions run over HTTPS, verified against the agent CA made here.
-    let certs_dir = TempDir::new("xdc-certs");
-    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
-    let with_tls = |dc: &str, flags: &[&str]| -> Vec<String> {
-        let mut all: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
-        all.extend(certs.agent_flags(dc));
-        all
-    };
-    let primary_flags = with_tls("primary", &["-acl-default-policy", "deny"]);
-    let primary_flags: Vec<&str> = primary_flags.iter().map(String::as_str).collect();
-    let primary = Agent::start_in(primary_dir.path(), "primary", &primary_flags);
-    let primary_https = primary.https_address.clone().expect("https");
-    let management = primary.bootstrap();
-    let token = management.as_str();
-    let policy = json!({"Name": "replication", "Rules": REPLICATION_POLICY});
-    ok(primary.put("/v1/acl/policy", Some(token), &policy.to_string()));
-    let replication = ok(primary.put(
-        "/v1/acl/token",
-        Some(token),
-        r#"{"Description": "replication", "Policies": [{"Name": "replication"}]}"#,
-    ))["SecretID"]
-        .as_str()
-        .expect("SecretID")
-        .to_owned();
-    let secondary_flags = with_tls(
-        "secondary",
-        &[
-            "-acl-default-policy",
-            "deny",
-            "-primary-datacenter",
-            "primary",
-            "-primary-address",
-            &primary_https,
-            "-replication-token",
-            &replication,
-        ],
-    );
-    let secondary_flags: Vec<&str> = secondary_flags.iter().map(String::as_str).collect();
-    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &secondary_flags);
-    eventually("the secondary knows the management token", || {
-        secondary.get("/v1/acl/token/self", Some(token)).status == 200
-    });
+    // Both directions run over HTTPS, verified against the agent CA made here; started, the
+    // secondary knows the management token.
+    let federation = Federation::start("xdc");
+    let (primary, secondary) = (&federation.primary, &federation.secondary);
+    let primary_https = primary.https();
+    let token = federation.management.as_str();
 
     // socat and its sidecar in primary; web, whose upstream is socat in mode none, in
     // secondary; a gateway in each (a datacenter publishes its state, and with it its agent
     // address, once it has gateways).
     register(
-        &primary,
+        primary,
         token,
         json!({"Name": "socat", "Port": 8181, "Connect": {"SidecarService": {"Port": 21000}}}),
     );
     register(
-        &secondary,
+        secondary,
         token,
         json!({"Name": "web", "Port": 8080, "Connect": {"SidecarService": {"Port": 21001,
             "Proxy": {"Upstreams": [{"DestinationName": "socat", "Datacenter": "primary",
                 "LocalBindPort": 8181, "MeshGateway": {"Mode": "none"}}]}}}}),
     );
-    register(&primary, token, gateway(8443));
-    register(&secondary, token, gateway(8444));
+    register(primary, token, gateway(8443));
+    register(secondary, token, gateway(8444));
 
     let socat_here = ok(primary.get("/v1/health/connect/socat", Some(token)));
     assert_eq!(socat_here.as_array().map(Vec::len), Some(1), "{socat_here}");
@@ -118,21 +70,27 @@ fn reads_with_dc_are_answered_by_the_other_datacenter() {
     );
 
     // Primary → secondary, once the secondary's federation state carries its address.
-    eventually("the secondary's agent address in the primary", || {
-        let state = primary.get("/v1/internal/federation-state/secondary", Some(token));
-        state.status == 200
-            && state.json()["AgentAddress"]
-                == json!(secondary.https_address.clone().expect("https"))
-    });
+    eventually(
+        LIMIT,
+        "the secondary's agent address in the primary",
+        || {
+            let state = primary.get("/v1/internal/federation-state/secondary", Some(token));
+            state.status == 200 && state.json()["AgentAddress"] == json!(secondary.https())
+        },
+    );
     assert_eq!(
         ok(primary.get("/v1/health/connect/web?dc=secondary", Some(token))),
         web_here
     );
     // And the primary's own address reaches the secondary through replication.
-    eventually("the primary's agent address in the secondary", || {
-        let state = secondary.get("/v1/internal/federation-state/primary", Some(token));
-        state.status == 200 && state.json()["AgentAddress"] == json!(primary_https)
-    });
+    eventually(
+        LIMIT,
+        "the primary's agent address in the secondary",
+        || {
+            let state = secondary.get("/v1/internal/federation-state/primary", Some(token));
+            state.status == 200 && state.json()["AgentAddress"] == json!(primary_https)
+        },
+    );
 
     // Every read Consul allows `?dc=` on is forwarded, not only health/connect: the catalog,
     // health and config reads of the primary, asked at the secondary.

@@ -6,133 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{csr, field, Agent, Certs, Relay, TempDir};
+use common::{csr, eventually, eventually_every, Agent, Federation};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{json, Value};
 use webpki::{anchor_from_trusted_cert, EndEntityCert, KeyUsage};
 
-/// The guide's replication policy (acl write, operator write, read on every service).
-const REPLICATION_POLICY: &str =
-    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
-
-/// Two datacenters federated over HTTPS (certificates made at start with `tls ca create` and
-/// `tls cert create -server`). The secondary reaches the primary through a relay the test
-/// owns, so a restarted primary (on a new port) keeps the address the secondary was given.
-struct Federation {
-    primary: Agent,
-    secondary: Agent,
-    management: String,
-    replication_token: String,
-    relay: Relay,
-    certs: Certs,
-    primary_dir: TempDir,
-    _secondary_dir: TempDir,
-    _certs_dir: TempDir,
-}
-
-fn start_primary(dir: &TempDir, certs: &Certs) -> Agent {
-    let mut flags = vec!["-acl-default-policy".to_owned(), "deny".to_owned()];
-    flags.extend(certs.agent_flags("primary"));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Agent::start_in(dir.path(), "primary", &flags)
-}
-
-fn https_address(agent: &Agent) -> String {
-    agent.https_address.clone().expect("an HTTPS listener")
-}
-
-/// Polls `check` every 2 ms until it holds or `limit` passes.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-impl Federation {
-    fn start(label: &str) -> Federation {
-        let primary_dir = TempDir::new(&format!("{label}-primary"));
-        let secondary_dir = TempDir::new(&format!("{label}-secondary"));
-        let certs_dir = TempDir::new(&format!("{label}-certs"));
-        let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
-        let primary = start_primary(&primary_dir, &certs);
-        let relay = Relay::start(&https_address(&primary));
-        let management = primary.bootstrap();
-        let policy = primary.put(
-            "/v1/acl/policy",
-            Some(&management),
-            &json!({"Name": "replication", "Rules": REPLICATION_POLICY}).to_string(),
-        );
-        assert_eq!(policy.status, 200, "{}", policy.text);
-        let out = primary.cli_ok(
-            &[
-                "acl",
-                "token",
-                "create",
-                "-description",
-                "replication",
-                "-policy-name",
-                "replication",
-            ],
-            Some(&management),
-        );
-        let replication_token = field(&out, "SecretID:");
-        let mut flags: Vec<String> = [
-            "-acl-default-policy",
-            "deny",
-            "-primary-datacenter",
-            "primary",
-            "-primary-address",
-            &relay.address,
-            "-replication-token",
-            &replication_token,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        flags.extend(certs.agent_flags("secondary"));
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let secondary = Agent::start_in(secondary_dir.path(), "secondary", &flags);
-        let federation = Federation {
-            primary,
-            secondary,
-            management,
-            replication_token,
-            relay,
-            certs,
-            primary_dir,
-            _secondary_dir: secondary_dir,
-            _certs_dir: certs_dir,
-        };
-        // Ready: the secondary holds its intermediate and knows the management token.
-        eventually(Duration::from_secs(20), "secondary CA and ACLs", || {
-            federation
-                .secondary
-                .get("/v1/connect/ca/roots", None)
-                .status
-                == 200
-                && federation
-                    .secondary
-                    .get("/v1/acl/token/self", Some(&federation.management))
-                    .status
-                    == 200
-        });
-        federation
-    }
-
-    fn check(&self, agent: &Agent) -> bool {
-        let answer = agent.get(
-            "/v1/connect/intentions/check?source=web&destination=socat",
-            Some(&self.management),
-        );
-        assert_eq!(answer.status, 200, "{}", answer.text);
-        answer.json()["Allowed"].as_bool().expect("Allowed")
-    }
-}
+// Every federation here reaches the primary through a relay the test owns, as the restart test
+// needs (a restarted primary binds a new port); the others run over the same link.
 
 fn der(pem: &str) -> Vec<u8> {
     x509_parser::pem::parse_x509_pem(pem.as_bytes())
@@ -150,7 +30,7 @@ fn metric(agent: &Agent, line_prefix: &str) -> Option<String> {
 
 #[test]
 fn secondary_leaves_chain_through_its_intermediate_to_the_primary_root() {
-    let federation = Federation::start("ca");
+    let federation = Federation::start_relayed("ca", &[]);
     let primary_roots = federation.primary.get("/v1/connect/ca/roots", None).json();
     let secondary_roots = federation
         .secondary
@@ -261,7 +141,7 @@ fn secondary_leaves_chain_through_its_intermediate_to_the_primary_root() {
 
 #[test]
 fn intentions_written_in_the_primary_are_enforced_in_the_secondary_quickly() {
-    let federation = Federation::start("lag");
+    let federation = Federation::start_relayed("lag", &[]);
     let token = Some(federation.management.as_str());
     let created = federation.primary.request(
         "POST",
@@ -293,7 +173,9 @@ fn intentions_written_in_the_primary_are_enforced_in_the_secondary_quickly() {
         );
         assert_eq!(answer.status, 200, "{}", answer.text);
         assert_eq!(federation.check(&federation.primary), allow);
-        eventually(
+        // Polled every 2 ms: the lag measured includes up to one interval.
+        eventually_every(
+            Duration::from_millis(2),
             Duration::from_secs(5),
             "the change is enforced in the secondary",
             || federation.check(&federation.secondary) == allow,
@@ -328,7 +210,7 @@ fn intentions_written_in_the_primary_are_enforced_in_the_secondary_quickly() {
 
 #[test]
 fn writes_to_the_secondary_are_forwarded_to_the_primary() {
-    let federation = Federation::start("forward");
+    let federation = Federation::start_relayed("forward", &[]);
     let token = Some(federation.management.as_str());
     let body = r#"{"SourceName":"web","DestinationName":"socat","Action":"allow"}"#;
     // Forwarded with the caller's token: anonymous is refused by the primary.
@@ -475,7 +357,7 @@ fn wildcard_route(agent: &Agent, token: &str, dc: &str) -> Option<Value> {
 
 #[test]
 fn federation_states_make_each_side_route_to_the_other() {
-    let federation = Federation::start("fedstate");
+    let federation = Federation::start_relayed("fedstate", &[]);
     let token = federation.management.as_str();
     register_gateway(&federation.primary, token, "192.0.2.1:8444");
     register_gateway(&federation.secondary, token, "192.0.2.2:8444");
@@ -525,8 +407,9 @@ fn federation_states_make_each_side_route_to_the_other() {
 
 #[test]
 fn replication_resumes_after_the_primary_restarts() {
-    let mut federation = Federation::start("restart");
-    let token = Some(federation.management.as_str());
+    let mut federation = Federation::start_relayed("restart", &[]);
+    let management = federation.management.clone();
+    let token = Some(management.as_str());
     federation.primary.kill9();
     eventually(Duration::from_secs(30), "the secondary notices", || {
         metric(
@@ -545,10 +428,7 @@ fn replication_resumes_after_the_primary_restarts() {
     assert_eq!(refused.status, 503, "{}", refused.text);
 
     // The new primary binds a new port; the relay keeps the address the secondary knows.
-    federation.primary = start_primary(&federation.primary_dir, &federation.certs);
-    federation
-        .relay
-        .retarget(&https_address(&federation.primary));
+    federation.restart_primary();
     let created = federation
         .primary
         .request("POST", "/v1/connect/intentions", token, Some(body));

@@ -10,20 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Agent, TempDir};
+use common::{eventually, Agent, TempDir};
 use serde_json::{json, Value};
-
-/// Polls `check` every 20 ms until it holds or `limit` passes.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn passing_connect(agent: &Agent, service: &str) -> Vec<Value> {
     let answer = agent.get(&format!("/v1/health/connect/{service}?passing"), None);

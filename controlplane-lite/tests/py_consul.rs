@@ -12,12 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{field, Agent, Certs, TempDir};
+use common::{eventually, Federation};
 use serde_json::json;
-
-/// The guide's replication policy (acl write, operator write, read on every service).
-const REPLICATION_POLICY: &str =
-    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
 
 /// Bound on the whole Python run (it waits only on bounded polls of its own).
 const SUITE_LIMIT: Duration = Duration::from_secs(180);
@@ -38,18 +34,6 @@ fn python() -> Option<PathBuf> {
     usable.then_some(candidate)
 }
 
-/// Polls `check` every 20 ms until it holds or `limit` passes.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn py_consul_walks_the_guide_on_two_datacenters() {
     let Some(python) = python() else {
@@ -58,72 +42,20 @@ fn py_consul_walks_the_guide_on_two_datacenters() {
         eprintln!("skipped: {message}");
         return;
     };
-    let primary_dir = TempDir::new("pyconsul-primary");
-    let secondary_dir = TempDir::new("pyconsul-secondary");
     // The datacenters federate over verified HTTPS, as they must (issue 13); py-consul talks
     // to each agent's plain loopback listener, as a local client does.
-    let certs_dir = TempDir::new("pyconsul-certs");
-    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
-    let mut primary_flags = vec!["-acl-default-policy".to_owned(), "deny".to_owned()];
-    primary_flags.extend(certs.agent_flags("primary"));
-    let primary_flags: Vec<&str> = primary_flags.iter().map(String::as_str).collect();
-    let primary = Agent::start_in(primary_dir.path(), "primary", &primary_flags);
-    let primary_https = primary
-        .https_address
-        .clone()
-        .expect("the primary's HTTPS listener");
-    let management = primary.bootstrap();
-    let policy = primary.put(
-        "/v1/acl/policy",
-        Some(&management),
-        &json!({"Name": "replication", "Rules": REPLICATION_POLICY}).to_string(),
-    );
-    assert_eq!(policy.status, 200, "{}", policy.text);
-    let out = primary.cli_ok(
-        &[
-            "acl",
-            "token",
-            "create",
-            "-description",
-            "replication",
-            "-policy-name",
-            "replication",
-        ],
-        Some(&management),
-    );
-    let replication_token = field(&out, "SecretID:");
-    let mut secondary_flags: Vec<String> = [
-        "-acl-default-policy",
-        "deny",
-        "-primary-datacenter",
-        "primary",
-        "-primary-address",
-        &primary_https,
-        "-replication-token",
-        &replication_token,
-    ]
-    .iter()
-    .map(|flag| (*flag).to_owned())
-    .collect();
-    secondary_flags.extend(certs.agent_flags("secondary"));
-    let secondary_flags: Vec<&str> = secondary_flags.iter().map(String::as_str).collect();
-    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &secondary_flags);
-    eventually(Duration::from_secs(30), "secondary CA and ACLs", || {
-        secondary.get("/v1/connect/ca/roots", None).status == 200
-            && secondary
-                .get("/v1/acl/token/self", Some(&management))
-                .status
-                == 200
-    });
+    let federation = Federation::start("pyconsul");
+    let (primary, secondary) = (&federation.primary, &federation.secondary);
+    let management = &federation.management;
     // Each datacenter registers its mesh gateway, as the guide does; its federation state
     // (with the agent's address) is how the primary reaches the secondary for `?dc=`. The
     // gateway addresses are records only: nothing here dials them.
-    for agent in [&primary, &secondary] {
+    for agent in [primary, secondary] {
         let gateway = json!({"Kind": "mesh-gateway", "Name": "mesh-gateway", "Port": 8443,
             "Address": "127.0.0.1"});
         let answer = agent.put(
             "/v1/agent/service/register",
-            Some(&management),
+            Some(management),
             &gateway.to_string(),
         );
         assert_eq!(answer.status, 200, "{}", answer.text);
@@ -143,7 +75,7 @@ fn py_consul_walks_the_guide_on_two_datacenters() {
         .arg(&script)
         .env("CP_PRIMARY", &primary.address)
         .env("CP_SECONDARY", &secondary.address)
-        .env("CP_MANAGEMENT", &management)
+        .env("CP_MANAGEMENT", management)
         .env_remove("CONSUL_HTTP_TOKEN")
         .env_remove("CONSUL_HTTP_ADDR")
         .stdout(Stdio::piped())

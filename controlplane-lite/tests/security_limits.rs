@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Agent, TempDir};
+use common::{eventually, Agent, TempDir};
 
 /// A TCP connection from `source` to `target`: any 127.0.0.0/8 address works as a source on
 /// Linux, so one test can be several clients.
@@ -58,20 +58,25 @@ fn legit_request(source: [u8; 4], target: &str) -> String {
 const FLOOD: usize = 300;
 const PER_CLIENT: usize = 50;
 
-#[test]
-fn slowloris_is_capped_and_a_legitimate_client_is_served() {
-    let dir = TempDir::new("slowloris");
-    let per_client = PER_CLIENT.to_string();
-    let agent = Agent::start_in(
+/// An agent that takes at most [`PER_CLIENT`] connections from one client and closes a
+/// connection whose request header is not complete after `header_timeout` seconds.
+fn capped_agent(dir: &TempDir, header_timeout: &str) -> Agent {
+    Agent::start_in(
         dir.path(),
         "primary",
         &[
             "-http-max-conns-per-client",
-            &per_client,
+            &PER_CLIENT.to_string(),
             "-http-header-timeout",
-            "3",
+            header_timeout,
         ],
-    );
+    )
+}
+
+#[test]
+fn slowloris_is_capped_and_a_legitimate_client_is_served() {
+    let dir = TempDir::new("slowloris");
+    let agent = capped_agent(&dir, "3");
     // The attacker (127.0.0.1) opens FLOOD connections, each with half a request header.
     let mut flood = Vec::new();
     for _ in 0..FLOOD {
@@ -120,18 +125,8 @@ fn slowloris_is_capped_and_a_legitimate_client_is_served() {
 #[test]
 fn connections_over_the_per_client_cap_are_refused_at_once() {
     let dir = TempDir::new("conn-cap");
-    let per_client = PER_CLIENT.to_string();
     // A long header timeout: only the cap can close the extra connections within the test.
-    let agent = Agent::start_in(
-        dir.path(),
-        "primary",
-        &[
-            "-http-max-conns-per-client",
-            &per_client,
-            "-http-header-timeout",
-            "600",
-        ],
-    );
+    let agent = capped_agent(&dir, "600");
     let mut held = Vec::new();
     for _ in 0..PER_CLIENT {
         let mut stream = connect_from([127, 0, 0, 3], &agent.address).expect("connect");
@@ -170,18 +165,12 @@ fn blocking_queries_over_the_cap_get_429() {
         }));
     }
     // Wait until both are held (the gauge), then a third is refused at once.
-    let started = Instant::now();
-    while !agent
-        .get("/metrics", None)
-        .text
-        .contains("controlplane_blocking_queries_active 2")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "blocking queries not held"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(Duration::from_secs(30), "blocking queries held", || {
+        agent
+            .get("/metrics", None)
+            .text
+            .contains("controlplane_blocking_queries_active 2")
+    });
     let third = agent.get(&path, None);
     assert_eq!(third.status, 429, "{}", third.text);
     // Non-blocking reads still work.

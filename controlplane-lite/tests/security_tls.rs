@@ -4,67 +4,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{field, Agent, Certs, Relay, TempDir};
+use common::{
+    eventually, owned, refs, secondary_flags, start_primary, Agent, Certs, Federation, TempDir,
+};
 use serde_json::json;
-
-const REPLICATION_POLICY: &str =
-    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
-
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn owned(flags: &[&str], more: Vec<String>) -> Vec<String> {
-    let mut all: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
-    all.extend(more);
-    all
-}
-
-fn refs(flags: &[String]) -> Vec<&str> {
-    flags.iter().map(String::as_str).collect()
-}
-
-/// A primary with ACLs bootstrapped and a replication token: (agent, management, replication).
-fn primary(dir: &TempDir, tls: Vec<String>) -> (Agent, String, String) {
-    let flags = owned(&["-acl-default-policy", "deny"], tls);
-    let primary = Agent::start_in(dir.path(), "primary", &refs(&flags));
-    let management = primary.bootstrap();
-    let policy = json!({"Name": "replication", "Rules": REPLICATION_POLICY});
-    assert_eq!(
-        primary
-            .put("/v1/acl/policy", Some(&management), &policy.to_string())
-            .status,
-        200
-    );
-    let out = primary.cli_ok(
-        &["acl", "token", "create", "-policy-name", "replication"],
-        Some(&management),
-    );
-    let replication = field(&out, "SecretID:");
-    (primary, management, replication)
-}
-
-fn secondary_flags(primary_address: &str, replication: &str, more: Vec<String>) -> Vec<String> {
-    owned(
-        &[
-            "-acl-default-policy",
-            "deny",
-            "-primary-datacenter",
-            "primary",
-            "-primary-address",
-            primary_address,
-            "-replication-token",
-            replication,
-        ],
-        more,
-    )
-}
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
@@ -74,39 +19,23 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 #[test]
 fn the_wan_link_is_tls_and_carries_no_secret_in_clear() {
-    let certs_dir = TempDir::new("tls-certs");
-    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
-    let (primary_dir, secondary_dir) = (TempDir::new("tls-p"), TempDir::new("tls-s"));
-    // The primary also requires client certificates: the secondary presents its own.
-    let mut primary_flags = certs.agent_flags("primary");
-    primary_flags.push("-verify-incoming".to_owned());
-    let (primary, management, replication) = primary(&primary_dir, primary_flags);
-    // A recording relay stands for the WAN link.
-    let relay = Relay::start(&primary.https_address.clone().expect("https"));
-    let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
-    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+    // The primary also requires client certificates: the secondary presents its own. A
+    // recording relay stands for the WAN link. Started, ACLs have replicated over TLS.
+    let federation = Federation::start_relayed("tls", &["-verify-incoming"]);
+    let (secondary, relay) = (&federation.secondary, federation.relay());
+    let (management, replication) = (&federation.management, &federation.replication_token);
 
     // Replication works: the management token, the CA and a forwarded write arrive.
-    eventually(Duration::from_secs(30), "ACLs replicate over TLS", || {
-        secondary
-            .get("/v1/acl/token/self", Some(&management))
-            .status
-            == 200
-    });
     let intention = r#"{"SourceName":"web","DestinationName":"socat","Action":"allow"}"#;
     let forwarded = secondary.request(
         "POST",
         "/v1/connect/intentions",
-        Some(&management),
+        Some(management),
         Some(intention),
     );
     assert_eq!(forwarded.status, 200, "{}", forwarded.text);
     eventually(Duration::from_secs(30), "the intention replicates", || {
-        let check = secondary.get(
-            "/v1/connect/intentions/check?source=web&destination=socat",
-            Some(&management),
-        );
-        check.status == 200 && check.json()["Allowed"] == json!(true)
+        federation.check(secondary)
     });
 
     // The capture saw traffic, but neither the replication token, the management token (in
@@ -117,7 +46,7 @@ fn the_wan_link_is_tls_and_carries_no_secret_in_clear() {
         "the relay saw {} bytes",
         captured.len()
     );
-    for (what, secret) in [("replication", &replication), ("management", &management)] {
+    for (what, secret) in [("replication", replication), ("management", management)] {
         assert!(
             !contains(&captured, secret),
             "the {what} token crossed in clear text"
@@ -139,10 +68,10 @@ fn a_rogue_primary_with_another_ca_is_refused() {
     // (its own bootstrap stands in for a stolen replication token).
     let rogue_data = TempDir::new("rogue-p");
     let (rogue, rogue_management, rogue_replication) =
-        primary(&rogue_data, rogue_certs.agent_flags("primary"));
+        start_primary(rogue_data.path(), rogue_certs.agent_flags("primary"));
     let secondary_dir = TempDir::new("rogue-s");
     let flags = secondary_flags(
-        &rogue.https_address.clone().expect("https"),
+        &rogue.https(),
         &rogue_replication,
         certs.agent_flags("secondary"),
     );
@@ -167,7 +96,7 @@ fn a_rogue_primary_with_another_ca_is_refused() {
 #[test]
 fn plain_http_across_datacenters_needs_the_insecure_flag() {
     let (primary_dir, secondary_dir) = (TempDir::new("plain-p"), TempDir::new("plain-s"));
-    let (primary, management, replication) = primary(&primary_dir, Vec::new());
+    let (primary, management, replication) = start_primary(primary_dir.path(), Vec::new());
     // It exits at once (no -ca-file, no flag): a startup error, not a silent downgrade.
     let stderr = common::refused_start(
         std::process::Command::new(common::BINARY)
@@ -210,41 +139,25 @@ fn plain_http_across_datacenters_needs_the_insecure_flag() {
 fn a_new_trust_domain_from_the_primary_is_refused() {
     // A primary that is TLS-trusted but was rebuilt (a fresh data dir, so a new cluster id and
     // root) at the address the secondary knows: the secondary keeps its trust domain.
-    let certs_dir = TempDir::new("td-certs");
-    let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
-    let (primary_dir, secondary_dir) = (TempDir::new("td-p"), TempDir::new("td-s"));
-    let (mut first, management, replication) = primary(&primary_dir, certs.agent_flags("primary"));
-    let relay = Relay::start(&first.https_address.clone().expect("https"));
-    let flags = secondary_flags(&relay.address, &replication, certs.agent_flags("secondary"));
-    let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+    // Started, the secondary has adopted the primary's CA.
+    let mut federation = Federation::start_relayed("td", &[]);
     let trust_domain = |agent: &Agent| {
         let roots = agent.get("/v1/connect/ca/roots", None);
         (roots.status == 200).then(|| roots.json()["TrustDomain"].clone())
     };
-    eventually(
-        Duration::from_secs(30),
-        "the secondary adopts the CA",
-        || {
-            trust_domain(&secondary).is_some()
-                && secondary
-                    .get("/v1/acl/token/self", Some(&management))
-                    .status
-                    == 200
-        },
-    );
-    let adopted = trust_domain(&secondary);
-    assert_eq!(adopted, trust_domain(&first));
+    let adopted = trust_domain(&federation.secondary);
+    assert_eq!(adopted, trust_domain(&federation.primary));
 
-    first.kill9();
+    federation.primary.kill9();
     let rebuilt_dir = TempDir::new("td-p2");
     // The rebuilt primary gets the same replication token secret, as an operator restoring
     // only the ACLs would (so replication of the rest would succeed).
     let flags = owned(
         &["-acl-default-policy", "allow"],
-        certs.agent_flags("primary"),
+        federation.certs.agent_flags("primary"),
     );
     let rebuilt = Agent::start_in(rebuilt_dir.path(), "primary", &refs(&flags));
-    let token = json!({"SecretID": replication, "Policies": [{"Name": "global-management"}]});
+    let token = json!({"SecretID": federation.replication_token, "Policies": [{"Name": "global-management"}]});
     let made = rebuilt.put("/v1/acl/token", None, &token.to_string());
     assert_eq!(made.status, 403, "ACL writes need a token: {}", made.text);
     let rebuilt_management = rebuilt.bootstrap();
@@ -255,18 +168,18 @@ fn a_new_trust_domain_from_the_primary_is_refused() {
     );
     assert_eq!(made.status, 200, "{}", made.text);
     assert_ne!(trust_domain(&rebuilt), adopted);
-    relay.retarget(&rebuilt.https_address.clone().expect("https"));
+    federation.relay().retarget(&rebuilt.https());
 
     eventually(
         Duration::from_secs(30),
         "the change is refused and counted",
         || {
-            secondary.get("/metrics", None).text.contains(
+            federation.secondary.get("/metrics", None).text.contains(
                 "controlplane_replication_ca_changes_refused_total{reason=\"trust_domain\"}",
             )
         },
     );
-    assert_eq!(trust_domain(&secondary), adopted);
+    assert_eq!(trust_domain(&federation.secondary), adopted);
 }
 
 /// Runs the CLI with `env`; returns (exit code, stdout, stderr).
@@ -308,7 +221,7 @@ fn the_cli_speaks_https_like_consul() {
     let data = TempDir::new("cli-agent");
     let flags = owned(&["-verify-incoming"], certs.agent_flags("primary"));
     let agent = Agent::start_in(data.path(), "primary", &refs(&flags));
-    let https = agent.https_address.clone().expect("https");
+    let https = agent.https();
     let url = format!("https://{https}");
     let path = |p: &std::path::Path| p.display().to_string();
 

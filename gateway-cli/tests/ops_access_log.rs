@@ -146,12 +146,9 @@ fn connections_over_max_connections_are_logged_as_uo() {
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..6 {
-        let mut stream = connect(gateway.listen);
-        stream.write_all(&hello).expect("hello");
-        let mut echoed = vec![0u8; hello.len()];
-        match stream.read_exact(&mut echoed) {
-            Ok(()) => open.push(stream),
-            Err(_) => refused += 1,
+        match try_established(gateway.listen, &hello) {
+            Some(stream) => open.push(stream),
+            None => refused += 1,
         }
     }
     assert!(refused >= 4, "refused {refused}");

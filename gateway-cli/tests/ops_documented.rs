@@ -54,11 +54,7 @@ fn an_idle_pair_is_logged_with_si() {
         "[timeouts]\nidle = \"300ms\"\n\n{}",
         route(&testdata_sni(HELLO), &[backend.address])
     ));
-    let mut client = connect(gateway.listen);
-    let hello = testdata(HELLO);
-    client.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    client.read_exact(&mut echoed).expect("echo");
+    let mut client = established(gateway.listen, &testdata(HELLO));
     // Then silence: the idle sweep closes the pair.
     assert!(read_to_end(&mut client).is_empty());
     let lines = access_lines(&gateway.dir.join("access.log"), 1);
@@ -110,11 +106,7 @@ fn sigint_exits_at_once_with_connections_open() {
         "[drain]\nannounce = \"1h\"\ntimeout = \"1h\"\n\n{}",
         route(&testdata_sni(HELLO), &[backend.address])
     ));
-    let mut client = connect(gateway.listen);
-    let hello = testdata(HELLO);
-    client.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    client.read_exact(&mut echoed).expect("echo");
+    let _client = established(gateway.listen, &testdata(HELLO));
     gateway.signal("INT");
     // With an hour of announce and drain, only an immediate exit ends within the bound.
     let status = gateway

@@ -22,16 +22,6 @@ fn drain_gateway(drain: &str) -> (Gateway, Backend) {
     (gateway, backend)
 }
 
-/// An established proxied connection (the hello was echoed back).
-fn established(address: SocketAddr) -> TcpStream {
-    let hello = testdata(HELLO);
-    let mut stream = connect(address);
-    stream.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    stream.read_exact(&mut echoed).expect("echo");
-    stream
-}
-
 fn still_echoes(stream: &mut TcpStream) {
     stream.write_all(b"ping").expect("write");
     let mut reply = [0u8; 4];
@@ -57,7 +47,7 @@ fn wait_refused(address: SocketAddr, within: Duration) -> Instant {
 #[test]
 fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() {
     let (mut gateway, _backend) = drain_gateway("announce = \"1s\"\ntimeout = \"20s\"");
-    let mut long = established(gateway.listen);
+    let mut long = established(gateway.listen, &testdata(HELLO));
     let signalled = Instant::now();
     gateway.signal("TERM");
     // /ready turns 503 at once; the gauge says so.
@@ -68,7 +58,7 @@ fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() 
     }
     assert_eq!(gateway.metric("gateway_draining"), 1.0);
     // During the announce period new connections are still served.
-    let mut during = established(gateway.listen);
+    let mut during = established(gateway.listen, &testdata(HELLO));
     still_echoes(&mut during);
     drop(during);
     // Then the listeners close: connecting is refused.
@@ -96,7 +86,7 @@ fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() 
 #[test]
 fn the_drain_timeout_closes_what_is_left_and_exits_0() {
     let (mut gateway, _backend) = drain_gateway("announce = \"0s\"\ntimeout = \"1s\"");
-    let mut long = established(gateway.listen);
+    let mut long = established(gateway.listen, &testdata(HELLO));
     let signalled = Instant::now();
     gateway.signal("TERM");
     let status = gateway
@@ -126,7 +116,7 @@ fn the_drain_timeout_closes_what_is_left_and_exits_0() {
 #[test]
 fn a_second_sigterm_exits_at_once() {
     let (mut gateway, _backend) = drain_gateway("announce = \"30s\"\ntimeout = \"30s\"");
-    let _long = established(gateway.listen);
+    let _long = established(gateway.listen, &testdata(HELLO));
     gateway.signal("TERM");
     // Two signals sent before the first is handled merge into one: wait until the gateway
     // says it is draining before sending the second.

@@ -86,10 +86,7 @@ fn a_new_process_takes_over_without_refusing_a_connection() {
     let hello = testdata(HELLO);
 
     // A long-lived connection through the old process: it must survive the old one's drain.
-    let mut long = connect(old.listen);
-    long.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    long.read_exact(&mut echoed).expect("echo");
+    let mut long = established(old.listen, &hello);
 
     // A bounded connect loop on three threads, across the whole hand-over.
     let stop = Arc::new(AtomicBool::new(false));

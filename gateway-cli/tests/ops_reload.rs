@@ -295,13 +295,7 @@ fn listeners_added_and_removed_by_reload_keep_established_connections() {
     let routes = route(&sni, &[backend.address]);
     let gateway = Gateway::start_from(|listen, admin, _| base_config(listen, admin, &routes), &[]);
     let hello = testdata(HELLO);
-    let echo = |address: SocketAddr| -> TcpStream {
-        let mut stream = connect(address);
-        stream.write_all(&hello).expect("hello");
-        let mut echoed = vec![0u8; hello.len()];
-        stream.read_exact(&mut echoed).expect("echo");
-        stream
-    };
+    let echo = |address: SocketAddr| established(address, &hello);
     let mut on_wan = echo(gateway.listen);
 
     // Add a listener.

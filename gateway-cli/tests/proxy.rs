@@ -308,10 +308,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     );
     let gateway = Gateway::start(&config);
     let hello = testdata(HELLO);
-    let mut stream = connect(gateway.listen);
-    stream.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    stream.read_exact(&mut echoed).expect("echo");
+    let mut stream = established(gateway.listen, &hello);
     let started = Instant::now();
     assert!(read_to_end(&mut stream).is_empty());
     let waited = started.elapsed();
@@ -331,10 +328,7 @@ fn reload_moves_new_connections_and_leaves_old_ones_alone() {
     let gateway = Gateway::start(&route(&sni, &[first.address]));
     let hello = testdata(HELLO);
     // An established connection through the first backend.
-    let mut established = connect(gateway.listen);
-    established.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    established.read_exact(&mut echoed).expect("echo");
+    let mut established = established(gateway.listen, &hello);
 
     let config = std::fs::read_to_string(&gateway.config_path).expect("config");
     let config = config.replace(&first.address.to_string(), &second.address.to_string());
@@ -485,10 +479,7 @@ fn a_panicking_connection_does_not_take_its_worker_down() {
     let gateway = Gateway::start_with_env(&config, &[("GATEWAY_FAULT_INJECTION", "1")]);
     let hello = testdata(HELLO);
     // An established connection on the (only) worker.
-    let mut established = connect(gateway.listen);
-    established.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    established.read_exact(&mut echoed).expect("echo");
+    let mut established = established(gateway.listen, &hello);
     // A hello whose name triggers the injected panic (debug builds only).
     let mut builder_hello = testdata("openssl-default.bin");
     let original = testdata_sni(HELLO);
@@ -518,6 +509,7 @@ fn a_panicking_connection_does_not_take_its_worker_down() {
     assert_eq!(&reply, b"alive");
     let mut fresh = connect(gateway.listen);
     fresh.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
     fresh
         .read_exact(&mut echoed)
         .expect("new connections still served");
@@ -537,12 +529,9 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..8 {
-        let mut stream = connect(gateway.listen);
-        stream.write_all(&hello).expect("hello");
-        let mut echoed = vec![0u8; hello.len()];
-        match stream.read_exact(&mut echoed) {
-            Ok(()) => open.push(stream),
-            Err(_) => refused += 1,
+        match try_established(gateway.listen, &hello) {
+            Some(stream) => open.push(stream),
+            None => refused += 1,
         }
     }
     assert!(
@@ -630,10 +619,7 @@ fn a_client_reset_is_passed_on_as_a_reset() {
     });
     let gateway = Gateway::start(&route(&testdata_sni(HELLO), &[backend.address]));
     let hello = testdata(HELLO);
-    let mut stream = connect(gateway.listen);
-    stream.write_all(&hello).expect("hello");
-    let mut echoed = vec![0u8; hello.len()];
-    stream.read_exact(&mut echoed).expect("echo");
+    let stream = established(gateway.listen, &hello);
     socket2::SockRef::from(&stream)
         .set_linger(Some(Duration::ZERO))
         .expect("linger");

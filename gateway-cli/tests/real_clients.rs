@@ -120,6 +120,23 @@ fn setup() -> Setup {
     }
 }
 
+/// `openssl s_client` to the gateway's `port` on 127.0.0.1 with SNI `name`, then `extra`,
+/// sending `input`: (stdout, stderr).
+fn s_client(port: &str, name: &str, extra: &[&str], input: &[u8]) -> (String, String) {
+    run_with_input(
+        Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                name,
+            ])
+            .args(extra),
+        input,
+    )
+}
+
 #[test]
 fn openssl_s_client_reaches_the_server_its_name_routes_to() {
     let setup = setup();
@@ -129,17 +146,7 @@ fn openssl_s_client_reaches_the_server_its_name_routes_to() {
         ("www.beta.test", "CN = beta.test"),
         ("ALPHA.test.", "CN = alpha.test"),
     ] {
-        let (stdout, stderr) = run_with_input(
-            Command::new("openssl").args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-servername",
-                name,
-                "-ign_eof",
-            ]),
-            b"GET / HTTP/1.0\r\n\r\n",
-        );
+        let (stdout, stderr) = s_client(&port, name, &["-ign_eof"], b"GET / HTTP/1.0\r\n\r\n");
         assert!(
             stdout.contains(&format!("subject={expected}")),
             "{name}: {stdout}\n{stderr}"
@@ -153,19 +160,16 @@ fn openssl_s_client_reaches_the_server_its_name_routes_to() {
     let alpn: Vec<String> = (0..40)
         .map(|i| format!("protocol-{i:03}-padding-padding"))
         .collect();
-    let (stdout, _) = run_with_input(
-        Command::new("openssl").args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            "alpha.test",
+    let (stdout, _) = s_client(
+        &port,
+        "alpha.test",
+        &[
             "-max_send_frag",
             "512",
             "-alpn",
             &alpn.join(","),
             "-ign_eof",
-        ]),
+        ],
         b"GET / HTTP/1.0\r\n\r\n",
     );
     assert!(stdout.contains("subject=CN = alpha.test"), "{stdout}");
@@ -228,16 +232,7 @@ fn gnutls_cli_through_the_gateway_gets_the_right_certificate() {
 fn unknown_names_are_closed_before_any_byte_for_real_clients() {
     let setup = setup();
     let port = setup.gateway.listen.port().to_string();
-    let (stdout, _) = run_with_input(
-        Command::new("openssl").args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            "gamma.test",
-        ]),
-        b"",
-    );
+    let (stdout, _) = s_client(&port, "gamma.test", &[], b"");
     assert!(stdout.contains("no peer certificate available"), "{stdout}");
     assert_eq!(
         setup.gateway.wait_metric(

@@ -152,13 +152,11 @@ fn a_token_file_guards_mutating_endpoints() {
     );
 }
 
-#[test]
-fn a_group_readable_token_file_is_refused_at_start() {
-    let dir = temp_dir("admin-token");
+/// Writes an admin token file and a configuration that names it into `dir`: (token file,
+/// configuration file). The caller sets the token file's mode.
+fn token_file_config(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, "token\n").expect("write token");
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644))
-        .expect("chmod token");
     let config_path = dir.join("gateway.toml");
     std::fs::write(
         &config_path,
@@ -168,6 +166,15 @@ fn a_group_readable_token_file_is_refused_at_start() {
         ),
     )
     .expect("write config");
+    (token_file, config_path)
+}
+
+#[test]
+fn a_group_readable_token_file_is_refused_at_start() {
+    let dir = temp_dir("admin-token");
+    let (token_file, config_path) = token_file_config(&dir);
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod token");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["run", "--config"])
         .arg(&config_path)
@@ -229,17 +236,7 @@ fn debug_logs_redact_client_addresses_and_unrouted_names() {
 #[test]
 fn validate_checks_the_token_file() {
     let dir = temp_dir("admin-token-validate");
-    let token_file = dir.join("admin.token");
-    std::fs::write(&token_file, "token\n").expect("write token");
-    let config_path = dir.join("gateway.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[[listener]]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            token_file.display()
-        ),
-    )
-    .expect("write config");
+    let (token_file, config_path) = token_file_config(&dir);
     let validate = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["validate", "--config"])

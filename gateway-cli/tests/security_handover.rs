@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -54,6 +54,37 @@ fn handover_config(
             socket.display()
         )
     }
+}
+
+/// Runs a gateway whose hand-over socket is `socket` (its config and log in `dir`), one that
+/// must refuse to start: waits at most 20 s for it to exit, then kills it. Returns its exit
+/// status, if it exited, and its log.
+fn run_refused(dir: &Path, socket: &Path) -> (Option<ExitStatus>, String) {
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(
+        &config_path,
+        handover_config(socket)(
+            "127.0.0.1:0".parse().expect("address"),
+            "127.0.0.1:0".parse().expect("address"),
+            dir,
+        ),
+    )
+    .expect("write config");
+    let log = dir.join("stderr.log");
+    let mut child = spawn_gateway(&config_path, &log, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 #[test]
@@ -140,33 +171,9 @@ fn a_new_process_refuses_a_running_gateway_of_another_uid() {
     }
     let socket = dir.join("handover.sock");
     std::os::unix::fs::symlink(&rogue_socket, &socket).expect("symlink");
-    let config_path = dir.join("gateway.toml");
-    std::fs::write(
-        &config_path,
-        handover_config(&socket)(
-            "127.0.0.1:0".parse().expect("address"),
-            "127.0.0.1:0".parse().expect("address"),
-            &dir,
-        ),
-    )
-    .expect("write config");
-    let log = dir.join("stderr.log");
-    let mut child = spawn_gateway(&config_path, &log, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let (status, text) = run_refused(&dir, &socket);
     let _ = rogue.kill();
     let _ = rogue.wait();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         status.is_some_and(|status| !status.success()),
         "the gateway took sockets from a process of another uid: {text}"
@@ -183,31 +190,7 @@ fn a_socket_path_in_a_directory_others_can_write_is_refused() {
     std::fs::create_dir(&open).expect("mkdir");
     // World-writable and sticky, like /tmp: anyone could create the socket path first.
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-    let config_path = dir.join("gateway.toml");
-    std::fs::write(
-        &config_path,
-        handover_config(&open.join("handover.sock"))(
-            "127.0.0.1:0".parse().expect("address"),
-            "127.0.0.1:0".parse().expect("address"),
-            &dir,
-        ),
-    )
-    .expect("write config");
-    let log = dir.join("stderr.log");
-    let mut child = spawn_gateway(&config_path, &log, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let (status, stderr) = run_refused(&dir, &open.join("handover.sock"));
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         status.is_some_and(|status| !status.success()),

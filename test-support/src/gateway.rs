@@ -394,6 +394,22 @@ pub fn connect(address: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A connection the gateway has proxied to an echo backend: `hello` (a ClientHello its route
+/// matches) was sent and came back whole.
+pub fn established(address: SocketAddr, hello: &[u8]) -> TcpStream {
+    try_established(address, hello).expect("echo")
+}
+
+/// [`established`], or `None` when the gateway closes the connection before the echo (a
+/// connection over a limit).
+pub fn try_established(address: SocketAddr, hello: &[u8]) -> Option<TcpStream> {
+    let mut stream = connect(address);
+    stream.write_all(hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    stream.read_exact(&mut echoed).ok()?;
+    Some(stream)
+}
+
 /// Read until EOF; returns what arrived (or what arrived before an error).
 pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();

@@ -6,6 +6,7 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use serde_json::{json, Value};
 
+use super::catalog::node_json;
 use super::{blocking_json, json_with_index, AgentState, Ctx};
 use crate::acl::require;
 use crate::agent::Agent;
@@ -31,17 +32,14 @@ pub fn agent_service_json(agent: &Agent, service: &ServiceInstance) -> Result<Va
     Ok(value)
 }
 
+/// This node as the catalog shows it ([`node_json`]), with its indexes.
 fn node_row(agent: &Agent, index: u64) -> Value {
-    json!({
-        "ID": "",
-        "Node": agent.config.node_name,
-        "Address": agent.config.node_address,
-        "Datacenter": agent.config.datacenter,
-        "TaggedAddresses": {"lan": agent.config.node_address, "wan": agent.config.node_address},
-        "Meta": {},
-        "CreateIndex": index,
-        "ModifyIndex": index,
-    })
+    let mut node = node_json(agent);
+    if let Some(object) = node.as_object_mut() {
+        object.insert("CreateIndex".to_owned(), json!(index));
+        object.insert("ModifyIndex".to_owned(), json!(index));
+    }
+    node
 }
 
 /// `GET /v1/agent/self` (`node:read` on this node, as Consul's `agent:read`).

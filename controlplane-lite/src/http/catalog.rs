@@ -62,7 +62,8 @@ pub async fn services(State(agent): State<AgentState>, ctx: Ctx) -> Result<Respo
     .await
 }
 
-fn node_json(agent: &Agent) -> Value {
+/// This node in Consul's `structs.Node` shape (its only node: one agent per datacenter).
+pub(super) fn node_json(agent: &Agent) -> Value {
     json!({
         "ID": "",
         "Node": agent.config.node_name,

@@ -17,7 +17,7 @@ use crate::checks::{
 };
 use crate::checks_runner::now_ms;
 use crate::error::{Error, Result};
-use crate::store::Table;
+use crate::store::{Table, Transaction};
 
 /// Write access to a check: `service:write` on its service, `operator:write` for a node check
 /// (Consul asks `node:write`, which this control plane's rules do not have).
@@ -35,6 +35,15 @@ fn unknown_check(id: &str) -> Error {
     Error::NotFound(format!(
         "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name."
     ))
+}
+
+/// The stored check `id`, if `authorizer` may write it.
+fn writable_check(tx: &Transaction<'_>, authorizer: &Authorizer, id: &str) -> Result<HealthCheck> {
+    let check: HealthCheck = tx
+        .get(Table::Checks, id)?
+        .ok_or_else(|| unknown_check(id))?;
+    require_check_write(authorizer, &check)?;
+    Ok(check)
 }
 
 /// `PUT /v1/agent/check/register`: a check on this node, or on a local service (`ServiceID`).
@@ -83,10 +92,7 @@ pub async fn deregister(
 ) -> Result<Response> {
     let authorizer = ctx.authorizer(&agent)?;
     write(&agent, move |tx| {
-        let check: HealthCheck = tx
-            .get(Table::Checks, &id)?
-            .ok_or_else(|| unknown_check(&id))?;
-        require_check_write(&authorizer, &check)?;
+        writable_check(tx, &authorizer, &id)?;
         tx.delete(Table::Checks, &id)
     })
     .await?;
@@ -103,10 +109,7 @@ async fn update_ttl(
     let authorizer = ctx.authorizer(&agent)?;
     let now = now_ms();
     write(&agent, move |tx| {
-        let check: HealthCheck = tx
-            .get(Table::Checks, &id)?
-            .ok_or_else(|| unknown_check(&id))?;
-        require_check_write(&authorizer, &check)?;
+        let check = writable_check(tx, &authorizer, &id)?;
         if check.check_type != "ttl" {
             return Err(Error::bad_request(format!(
                 "CheckID {id:?} does not have associated TTL"

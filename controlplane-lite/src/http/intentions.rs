@@ -10,7 +10,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
-use crate::acl::require;
+use crate::acl::{require, Authorizer};
 use crate::ca::rfc3339;
 use crate::catalog::from_value;
 use crate::error::{Error, Result};
@@ -68,10 +68,7 @@ pub async fn create(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> R
         &rfc3339(OffsetDateTime::now_utc()),
     )?;
     let authorizer = ctx.authorizer(&agent)?;
-    require(
-        authorizer.intention_write(&intention.destination_name),
-        || format!("intentions:write on {}", intention.destination_name),
-    )?;
+    may_write(&authorizer, &intention.destination_name)?;
     let id = write(&agent, move |tx| {
         ensure_unique(tx, &intention)?;
         intention.create_index = tx.index();
@@ -108,9 +105,7 @@ pub async fn update(
             .get(Table::Intentions, &id)?
             .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
         for destination in [&existing.destination_name, &updated.destination_name] {
-            require(authorizer.intention_write(destination), || {
-                format!("intentions:write on {destination}")
-            })?;
+            may_write(&authorizer, destination)?;
         }
         ensure_unique(tx, &updated)?;
         updated.created_at = existing.created_at;
@@ -133,10 +128,7 @@ pub async fn delete(
         let existing: Intention = tx
             .get(Table::Intentions, &id)?
             .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
-        require(
-            authorizer.intention_write(&existing.destination_name),
-            || format!("intentions:write on {}", existing.destination_name),
-        )?;
+        may_write(&authorizer, &existing.destination_name)?;
         tx.delete(Table::Intentions, &id)
     })
     .await?;
@@ -155,10 +147,7 @@ pub async fn read(
             .store
             .get(Table::Intentions, &id)?
             .ok_or_else(|| Error::NotFound(INTENTION_NOT_FOUND.to_owned()))?;
-        require(
-            authorizer.intention_read(&intention.destination_name),
-            || format!("intentions:read on {}", intention.destination_name),
-        )?;
+        may_read(&authorizer, &intention.destination_name)?;
         Ok(intention)
     })
     .await
@@ -182,9 +171,7 @@ pub async fn check(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response
     let source = ctx.param("source")?.to_owned();
     let destination = ctx.param("destination")?.to_owned();
     let authorizer = ctx.authorizer(&agent)?;
-    require(authorizer.intention_read(&destination), || {
-        format!("intentions:read on {destination}")
-    })?;
+    may_read(&authorizer, &destination)?;
     blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
         let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
         let decision = decide(&all, &source, &destination, agent.config.default_policy);
@@ -216,9 +203,7 @@ pub async fn match_intentions(State(agent): State<AgentState>, ctx: Ctx) -> Resu
     }
     let authorizer = ctx.authorizer(&agent)?;
     for name in &names {
-        require(authorizer.intention_read(name), || {
-            format!("intentions:read on {name}")
-        })?;
+        may_read(&authorizer, name)?;
     }
     blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
         let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
@@ -272,6 +257,25 @@ pub async fn authorize(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -
     ))
 }
 
+/// `intentions:write` on `destination`, the ACL every intention write needs.
+fn may_write(authorizer: &Authorizer, destination: &str) -> Result<()> {
+    require(authorizer.intention_write(destination), || {
+        format!("intentions:write on {destination}")
+    })
+}
+
+/// `intentions:read` on `destination`, the ACL every intention read needs.
+fn may_read(authorizer: &Authorizer, destination: &str) -> Result<()> {
+    require(authorizer.intention_read(destination), || {
+        format!("intentions:read on {destination}")
+    })
+}
+
+/// The `source` and `destination` query values of the `exact` endpoints.
+fn exact_pair(ctx: &Ctx) -> Result<(String, String)> {
+    Ok((exact_name(ctx, "source")?, exact_name(ctx, "destination")?))
+}
+
 /// A `source`/`destination` query value: `name` or `namespace/name` (only `default` exists).
 fn exact_name(ctx: &Ctx, key: &str) -> Result<String> {
     let value = ctx.param(key)?;
@@ -297,12 +301,9 @@ fn find_exact<'a>(all: &'a [Intention], source: &str, destination: &str) -> Opti
 
 /// `GET /v1/connect/intentions/exact?source=&destination=` (Consul 1.9+, blocking).
 pub async fn read_exact(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
-    let source = exact_name(&ctx, "source")?;
-    let destination = exact_name(&ctx, "destination")?;
+    let (source, destination) = exact_pair(&ctx)?;
     let authorizer = ctx.authorizer(&agent)?;
-    require(authorizer.intention_read(&destination), || {
-        format!("intentions:read on {destination}")
-    })?;
+    may_read(&authorizer, &destination)?;
     blocking_json(&agent, &ctx, &[Table::Intentions], |_| {
         let all: Vec<Intention> = agent.store.list(Table::Intentions)?;
         find_exact(&all, &source, &destination)
@@ -319,8 +320,7 @@ pub async fn upsert_exact(
     ctx: Ctx,
     body: Bytes,
 ) -> Result<Response> {
-    let source = exact_name(&ctx, "source")?;
-    let destination = exact_name(&ctx, "destination")?;
+    let (source, destination) = exact_pair(&ctx)?;
     let mut request = parse_request(&body)?;
     for (field, given, wanted) in [
         ("SourceName", &mut request.source_name, &source),
@@ -340,9 +340,7 @@ pub async fn upsert_exact(
     let now = rfc3339(OffsetDateTime::now_utc());
     let mut intention = request.into_intention(uuid::Uuid::new_v4().to_string(), &now)?;
     let authorizer = ctx.authorizer(&agent)?;
-    require(authorizer.intention_write(&destination), || {
-        format!("intentions:write on {destination}")
-    })?;
+    may_write(&authorizer, &destination)?;
     write(&agent, move |tx| {
         let all: Vec<Intention> = tx.list(Table::Intentions)?;
         if let Some(existing) = all.iter().find(|i| same_pair(i, &intention)) {
@@ -361,12 +359,9 @@ pub async fn upsert_exact(
 
 /// `DELETE /v1/connect/intentions/exact?source=&destination=`.
 pub async fn delete_exact(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
-    let source = exact_name(&ctx, "source")?;
-    let destination = exact_name(&ctx, "destination")?;
+    let (source, destination) = exact_pair(&ctx)?;
     let authorizer = ctx.authorizer(&agent)?;
-    require(authorizer.intention_write(&destination), || {
-        format!("intentions:write on {destination}")
-    })?;
+    may_write(&authorizer, &destination)?;
     write(&agent, move |tx| {
         let all: Vec<Intention> = tx.list(Table::Intentions)?;
         let existing = find_exact(&all, &source, &destination)

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
 
@@ -147,6 +147,11 @@ impl Agent {
             data_dir: data_dir.to_owned(),
             http,
         }
+    }
+
+    /// The HTTPS listener's bound address; panics when the agent was started without one.
+    pub fn https(&self) -> String {
+        self.https_address.clone().expect("an HTTPS listener")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -442,6 +447,204 @@ impl Drop for Relay {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop so it sees the flag.
         let _ = std::net::TcpStream::connect(&self.address);
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes.
+pub fn eventually(limit: Duration, what: &str, check: impl FnMut() -> bool) {
+    eventually_every(Duration::from_millis(20), limit, what, check);
+}
+
+/// Polls `check` every `interval` until it holds or `limit` passes (a short interval where the
+/// test measures how soon the condition holds).
+pub fn eventually_every(
+    interval: Duration,
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(interval);
+    }
+}
+
+/// Borrows owned flags the way [`Agent::start_in`] takes them.
+pub fn refs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// `flags` followed by `more`, owned.
+pub fn owned(flags: &[&str], more: Vec<String>) -> Vec<String> {
+    let mut all: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+    all.extend(more);
+    all
+}
+
+/// The guide's replication policy (acl write, operator write, read on every service).
+pub const REPLICATION_POLICY: &str =
+    r#"{"acl": "write", "operator": "write", "service_prefix": {"": {"policy": "read"}}}"#;
+
+/// The flags of a primary: ACLs deny by default, then `more` (its TLS flags).
+pub fn primary_flags(more: Vec<String>) -> Vec<String> {
+    owned(&["-acl-default-policy", "deny"], more)
+}
+
+/// Starts a primary with [`primary_flags`] in `dir`, bootstraps its ACLs and creates the
+/// guide's replication policy and a token for it: (agent, management, replication token).
+pub fn start_primary(dir: &Path, more: Vec<String>) -> (Agent, String, String) {
+    let primary = Agent::start_in(dir, "primary", &refs(&primary_flags(more)));
+    let management = primary.bootstrap();
+    let policy = primary.put(
+        "/v1/acl/policy",
+        Some(&management),
+        &json!({"Name": "replication", "Rules": REPLICATION_POLICY}).to_string(),
+    );
+    assert_eq!(policy.status, 200, "{}", policy.text);
+    let out = primary.cli_ok(
+        &[
+            "acl",
+            "token",
+            "create",
+            "-description",
+            "replication",
+            "-policy-name",
+            "replication",
+        ],
+        Some(&management),
+    );
+    let replication = field(&out, "SecretID:");
+    (primary, management, replication)
+}
+
+/// The flags of a secondary that replicates from the primary at `primary_address` with the
+/// token `replication`: ACLs deny by default, then `more` (its TLS flags).
+pub fn secondary_flags(primary_address: &str, replication: &str, more: Vec<String>) -> Vec<String> {
+    owned(
+        &[
+            "-acl-default-policy",
+            "deny",
+            "-primary-datacenter",
+            "primary",
+            "-primary-address",
+            primary_address,
+            "-replication-token",
+            replication,
+        ],
+        more,
+    )
+}
+
+/// Two datacenters, `primary` and `secondary`, federated over HTTPS verified against an agent
+/// CA made at start (`tls ca create`, `tls cert create -server`), started as the guide does:
+/// the primary with ACLs bootstrapped and a replication token, the secondary pointed at it.
+/// Started, the secondary holds its intermediate CA and knows the management token.
+pub struct Federation {
+    pub primary: Agent,
+    pub secondary: Agent,
+    pub management: String,
+    pub replication_token: String,
+    /// The WAN link the secondary dials, when started with [`Federation::start_relayed`].
+    pub relay: Option<Relay>,
+    pub certs: Certs,
+    primary_flags: Vec<String>,
+    primary_dir: TempDir,
+    _secondary_dir: TempDir,
+    _certs_dir: TempDir,
+}
+
+impl Federation {
+    /// The secondary dials the primary's HTTPS listener directly.
+    pub fn start(label: &str) -> Federation {
+        Federation::launch(label, false, &[])
+    }
+
+    /// The secondary reaches the primary through a [`Relay`] the test owns, so a restarted
+    /// primary (on a new port) keeps the address the secondary was given, and the link can be
+    /// captured. `primary_extra` follows the primary's TLS flags.
+    pub fn start_relayed(label: &str, primary_extra: &[&str]) -> Federation {
+        Federation::launch(label, true, primary_extra)
+    }
+
+    fn launch(label: &str, relayed: bool, primary_extra: &[&str]) -> Federation {
+        let primary_dir = TempDir::new(&format!("{label}-primary"));
+        let secondary_dir = TempDir::new(&format!("{label}-secondary"));
+        let certs_dir = TempDir::new(&format!("{label}-certs"));
+        let certs = Certs::make(certs_dir.path(), &["primary", "secondary"]);
+        let mut tls = certs.agent_flags("primary");
+        tls.extend(primary_extra.iter().map(|s| (*s).to_owned()));
+        let (primary, management, replication_token) =
+            start_primary(primary_dir.path(), tls.clone());
+        let relay = relayed.then(|| Relay::start(&primary.https()));
+        let primary_address = match &relay {
+            Some(relay) => relay.address.clone(),
+            None => primary.https(),
+        };
+        let flags = secondary_flags(
+            &primary_address,
+            &replication_token,
+            certs.agent_flags("secondary"),
+        );
+        let secondary = Agent::start_in(secondary_dir.path(), "secondary", &refs(&flags));
+        let federation = Federation {
+            primary,
+            secondary,
+            management,
+            replication_token,
+            relay,
+            certs,
+            primary_flags: primary_flags(tls),
+            primary_dir,
+            _secondary_dir: secondary_dir,
+            _certs_dir: certs_dir,
+        };
+        eventually(Duration::from_secs(30), "secondary CA and ACLs", || {
+            federation
+                .secondary
+                .get("/v1/connect/ca/roots", None)
+                .status
+                == 200
+                && federation
+                    .secondary
+                    .get("/v1/acl/token/self", Some(&federation.management))
+                    .status
+                    == 200
+        });
+        federation
+    }
+
+    /// Whether `agent` allows web → socat (the intention check, asked with the management
+    /// token).
+    pub fn check(&self, agent: &Agent) -> bool {
+        let answer = agent.get(
+            "/v1/connect/intentions/check?source=web&destination=socat",
+            Some(&self.management),
+        );
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        answer.json()["Allowed"].as_bool().expect("Allowed")
+    }
+
+    /// The relay of a federation started with [`Federation::start_relayed`].
+    pub fn relay(&self) -> &Relay {
+        self.relay
+            .as_ref()
+            .expect("a federation started with start_relayed")
+    }
+
+    /// Starts the primary again on its data dir and flags (a new port; the relay is pointed
+    /// at it). The old process is killed first if it still runs.
+    pub fn restart_primary(&mut self) {
+        self.primary.kill9();
+        self.primary = Agent::start_in(
+            self.primary_dir.path(),
+            "primary",
+            &refs(&self.primary_flags),
+        );
+        self.relay().retarget(&self.primary.https());
     }
 }
 
