@@ -258,6 +258,8 @@ mod tests {
         .expect("builds");
         assert_eq!(port(table.lookup(None), &table), Some(9));
         assert_eq!(table.lookup(Some("b.test")), Lookup::NoRoute);
+        // The default route is a cluster of its own (the metrics list every cluster).
+        assert_eq!(table.clusters().len(), 2);
     }
 
     #[test]
@@ -307,5 +309,19 @@ mod tests {
             }
         );
         assert_eq!(labels("*.example.com").service, "*.example.com");
+        // Neither Consul shape (a wildcard over a whole service name, an exact datacenter
+        // name): each keeps its own name, so a mixed-up shape test shows here.
+        for name in [
+            "*.socat.default.dc1.internal.1111.consul",
+            "dc1.internal.1111.consul",
+        ] {
+            assert_eq!(
+                labels(name),
+                DestinationLabels {
+                    service: name.into(),
+                    datacenter: String::new()
+                }
+            );
+        }
     }
 }
