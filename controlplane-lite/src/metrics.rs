@@ -42,7 +42,9 @@ pub struct Metrics {
 /// refreshes contact every few seconds, so only a real outage crosses it.
 pub const CONTACT_STALE_AFTER: f64 = 10.0;
 
-fn unix_now() -> f64 {
+/// Seconds since the Unix epoch, as the replication gauges record them (0 if the clock is
+/// before 1970).
+pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -3,7 +3,7 @@
 //! back; every protocol decision is made in `machine.rs`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -292,10 +292,7 @@ fn apply_ca_roots(agent: &Agent, client: &PrimaryClient, payload: Value) -> Resu
 
 fn publish_metrics(agent: &Agent, machine: &Replicator) {
     let now = Instant::now();
-    let unix_now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    let unix_now = crate::metrics::unix_now();
     for (kind, status) in machine.statuses() {
         let last_success = status
             .last_success
