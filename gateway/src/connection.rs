@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 
 use crate::clienthello::{self, ClientHello, Verdict};
-use crate::metrics::{self, CloseReason, ConnectFailure, DestinationStats, HelloOutcome};
+use crate::metrics::{self, ConnectFailure, DestinationStats, HelloOutcome};
+use crate::outcome::{Close, Reason, Side};
 use crate::relay::{self, Direction, End};
 use crate::routes::Lookup;
 use crate::sys;
@@ -177,8 +178,9 @@ async fn establish(
         Ok(flight) => flight,
         Err(outcome) => {
             listener_stats.hello(outcome);
-            let reason = hello_failure_name(outcome);
-            log(worker, record, reason, "NR");
+            let close = Close::new(Side::Downstream, Reason::Hello(outcome));
+            let reason = close.termination();
+            log(worker, record, close);
             if worker.redact_addresses() {
                 tracing::debug!(reason, "closed before routing");
             } else {
@@ -220,7 +222,11 @@ async fn establish(
         Lookup::Matched(index) => index,
         Lookup::NoRoute => {
             metrics::add(&listener_stats.route_no_route, 1);
-            log(worker, record, "no_route", "NR");
+            log(
+                worker,
+                record,
+                Close::new(Side::Downstream, Reason::NoRoute),
+            );
             // Never the raw name at info level: it is client-controlled. With redaction on, not
             // at debug level either: a name can say who the client is.
             if worker.redact_addresses() {
@@ -244,9 +250,9 @@ async fn establish(
     let connect_started = Instant::now();
     let (upstream, address) = match connect(worker, &snapshot, cluster_index, destination).await {
         Ok(connected) => connected,
-        Err(flag) => {
+        Err(close) => {
             destination.connect_failure(ConnectFailure::NoHealthyEndpoint);
-            log(worker, record, "upstream_connect_failure", flag);
+            log(worker, record, close);
             return None;
         }
     };
@@ -291,28 +297,17 @@ fn finish(
     listener_index: usize,
     started: Instant,
     destination: &DestinationStats,
-    reason: CloseReason,
+    close: Close,
     shared: &relay::Shared,
     record: &mut Option<Box<Record<'_>>>,
 ) {
-    destination.closed(reason);
+    destination.closed(close);
     worker.stats().connection_duration[listener_index].observe(started.elapsed());
     if let Some(record) = record.as_mut() {
         record.bytes_received += shared.bytes_to_upstream.get();
         record.bytes_sent = shared.bytes_to_downstream.get();
     }
-    let (termination, flags) = match reason {
-        CloseReason::DownstreamClose => ("downstream_close", "DC"),
-        CloseReason::UpstreamClose => ("upstream_close", "UC"),
-        CloseReason::IdleTimeout => ("idle_timeout", "SI"),
-        // Envoy has no flag for a peer that stops reading (its SI counts silence both ways,
-        // its DT/UT are duration limits); HAProxy says sD/cD. "WS", write stall, keeps Envoy's
-        // two letters, and the side that stopped reading is in the termination details.
-        CloseReason::WriteStall(Direction::ToUpstream) => ("upstream_write_stall", "WS"),
-        CloseReason::WriteStall(Direction::ToDownstream) => ("downstream_write_stall", "WS"),
-        CloseReason::Error => ("error", "-"),
-    };
-    log(worker, record, termination, flags);
+    log(worker, record, close);
 }
 
 /// The access-log line of a connection refused right after accept (e.g. `max_connections`,
@@ -322,8 +317,7 @@ pub fn log_refused(
     listener_index: usize,
     local: Option<SocketAddr>,
     peer: SocketAddr,
-    termination: &'static str,
-    flags: &'static str,
+    close: Close,
 ) {
     let mut record = Some(Box::new(Record::new(
         worker,
@@ -332,48 +326,38 @@ pub fn log_refused(
         peer,
         Instant::now(),
     )));
-    log(worker, &mut record, termination, flags);
+    log(worker, &mut record, close);
 }
 
 /// Write the access-log line, if there is an access log.
-fn log(
-    worker: &Worker,
-    record: &mut Option<Box<Record<'_>>>,
-    termination: &'static str,
-    flags: &'static str,
-) {
+fn log(worker: &Worker, record: &mut Option<Box<Record<'_>>>, close: Close) {
     if let Some(record) = record.as_mut() {
-        record.termination = termination;
-        record.flags = flags;
+        record.termination = close.termination();
+        record.flags = close.flag();
         worker.log_access(record);
     }
 }
 
-fn close_reason(a: End, b: End, shared: &relay::Shared) -> CloseReason {
-    if let End::Stalled(direction) = a {
-        return CloseReason::WriteStall(direction);
+/// How a relayed pair ended, from how its two directions ended: a write stall first (it is
+/// what caused the other direction's abort), then an error, the idle timeout, and otherwise
+/// whichever side sent its FIN first.
+fn close_reason(a: End, b: End, shared: &relay::Shared) -> Close {
+    for end in [a, b] {
+        if let End::Stalled(direction) = end {
+            return Close::new(direction.destination(), Reason::WriteStall);
+        }
     }
-    if let End::Stalled(direction) = b {
-        return CloseReason::WriteStall(direction);
+    for end in [a, b] {
+        if let End::Error(side) = end {
+            return Close::new(side, Reason::Error);
+        }
     }
-    if a == End::Error || b == End::Error {
-        CloseReason::Error
-    } else if a == End::Idle || b == End::Idle {
-        CloseReason::IdleTimeout
+    if a == End::Idle || b == End::Idle {
+        Close::new(Side::Gateway, Reason::Idle)
     } else if shared.first_eof.get() == Some(Direction::ToDownstream) {
-        CloseReason::UpstreamClose
+        Close::new(Side::Upstream, Reason::Finished)
     } else {
-        CloseReason::DownstreamClose
-    }
-}
-
-fn hello_failure_name(outcome: HelloOutcome) -> &'static str {
-    match outcome {
-        HelloOutcome::Rejected(reason) => reason.as_str(),
-        HelloOutcome::Timeout => "client_hello_timeout",
-        HelloOutcome::Eof => "client_hello_eof",
-        HelloOutcome::ReadError => "client_hello_read_error",
-        HelloOutcome::SniFound | HelloOutcome::SniMissing => "",
+        Close::new(Side::Downstream, Reason::Finished)
     }
 }
 
@@ -440,19 +424,19 @@ async fn read_first_flight(
 }
 
 /// Connect to an endpoint of the cluster: healthy ones in round-robin order, then the held-out
-/// ones if every healthy one failed (or there were none). On failure, the access-log response
-/// flag: `UH` when no endpoint was healthy to begin with, `UF` when connects failed.
+/// ones if every healthy one failed (or there were none). On failure, the close: `UH` when no
+/// endpoint was healthy to begin with, `UF` when connects failed.
 async fn connect(
     worker: &Worker,
     snapshot: &WorkerSnapshot,
     cluster_index: usize,
     stats: &DestinationStats,
-) -> Result<(TcpStream, SocketAddr), &'static str> {
+) -> Result<(TcpStream, SocketAddr), Close> {
     let cluster = snapshot.snapshot.table.cluster(cluster_index);
     let timeout = snapshot.snapshot.timeouts.connect;
     let backoff = snapshot.snapshot.limits.endpoint_backoff;
     let order = worker.endpoint_order(snapshot, cluster_index, Instant::now());
-    let flag = if order.none_healthy() { "UH" } else { "UF" };
+    let none_healthy = order.none_healthy();
     for index in order.iter() {
         let address = cluster.endpoints[index];
         let result = monoio::time::timeout(timeout, TcpStream::connect_addr(address)).await;
@@ -468,7 +452,7 @@ async fn connect(
         worker.hold_out(address, Instant::now() + backoff);
         tracing::debug!(endpoint = %address, ?failure, "upstream connect failed");
     }
-    Err(flag)
+    Err(Close::new(Side::Upstream, Reason::Connect { none_healthy }))
 }
 
 fn classify_connect_error(error: &io::Error) -> ConnectFailure {

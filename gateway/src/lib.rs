@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod outcome;
 pub mod passfd;
 pub mod process_metrics;
 pub mod relay;

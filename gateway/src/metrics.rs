@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::clienthello::Reject;
 use crate::config::MAX_LISTENERS;
+use crate::outcome::Close;
 use crate::routes::DestinationLabels;
 use crate::snapshot::Snapshot;
 
@@ -95,44 +96,6 @@ const CONNECT_FAILURES: [(&str, ConnectFailure); 5] = [
     ("other", ConnectFailure::Other),
     ("no_healthy_endpoint", ConnectFailure::NoHealthyEndpoint),
 ];
-
-/// Why a proxied pair ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Both directions finished; the client finished first (DC).
-    DownstreamClose,
-    /// Both directions finished; the upstream finished first (UC).
-    UpstreamClose,
-    /// No bytes either way for `timeouts.idle` (SI).
-    IdleTimeout,
-    /// Bytes pending for a peer that took none for `timeouts.write_stall` (WS); the direction
-    /// whose destination stopped reading.
-    WriteStall(crate::relay::Direction),
-    /// A reset or IO error on either side.
-    Error,
-}
-
-/// The metric's `reason` label of each close; both write-stall sides share one label (the
-/// access log names the side).
-const CLOSE_REASONS: [&str; 5] = [
-    "downstream_close",
-    "upstream_close",
-    "idle_timeout",
-    "write_stall",
-    "error",
-];
-
-impl CloseReason {
-    fn label_index(self) -> usize {
-        match self {
-            CloseReason::DownstreamClose => 0,
-            CloseReason::UpstreamClose => 1,
-            CloseReason::IdleTimeout => 2,
-            CloseReason::WriteStall(_) => 3,
-            CloseReason::Error => 4,
-        }
-    }
-}
 
 /// Upper bounds (seconds) of the connection-duration histogram: milliseconds to an hour.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -242,7 +205,7 @@ pub struct DestinationStats {
     /// held out of round robin on this worker after a failed connect (passive health).
     pub endpoints_held_out: AtomicU64,
     connect_failures: [AtomicU64; CONNECT_FAILURES.len()],
-    closed: [AtomicU64; CLOSE_REASONS.len()],
+    closed: [AtomicU64; Close::ALL.len()],
 }
 
 impl DestinationStats {
@@ -252,8 +215,11 @@ impl DestinationStats {
         }
     }
 
-    pub fn closed(&self, reason: CloseReason) {
-        add(&self.closed[reason.label_index()], 1);
+    /// Count the close of a relayed pair (closes before relaying have no pair counter).
+    pub fn closed(&self, close: Close) {
+        if let Some(index) = close.label_index() {
+            add(&self.closed[index], 1);
+        }
     }
 }
 
@@ -653,7 +619,7 @@ impl Metrics {
             "Why proxied pairs ended.",
         );
         for (slot, labels) in &destination_labels {
-            for (index, reason) in CLOSE_REASONS.iter().enumerate() {
+            for (index, reason) in Close::ALL.iter().enumerate() {
                 let value = sum(&|w| w.destinations[*slot].closed[index].load(Ordering::Relaxed));
                 let _ = writeln!(
                     out,

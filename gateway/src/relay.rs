@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 
 use crate::metrics::{self, DestinationStats};
+use crate::outcome::Side;
 use crate::sys;
 use crate::worker::Worker;
 
@@ -149,6 +150,22 @@ impl Direction {
             Direction::ToDownstream => 1,
         }
     }
+
+    /// The side this direction reads from.
+    pub fn source(self) -> Side {
+        match self {
+            Direction::ToUpstream => Side::Downstream,
+            Direction::ToDownstream => Side::Upstream,
+        }
+    }
+
+    /// The side this direction writes to.
+    pub fn destination(self) -> Side {
+        match self {
+            Direction::ToUpstream => Side::Upstream,
+            Direction::ToDownstream => Side::Downstream,
+        }
+    }
 }
 
 /// How one direction ended.
@@ -161,8 +178,8 @@ pub enum End {
     /// Bytes were pending for a peer that took none of them for the write-stall timeout; the
     /// direction named is the one whose destination stopped reading.
     Stalled(Direction),
-    /// A reset or IO error on either socket.
-    Error,
+    /// A reset or IO error on this side's socket.
+    Error(Side),
     /// The other direction failed and shut this one down.
     Aborted,
 }
@@ -324,7 +341,7 @@ pub async fn pump(
     loop {
         if source.readable(false).await.is_err() {
             shared.abort();
-            return End::Error;
+            return End::Error(direction.source());
         }
         if shared.aborted.get() {
             return shared.aborted_end();
@@ -366,12 +383,12 @@ pub async fn pump(
                             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                                 Read::Backlog(scratch[..read].to_vec(), read)
                             }
-                            Err(_) => Read::Failed,
+                            Err(_) => Read::Failed(direction.destination()),
                         }
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => Read::Drained,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => Read::Failed,
+                    Err(_) => Read::Failed(direction.source()),
                 }
             };
             match outcome {
@@ -382,9 +399,9 @@ pub async fn pump(
                     let _ = sys::shutdown(destination_fd, Shutdown::Write);
                     return End::Eof;
                 }
-                Read::Failed => {
+                Read::Failed(side) => {
                     shared.abort();
-                    return End::Error;
+                    return End::Error(side);
                 }
                 Read::Drained => break,
                 Read::Sent { read, full } => {
@@ -439,7 +456,7 @@ async fn splice_burst(
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
                 shared.abort();
-                return Err(End::Error);
+                return Err(End::Error(direction.source()));
             }
         };
         let mut left = moved_in;
@@ -455,7 +472,7 @@ async fn splice_burst(
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     shared.abort();
-                    return Err(End::Error);
+                    return Err(End::Error(direction.destination()));
                 }
             }
         }
@@ -470,7 +487,8 @@ async fn splice_burst(
 
 enum Read {
     Eof,
-    Failed,
+    /// A reset or IO error on this side.
+    Failed(Side),
     Drained,
     Sent {
         read: usize,
@@ -507,7 +525,7 @@ pub async fn flush(
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
                 shared.abort();
-                return Err(End::Error);
+                return Err(End::Error(direction.destination()));
             }
         }
     }
@@ -524,7 +542,7 @@ async fn wait_writable(
     shared.waiting_to_write(direction);
     if destination.writable(false).await.is_err() {
         shared.abort();
-        return Err(End::Error);
+        return Err(End::Error(direction.destination()));
     }
     if shared.aborted.get() {
         return Err(shared.aborted_end());

@@ -298,8 +298,10 @@ impl Worker {
                 slot,
                 stream.local_addr().ok(),
                 peer,
-                "max_connections",
-                "UO",
+                crate::outcome::Close::new(
+                    crate::outcome::Side::Gateway,
+                    crate::outcome::Reason::MaxConnections,
+                ),
             );
         }
     }
