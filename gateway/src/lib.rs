@@ -12,6 +12,7 @@ pub mod control;
 pub mod handover;
 pub mod lifecycle;
 pub mod logging;
+pub mod machine;
 pub mod metrics;
 pub mod notify;
 pub mod outcome;

@@ -165,22 +165,11 @@ impl Worker {
         let cursor = &snapshot.cursors[cluster];
         let start = cursor.get();
         cursor.set(start.wrapping_add(1));
-        let mut held_mask = 0u64;
         let mut held_out = self.held_out.borrow_mut();
         if !held_out.is_empty() {
             held_out.retain(|_, until| *until > now);
-            for (index, address) in endpoints.iter().enumerate().take(64) {
-                if held_out.contains_key(address) {
-                    held_mask |= 1 << index;
-                }
-            }
         }
-        EndpointOrder {
-            count: endpoints.len(),
-            start: start % endpoints.len().max(1),
-            held_mask,
-            step: 0,
-        }
+        EndpointOrder::new(endpoints, start, |address| held_out.contains_key(address))
     }
 
     pub fn hold_out(&self, address: SocketAddr, until: Instant) {
@@ -307,8 +296,27 @@ impl Worker {
     }
 }
 
+impl crate::machine::Balance for Worker {
+    fn endpoint_order(
+        &self,
+        snapshot: &WorkerSnapshot,
+        cluster: usize,
+        now: Instant,
+    ) -> EndpointOrder {
+        Worker::endpoint_order(self, snapshot, cluster, now)
+    }
+
+    fn hold_out(&self, address: SocketAddr, until: Instant) {
+        Worker::hold_out(self, address, until);
+    }
+
+    fn mark_healthy(&self, address: SocketAddr) {
+        Worker::mark_healthy(self, address);
+    }
+}
+
 impl WorkerSnapshot {
-    fn new(snapshot: Arc<Snapshot>) -> WorkerSnapshot {
+    pub(crate) fn new(snapshot: Arc<Snapshot>) -> WorkerSnapshot {
         let cursors = (0..snapshot.table.clusters().len())
             .map(|_| Cell::new(0))
             .collect();
@@ -327,6 +335,41 @@ pub struct EndpointOrder {
 }
 
 impl EndpointOrder {
+    /// The order over `endpoints` from round-robin position `start`, `held` saying which
+    /// endpoints are held out.
+    pub fn new(
+        endpoints: &[SocketAddr],
+        start: usize,
+        held: impl Fn(&SocketAddr) -> bool,
+    ) -> EndpointOrder {
+        let mut held_mask = 0u64;
+        for (index, address) in endpoints.iter().enumerate().take(64) {
+            if held(address) {
+                held_mask |= 1 << index;
+            }
+        }
+        EndpointOrder {
+            count: endpoints.len(),
+            start: start % endpoints.len().max(1),
+            held_mask,
+            step: 0,
+        }
+    }
+
+    /// The next endpoint index to try, if any is left.
+    pub fn next_index(&mut self) -> Option<usize> {
+        while self.step < 2 * self.count {
+            let second_pass = self.step >= self.count;
+            let index = (self.start + self.step) % self.count;
+            self.step += 1;
+            let held = index < 64 && self.held_mask & (1 << index) != 0;
+            if held == second_pass {
+                return Some(index);
+            }
+        }
+        None
+    }
+
     /// Every endpoint was held out when the connection started (Envoy's UH, "no healthy
     /// upstream", as opposed to UF, "upstream connect failure").
     pub fn none_healthy(&self) -> bool {
@@ -335,18 +378,7 @@ impl EndpointOrder {
     }
 
     pub fn iter(mut self) -> impl Iterator<Item = usize> {
-        std::iter::from_fn(move || {
-            while self.step < 2 * self.count {
-                let second_pass = self.step >= self.count;
-                let index = (self.start + self.step) % self.count;
-                self.step += 1;
-                let held = index < 64 && self.held_mask & (1 << index) != 0;
-                if held == second_pass {
-                    return Some(index);
-                }
-            }
-            None
-        })
+        std::iter::from_fn(move || self.next_index())
     }
 }
 
