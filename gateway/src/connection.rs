@@ -27,22 +27,22 @@ struct FirstFlight {
     hello: ClientHello,
 }
 
-/// Facts gathered for the access log.
-struct Record<'a> {
-    listener: &'a str,
-    worker: usize,
-    client: SocketAddr,
-    local: Option<SocketAddr>,
-    started: Instant,
-    started_wall: std::time::SystemTime,
-    server_name: Option<String>,
-    route: Option<String>,
-    upstream: Option<SocketAddr>,
-    upstream_connect: Option<Duration>,
-    bytes_received: u64,
-    bytes_sent: u64,
-    termination: &'static str,
-    flags: &'static str,
+/// Facts gathered for the access log (both engines fill one in).
+pub(crate) struct Record<'a> {
+    pub(crate) listener: &'a str,
+    pub(crate) worker: usize,
+    pub(crate) client: SocketAddr,
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) started: Instant,
+    pub(crate) started_wall: std::time::SystemTime,
+    pub(crate) server_name: Option<String>,
+    pub(crate) route: Option<String>,
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) upstream_connect: Option<Duration>,
+    pub(crate) bytes_received: u64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) termination: &'static str,
+    pub(crate) flags: &'static str,
 }
 
 impl<'a> Record<'a> {
@@ -467,7 +467,7 @@ fn classify_connect_error(error: &io::Error) -> ConnectFailure {
 }
 
 impl Worker {
-    fn log_access(&self, record: &Record<'_>) {
+    pub(crate) fn log_access(&self, record: &Record<'_>) {
         let Some(log) = &self.access_log else {
             return;
         };

@@ -23,5 +23,6 @@ pub mod route_source;
 pub mod run;
 pub mod snapshot;
 pub mod sys;
+pub mod uring;
 pub mod version;
 pub mod worker;

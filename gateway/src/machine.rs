@@ -95,6 +95,9 @@ pub enum Note {
     },
     /// The upstream answered after `took`.
     Connected { address: SocketAddr, took: Duration },
+    /// The ClientHello's server name (only when the machine was asked for names: it is
+    /// for the access log).
+    ServerName(String),
     /// Bytes handed to a side's socket.
     Relayed { to: Side, bytes: usize },
 }
@@ -176,6 +179,8 @@ pub struct Machine<B> {
     last_activity: Instant,
     actions: VecDeque<Action>,
     notes: Vec<Note>,
+    /// Note the server name (an allocation, so only when an access log wants it).
+    names: bool,
 }
 
 fn slot(side: Side) -> usize {
@@ -194,7 +199,7 @@ fn other(side: Side) -> Side {
 
 impl<B: AsRef<[u8]>> Machine<B> {
     /// A connection accepted at `now`; it starts by receiving from the client.
-    pub fn new(snapshot: Rc<WorkerSnapshot>, now: Instant) -> Machine<B> {
+    pub fn new(snapshot: Rc<WorkerSnapshot>, now: Instant, names: bool) -> Machine<B> {
         let mut actions = VecDeque::new();
         actions.push_back(Action::Receive(Side::Downstream));
         Machine {
@@ -208,6 +213,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             last_activity: now,
             actions,
             notes: Vec::new(),
+            names,
         }
     }
 
@@ -237,7 +243,8 @@ impl<B: AsRef<[u8]>> Machine<B> {
         }
     }
 
-    pub fn snapshot(&self) -> &WorkerSnapshot {
+    /// The snapshot this connection decides with (read once, at accept).
+    pub fn snapshot_rc(&self) -> &Rc<WorkerSnapshot> {
         &self.snapshot
     }
 
@@ -276,11 +283,13 @@ impl<B: AsRef<[u8]>> Machine<B> {
             // `Some(lookup)` once the hello is whole; the verdict borrows the bytes, so what
             // it decides is taken out before the buffer moves.
             let decided = {
+                // Whole buffers are gathered: the bytes after the hello are the client's too and
+                // are replayed with it. `parse` refuses once `max_bytes` are buffered, so what
+                // is gathered stays under `max_bytes` plus one received buffer.
                 let verdict = if gathered.is_empty() {
-                    clienthello::parse(&bytes[..bytes.len().min(max_bytes)], max_bytes)
+                    clienthello::parse(bytes, max_bytes)
                 } else {
-                    let room = max_bytes.saturating_sub(gathered.len());
-                    gathered.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    gathered.extend_from_slice(bytes);
                     clienthello::parse(gathered, max_bytes)
                 };
                 match verdict {
@@ -288,6 +297,12 @@ impl<B: AsRef<[u8]>> Machine<B> {
                     Verdict::Reject(reason) => Some(Err(HelloOutcome::Rejected(reason))),
                     Verdict::Done(hello) => {
                         let name = hello.server_name.as_ref().map(|name| name.as_str());
+                        fault_injection(name);
+                        if self.names {
+                            if let Some(name) = name {
+                                self.notes.push(Note::ServerName(name.to_owned()));
+                            }
+                        }
                         let found = if name.is_some() {
                             HelloOutcome::SniFound
                         } else {
@@ -300,7 +315,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             match decided {
                 None => {
                     if gathered.is_empty() {
-                        gathered.extend_from_slice(&bytes[..bytes.len().min(max_bytes)]);
+                        gathered.extend_from_slice(bytes);
                     }
                 }
                 Some(Err(outcome)) => {
@@ -313,7 +328,13 @@ impl<B: AsRef<[u8]>> Machine<B> {
                     } else {
                         Data::Gathered(std::mem::take(gathered))
                     };
-                    self.notes.push(Note::Hello(found));
+                    // The hello outcome is counted before the server name noted above.
+                    let at = self
+                        .notes
+                        .iter()
+                        .position(|note| matches!(note, Note::ServerName(_)))
+                        .unwrap_or(self.notes.len());
+                    self.notes.insert(at, Note::Hello(found));
                     self.route(lookup, flight, now, balance);
                 }
             }
@@ -533,6 +554,24 @@ impl<B: AsRef<[u8]>> Machine<B> {
     }
 }
 
+/// Fault injection for the panic-containment and stuck-worker tests, as in the readiness
+/// engine (`connection.rs`); compiled into debug builds only.
+#[cfg(debug_assertions)]
+fn fault_injection(name: Option<&str>) {
+    if std::env::var_os("GATEWAY_FAULT_INJECTION").is_none() {
+        return;
+    }
+    if name.is_some_and(|name| name.starts_with("panic.fault-injection.")) {
+        panic!("fault injection: a connection panics");
+    }
+    if name.is_some_and(|name| name.starts_with("stall.fault-injection.")) {
+        std::thread::sleep(Duration::from_secs(8));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn fault_injection(_name: Option<&str>) {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,7 +654,7 @@ mod tests {
         fn new(endpoints: Vec<SocketAddr>) -> Harness {
             let now = Instant::now();
             Harness {
-                machine: Machine::new(snapshot(endpoints), now),
+                machine: Machine::new(snapshot(endpoints), now, false),
                 health: Health::default(),
                 now,
             }
@@ -695,6 +734,24 @@ mod tests {
         );
         harness.feed(Input::Connected(Ok(())));
         assert_eq!(harness.machine.pending(Side::Upstream), HELLO);
+    }
+
+    #[test]
+    fn bytes_after_a_split_hello_are_replayed_with_it() {
+        let mut harness = Harness::new(vec![endpoint(1)]);
+        harness.feed(Input::Received(Side::Downstream, HELLO[..100].to_vec()));
+        // The rest of the hello and 20 KB the client sent right behind it, in one receive.
+        let mut rest = HELLO[100..].to_vec();
+        rest.extend(std::iter::repeat_n(7u8, 20_000));
+        let actions = harness.feed(Input::Received(Side::Downstream, rest));
+        assert!(
+            matches!(actions[..], [Action::Connect { .. }]),
+            "{actions:?}"
+        );
+        harness.feed(Input::Connected(Ok(())));
+        let pending = harness.machine.pending(Side::Upstream);
+        assert_eq!(pending.len(), HELLO.len() + 20_000);
+        assert_eq!(&pending[..HELLO.len()], HELLO);
     }
 
     #[test]

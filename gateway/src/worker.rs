@@ -108,7 +108,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn new(id: usize, shared: Arc<Shared>) -> Worker {
+    pub(crate) fn new(id: usize, shared: Arc<Shared>) -> Worker {
         let mut cache = Cache::new(Arc::clone(&shared.snapshot));
         let snapshot = Arc::clone(cache.load());
         Worker {
@@ -140,6 +140,16 @@ impl Worker {
 
     pub fn access_log_enabled(&self) -> bool {
         self.access_log.is_some()
+    }
+
+    /// Per-worker cap on open downstream connections.
+    pub fn max_connections_per_worker(&self) -> usize {
+        self.shared.max_connections_per_worker
+    }
+
+    /// Whether the process still accepts (cleared for good by a drain or a hand-over).
+    pub fn accepting(&self) -> bool {
+        self.shared.accepting.load(Ordering::Relaxed)
     }
 
     /// The current snapshot; checks for a newer one (one atomic load, no shared writes).
@@ -185,7 +195,7 @@ impl Worker {
 
     /// Publish which endpoints this worker holds out, as one bit mask per destination slot,
     /// for `gateway_cluster_endpoints`. Costs nothing while no endpoint is held out.
-    fn publish_health(&self, now: Instant) {
+    pub(crate) fn publish_health(&self, now: Instant) {
         let current = self.snapshot();
         let snapshot = &current.snapshot;
         let mut held_out = self.held_out.borrow_mut();
@@ -442,7 +452,7 @@ pub enum RingSetup {
 impl RingSetup {
     /// The setups to try, best first. `GATEWAY_RING_SETUP=defer|coop|plain` starts the list
     /// elsewhere, for measurement and for the syscall regression guard (scripts/syscall-guard).
-    fn preference() -> &'static [RingSetup] {
+    pub(crate) fn preference() -> &'static [RingSetup] {
         const ALL: [RingSetup; 3] = [RingSetup::Defer, RingSetup::Coop, RingSetup::Plain];
         match std::env::var("GATEWAY_RING_SETUP").as_deref() {
             Ok("coop") => &ALL[1..],
@@ -451,7 +461,7 @@ impl RingSetup {
         }
     }
 
-    fn uring_builder(self) -> io_uring::Builder {
+    pub(crate) fn uring_builder(self) -> io_uring::Builder {
         let mut builder = io_uring::IoUring::builder();
         match self {
             RingSetup::Defer => {
@@ -530,6 +540,19 @@ pub fn run(
             tracing::warn!(worker = id, cpu, %error, "could not pin worker to its CPU");
         }
     }
+    let (listeners, commands, started) =
+        if crate::uring::Engine::current() == crate::uring::Engine::Completion {
+            match crate::uring::run(id, Arc::clone(&shared), listeners, commands, started) {
+                Ok(()) => return,
+                Err((error, listeners, commands, started)) => {
+                    tracing::warn!(worker = id, %error,
+                    "the completion engine cannot start here; using the readiness engine");
+                    (listeners, commands, started)
+                }
+            }
+        } else {
+            (listeners, commands, started)
+        };
     let runtime = build_runtime(id);
     let mut runtime = match runtime {
         Ok(runtime) => runtime,

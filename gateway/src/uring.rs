@@ -1,0 +1,1156 @@
+//! The completion-driven engine (`GATEWAY_ENGINE=uring`): the worker's thread owns one
+//! io_uring and drives every connection's sans-IO [`Machine`] from its completions.
+//!
+//! - Accepting is one multishot accept per listening socket.
+//! - Receiving is one multishot receive per socket into the worker's provided-buffer ring:
+//!   the kernel picks a buffer only when bytes arrive, so an idle connection holds none.
+//! - Sends, connects (each linked to a timeout), shutdowns, cancellations and closes are
+//!   submission queue entries, all submitted in one `io_uring_enter` per loop turn, which is
+//!   also the one wait.
+//! - The ring is `SINGLE_ISSUER|DEFER_TASKRUN`: completions raised by other CPUs wait for the
+//!   worker's own wait instead of interrupting it.
+//! - Deadlines (ClientHello, idle, write stall) are checked on the worker's 100 ms tick, a
+//!   ring timeout; there is no timer per connection. Connect timeouts are linked timeouts.
+//!
+//! This is the gateway's third `unsafe` module (after `sys.rs` and `passfd.rs`): pushing an
+//! entry hands the kernel pointers (buffers, addresses, timespecs) that must stay valid until
+//! the entry completes, and the provided-buffer ring is memory shared with the kernel. Each
+//! block says what keeps its pointers valid.
+
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::cell::RefCell;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::connection::Record;
+use crate::machine::{Action, Input, Machine, Note};
+use crate::metrics::{self, AcceptError, ConnectFailure, HelloOutcome};
+use crate::outcome::{Close, Reason, Side};
+use crate::worker::{RingSetup, Shared, Worker, WorkerCommand, TICK};
+
+/// Size of one provided buffer: a loopback receive rarely returns more than 64 KiB, and half
+/// of that keeps the pool small while bulk flows still move large chunks.
+const BUFFER_BYTES: usize = 32 * 1024;
+/// Buffers in the worker's pool (a power of two, as the kernel requires): 8 MiB per worker,
+/// shared by all its connections and touched only as bytes are in flight.
+const BUFFERS: u16 = 256;
+const BUFFER_GROUP: u16 = 0;
+/// Submission queue entries; the completion queue is four times larger so that bursts of
+/// multishot completions do not overflow it.
+const SQ_ENTRIES: u32 = 1024;
+
+/// Which engine runs the worker's data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// monoio tasks waiting on readiness (io_uring poll requests, or epoll).
+    Readiness,
+    /// This module: completions drive sans-IO connection machines.
+    Completion,
+}
+
+impl Engine {
+    /// `GATEWAY_ENGINE=uring` selects the completion engine; anything else, or no variable,
+    /// the readiness engine (the default until the completion engine is measured better).
+    pub fn current() -> Engine {
+        match std::env::var("GATEWAY_ENGINE").as_deref() {
+            Ok("uring") => Engine::Completion,
+            _ => Engine::Readiness,
+        }
+    }
+}
+
+// What a completion belongs to: the operation kind in the top byte, the connection or
+// listener index in the low 32 bits.
+const KIND_SHIFT: u32 = 56;
+const ACCEPT: u64 = 1;
+const RECV_UPSTREAM: u64 = 2;
+const RECV_DOWNSTREAM: u64 = 3;
+const SEND_UPSTREAM: u64 = 4;
+const SEND_DOWNSTREAM: u64 = 5;
+const CONNECT: u64 = 6;
+const CONNECT_TIMEOUT: u64 = 7;
+const SHUTDOWN: u64 = 8;
+const TICK_TIMER: u64 = 9;
+/// Cancellations: tracked like every operation on a connection, so that its sockets are
+/// closed only once nothing pending can still name their descriptors.
+const CANCEL: u64 = 10;
+/// Closes of sockets nothing refers to any more, and the listeners' cancellations.
+const UNTRACKED: u64 = 11;
+
+fn user_data(kind: u64, index: usize) -> u64 {
+    (kind << KIND_SHIFT) | (index as u64 & 0xffff_ffff)
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Upstream => 0,
+        Side::Downstream | Side::Gateway => 1,
+    }
+}
+
+/// The worker's provided-buffer ring: `BUFFERS` buffers of `BUFFER_BYTES`, handed to the
+/// kernel through a ring of entries it takes from as receives complete.
+struct BufferPool {
+    memory: *mut u8,
+    entries: *mut types::BufRingEntry,
+    /// Our copy of the ring's tail (the kernel reads the shared one).
+    tail: std::cell::Cell<u16>,
+    /// Buffers given back by connections, to be provided again at the next loop turn.
+    returned: RefCell<Vec<u16>>,
+}
+
+fn memory_layout() -> Layout {
+    // A valid layout: non-zero size, power-of-two alignment.
+    Layout::from_size_align(BUFFER_BYTES * BUFFERS as usize, 4096).expect("constant layout")
+}
+
+fn ring_layout() -> Layout {
+    Layout::from_size_align(
+        std::mem::size_of::<types::BufRingEntry>() * BUFFERS as usize,
+        4096,
+    )
+    .expect("constant layout")
+}
+
+impl BufferPool {
+    fn new() -> io::Result<BufferPool> {
+        // SAFETY: both layouts have a non-zero size; a null result is checked.
+        let (memory, entries) = unsafe {
+            (
+                alloc::alloc(memory_layout()),
+                alloc::alloc_zeroed(ring_layout()).cast::<types::BufRingEntry>(),
+            )
+        };
+        if memory.is_null() || entries.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let pool = BufferPool {
+            memory,
+            entries,
+            tail: std::cell::Cell::new(0),
+            returned: RefCell::new((0..BUFFERS).collect()),
+        };
+        pool.provide();
+        Ok(pool)
+    }
+
+    /// Put every returned buffer back into the ring and publish the new tail.
+    fn provide(&self) {
+        let mut returned = self.returned.borrow_mut();
+        if returned.is_empty() {
+            return;
+        }
+        let mut tail = self.tail.get();
+        for bid in returned.drain(..) {
+            let index = usize::from(tail & (BUFFERS - 1));
+            // SAFETY: `index < BUFFERS`, inside the ring allocation; the kernel never writes
+            // entries, it only reads those below the published tail, and this one is not yet
+            // published. `bid < BUFFERS`, so the address is inside `memory`.
+            unsafe {
+                let entry = &mut *self.entries.add(index);
+                entry.set_addr(self.memory.add(usize::from(bid) * BUFFER_BYTES) as u64);
+                entry.set_len(BUFFER_BYTES as u32);
+                entry.set_bid(bid);
+            }
+            tail = tail.wrapping_add(1);
+        }
+        self.tail.set(tail);
+        // SAFETY: the tail field lives in the first entry of the ring allocation, which stays
+        // valid for the pool's life; the kernel reads it, so it is written atomically with
+        // release ordering after the entries.
+        unsafe {
+            let shared_tail = types::BufRingEntry::tail(self.entries).cast_mut();
+            (*shared_tail.cast::<AtomicU16>()).store(tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts. The pool is dropped only after the
+        // ring (see `Engine` field order), so the kernel no longer uses it.
+        unsafe {
+            alloc::dealloc(self.memory, memory_layout());
+            alloc::dealloc(self.entries.cast::<u8>(), ring_layout());
+        }
+    }
+}
+
+/// One received buffer, lent to a connection until it is sent; dropping it gives it back.
+pub struct RingBuffer {
+    pool: Rc<BufferPool>,
+    bid: u16,
+    len: usize,
+}
+
+impl AsRef<[u8]> for RingBuffer {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the kernel wrote `len <= BUFFER_BYTES` bytes into buffer `bid` and will not
+        // write it again before it is provided again, which happens only after this value is
+        // dropped. The pool (and its memory) lives as long as this `Rc`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.pool.memory.add(usize::from(self.bid) * BUFFER_BYTES),
+                self.len,
+            )
+        }
+    }
+}
+
+impl Drop for RingBuffer {
+    fn drop(&mut self) {
+        self.pool.returned.borrow_mut().push(self.bid);
+    }
+}
+
+/// What the access log needs beyond the machine (only kept with an access log).
+struct LogFacts {
+    client: SocketAddr,
+    local: Option<SocketAddr>,
+    started_wall: SystemTime,
+    server_name: Option<String>,
+    route: Option<String>,
+    upstream: Option<SocketAddr>,
+    upstream_connect: Option<Duration>,
+    bytes_received: u64,
+    bytes_sent: u64,
+}
+
+struct Conn {
+    machine: Machine<RingBuffer>,
+    listener: usize,
+    client: Option<TcpStream>,
+    upstream: Option<socket2::Socket>,
+    /// The connect target and its timeout: the kernel reads them when the entries are
+    /// submitted, so they live here until the connect completes.
+    connect_to: Option<Box<(socket2::SockAddr, types::Timespec)>>,
+    /// Operations with the kernel that will still post a completion for this connection.
+    in_flight: u32,
+    /// A multishot receive is armed, per side (index: `side_index`).
+    receiving: [bool; 2],
+    /// The machine wants this side read (it asked to receive and has not paused it).
+    wanted: [bool; 2],
+    /// The receive stopped for want of a buffer: re-armed at the next loop turn.
+    starved: [bool; 2],
+    /// The destination metric slot, once routed.
+    slot: Option<usize>,
+    /// Relaying started (destination gauge held).
+    relaying: bool,
+    /// The sockets were handed to close entries (or a panic ended the connection).
+    closed: bool,
+    started: Instant,
+    log: Option<Box<LogFacts>>,
+}
+
+struct ListenerEntry {
+    slot: usize,
+    socket: Option<TcpListener>,
+    armed: bool,
+    stopping: bool,
+}
+
+/// The engine of one worker thread. Field order matters: the ring is dropped before the
+/// connections and the buffer pool whose memory it may still reference.
+pub struct Completion {
+    ring: IoUring,
+    conns: Vec<Option<Box<Conn>>>,
+    free: Vec<usize>,
+    listeners: Vec<ListenerEntry>,
+    /// Receives to re-arm at the next loop turn (see `rearm_starved`).
+    starved: Vec<(usize, Side)>,
+    pool: Rc<BufferPool>,
+    tick: Box<types::Timespec>,
+    worker: Rc<Worker>,
+    /// Accepting paused after EMFILE/ENFILE/ENOMEM until this instant.
+    accept_paused_until: Option<Instant>,
+}
+
+impl Completion {
+    /// Set up the ring (the best setup this kernel accepts, as the readiness engine:
+    /// `SINGLE_ISSUER|DEFER_TASKRUN` first) and the buffer pool. An error means this kernel
+    /// lacks something the engine needs; the caller falls back to readiness.
+    pub fn new(worker: Rc<Worker>) -> io::Result<Completion> {
+        let setups = RingSetup::preference();
+        let mut built = Err(io::Error::other("no io_uring setup to try"));
+        for (index, setup) in setups.iter().enumerate() {
+            built = setup
+                .uring_builder()
+                .setup_cqsize(SQ_ENTRIES * 4)
+                .build(SQ_ENTRIES);
+            match &built {
+                Ok(_) => {
+                    tracing::info!(
+                        worker = worker.id,
+                        ring_setup = setup.name(),
+                        engine = "completion",
+                        "io_uring ring set up"
+                    );
+                    break;
+                }
+                Err(error)
+                    if error.raw_os_error() == Some(libc::EINVAL) && index + 1 < setups.len() => {}
+                Err(_) => break,
+            }
+        }
+        let ring = built?;
+        let pool = Rc::new(BufferPool::new()?);
+        // SAFETY: the ring of entries stays allocated until the pool is dropped, which is
+        // after the ring (field order), so for as long as the registration exists.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring(pool.entries as u64, BUFFERS, BUFFER_GROUP)?;
+        }
+        Ok(Completion {
+            ring,
+            conns: Vec::new(),
+            free: Vec::new(),
+            listeners: Vec::new(),
+            starved: Vec::new(),
+            pool,
+            tick: Box::new(types::Timespec::from(TICK)),
+            worker,
+            accept_paused_until: None,
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: every pointer in `entry` (buffers pending in a machine's queue, a boxed
+        // address and timespec in its `Conn`, the boxed tick timespec) stays valid until the
+        // entry completes: a connection is freed only once `in_flight` is back to zero.
+        unsafe {
+            while self.ring.submission().push(&entry).is_err() {
+                if let Err(error) = self.ring.submit() {
+                    tracing::warn!(%error, "io_uring submit failed");
+                }
+            }
+        }
+    }
+
+    /// Serve until the thread ends (as the readiness engine, a worker runs for the process's
+    /// life).
+    pub fn run(
+        mut self,
+        listeners: Vec<(usize, TcpListener)>,
+        commands: Receiver<WorkerCommand>,
+        started: std::sync::mpsc::Sender<Result<usize, String>>,
+    ) {
+        for (slot, socket) in listeners {
+            self.listen(slot, socket);
+        }
+        let _ = started.send(Ok(self.worker.id));
+        tracing::info!(
+            worker = self.worker.id,
+            "completion engine: multishot accept and receive, provided buffers"
+        );
+        self.push(
+            opcode::Timeout::new(&*self.tick)
+                .build()
+                .user_data(user_data(TICK_TIMER, 0)),
+        );
+        let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
+        loop {
+            self.pool.provide();
+            self.rearm_starved();
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
+                Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(error) => {
+                    tracing::error!(worker = self.worker.id, %error, "io_uring_enter failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            completions.clear();
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+            );
+            for &(data, result, flags) in &completions {
+                let kind = data >> KIND_SHIFT;
+                let index = (data & 0xffff_ffff) as usize;
+                match kind {
+                    ACCEPT => self.accepted(index, result, flags),
+                    TICK_TIMER => self.on_tick(&commands),
+                    UNTRACKED => {}
+                    _ => self.completed(kind, index, result, flags),
+                }
+            }
+        }
+    }
+
+    fn listen(&mut self, slot: usize, socket: TcpListener) {
+        metrics::add(&self.worker.stats().listeners[slot].sockets_open, 1);
+        let index = self.listeners.len();
+        self.listeners.push(ListenerEntry {
+            slot,
+            socket: Some(socket),
+            armed: false,
+            stopping: false,
+        });
+        self.arm_accept(index);
+    }
+
+    fn arm_accept(&mut self, index: usize) {
+        let Some(entry) = self.listeners.get_mut(index) else {
+            return;
+        };
+        let Some(socket) = &entry.socket else {
+            return;
+        };
+        if entry.armed || entry.stopping {
+            return;
+        }
+        entry.armed = true;
+        let fd = socket.as_raw_fd();
+        self.push(
+            opcode::AcceptMulti::new(types::Fd(fd))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(user_data(ACCEPT, index)),
+        );
+    }
+
+    /// Stop accepting on listener `index`: cancel its multishot accept. Its socket is closed
+    /// when the accept's last completion arrives, so no connection it took is lost.
+    fn stop_listener(&mut self, index: usize) {
+        let Some(entry) = self.listeners.get_mut(index) else {
+            return;
+        };
+        if entry.stopping || entry.socket.is_none() {
+            return;
+        }
+        entry.stopping = true;
+        if entry.armed {
+            self.push(
+                opcode::AsyncCancel::new(user_data(ACCEPT, index))
+                    .build()
+                    .user_data(user_data(UNTRACKED, 0)),
+            );
+        } else {
+            self.close_listener_socket(index);
+        }
+    }
+
+    fn close_listener_socket(&mut self, index: usize) {
+        if let Some(entry) = self.listeners.get_mut(index) {
+            if entry.socket.take().is_some() {
+                metrics::sub(&self.worker.stats().listeners[entry.slot].sockets_open, 1);
+            }
+        }
+    }
+
+    fn accepted(&mut self, index: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let Some(entry) = self.listeners.get_mut(index) else {
+            return;
+        };
+        let slot = entry.slot;
+        if !more {
+            entry.armed = false;
+        }
+        if result >= 0 {
+            // SAFETY: a successful accept completion carries a new descriptor that nothing
+            // else owns.
+            let stream = unsafe { TcpStream::from_raw_fd(result) };
+            self.admit(slot, stream);
+        } else {
+            let error = io::Error::from_raw_os_error(-result);
+            match -result {
+                libc::ECANCELED | libc::EAGAIN | libc::EINTR | libc::ECONNABORTED => {}
+                _ => {
+                    let reason = AcceptError::classify(&error);
+                    self.worker.stats().listeners[slot].accept_error(reason);
+                    if reason != AcceptError::Other {
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_ERROR_PAUSE);
+                        tracing::warn!(worker = self.worker.id, %error, "accept: out of descriptors or memory; pausing");
+                    }
+                }
+            }
+        }
+        if !more {
+            let stopping = self.listeners[index].stopping;
+            if stopping {
+                self.close_listener_socket(index);
+            } else if self.accept_paused_until.is_none() {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    fn admit(&mut self, listener: usize, stream: TcpStream) {
+        let stats = self.worker.stats();
+        let listener_stats = &stats.listeners[listener];
+        if stats.connections_active.load(Ordering::Relaxed)
+            >= self.worker.max_connections_per_worker() as u64
+        {
+            metrics::add(&listener_stats.rejected_max_connections, 1);
+            if self.worker.access_log_enabled() {
+                if let Ok(peer) = stream.peer_addr() {
+                    crate::connection::log_refused(
+                        &self.worker,
+                        listener,
+                        stream.local_addr().ok(),
+                        peer,
+                        Close::new(Side::Gateway, Reason::MaxConnections),
+                    );
+                }
+            }
+            return;
+        }
+        metrics::add(&listener_stats.accepted, 1);
+        metrics::add(&listener_stats.active, 1);
+        metrics::add(&stats.connections_active, 1);
+        let now = Instant::now();
+        let log = if self.worker.access_log_enabled() {
+            stream.peer_addr().ok().map(|client| {
+                Box::new(LogFacts {
+                    client,
+                    local: stream.local_addr().ok(),
+                    started_wall: SystemTime::now(),
+                    server_name: None,
+                    route: None,
+                    upstream: None,
+                    upstream_connect: None,
+                    bytes_received: 0,
+                    bytes_sent: 0,
+                })
+            })
+        } else {
+            None
+        };
+        let conn = Box::new(Conn {
+            machine: Machine::new(self.worker.snapshot(), now, log.is_some()),
+            listener,
+            client: Some(stream),
+            upstream: None,
+            connect_to: None,
+            in_flight: 0,
+            receiving: [false; 2],
+            wanted: [false; 2],
+            starved: [false; 2],
+            slot: None,
+            relaying: false,
+            closed: false,
+            started: now,
+            log,
+        });
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.conns[index] = Some(conn);
+                index
+            }
+            None => {
+                self.conns.push(Some(conn));
+                self.conns.len() - 1
+            }
+        };
+        self.drive(index);
+    }
+
+    fn completed(&mut self, kind: u64, index: usize, result: i32, flags: u32) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let more = cqueue::more(flags);
+        let input = match kind {
+            RECV_UPSTREAM | RECV_DOWNSTREAM => {
+                let side = if kind == RECV_UPSTREAM {
+                    Side::Upstream
+                } else {
+                    Side::Downstream
+                };
+                let at = side_index(side);
+                let buffer = cqueue::buffer_select(flags).map(|bid| RingBuffer {
+                    pool: Rc::clone(&self.pool),
+                    bid,
+                    len: usize::try_from(result).unwrap_or(0),
+                });
+                if !more {
+                    conn.receiving[at] = false;
+                    conn.in_flight -= 1;
+                }
+                if conn.closed {
+                    None
+                } else if result > 0 {
+                    match buffer {
+                        Some(buffer) => {
+                            if !more && conn.wanted[at] {
+                                conn.starved[at] = true;
+                            }
+                            Some(Input::Received(side, buffer))
+                        }
+                        None => Some(Input::Failed(side)),
+                    }
+                } else if result == 0 {
+                    conn.wanted[at] = false;
+                    Some(Input::Eof(side))
+                } else if result == -libc::ENOBUFS {
+                    // Every buffer is lent out: try again once some came back.
+                    conn.starved[at] = conn.wanted[at];
+                    None
+                } else if result == -libc::ECANCELED {
+                    // A pause; a resume asked for meanwhile re-arms.
+                    conn.starved[at] = conn.wanted[at];
+                    None
+                } else {
+                    tracing::debug!(?side, result, "receive failed");
+                    conn.wanted[at] = false;
+                    Some(Input::Failed(side))
+                }
+            }
+            SEND_UPSTREAM | SEND_DOWNSTREAM => {
+                conn.in_flight -= 1;
+                let side = if kind == SEND_UPSTREAM {
+                    Side::Upstream
+                } else {
+                    Side::Downstream
+                };
+                if conn.closed {
+                    None
+                } else if result >= 0 {
+                    Some(Input::Sent(side, result as usize))
+                } else {
+                    tracing::debug!(?side, result, "send failed");
+                    Some(Input::Failed(side))
+                }
+            }
+            CONNECT => {
+                conn.in_flight -= 1;
+                conn.connect_to = None;
+                if conn.closed {
+                    None
+                } else if result >= 0 {
+                    Some(Input::Connected(Ok(())))
+                } else {
+                    Some(Input::Connected(Err(classify_connect(-result))))
+                }
+            }
+            CONNECT_TIMEOUT | SHUTDOWN | CANCEL => {
+                conn.in_flight -= 1;
+                None
+            }
+            _ => None,
+        };
+        if let Some(Some(conn)) = self.conns.get(index) {
+            for side in [Side::Upstream, Side::Downstream] {
+                let at = side_index(side);
+                if conn.starved[at] && !conn.receiving[at] {
+                    self.starved.push((index, side));
+                }
+            }
+        }
+        if let Some(input) = input {
+            self.feed(index, input);
+        } else {
+            self.drive(index);
+        }
+    }
+
+    /// Give the machine an input and carry out what it asks, containing a panic to this
+    /// connection.
+    fn feed(&mut self, index: usize, input: Input<RingBuffer>) {
+        let now = Instant::now();
+        let worker = Rc::clone(&self.worker);
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if let Some(Some(conn)) = self.conns.get_mut(index) {
+                conn.machine.handle(input, now, &*worker);
+            }
+            self.drive(index);
+        }));
+        if outcome.is_err() {
+            metrics::add(&self.worker.stats().connection_panics, 1);
+            tracing::error!(
+                worker = self.worker.id,
+                "a connection panicked; it was closed and the worker goes on"
+            );
+            self.abandon(index);
+        }
+    }
+
+    /// After a panic: reset both sockets and forget the machine's state.
+    fn abandon(&mut self, index: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        if !conn.closed {
+            conn.closed = true;
+            self.release_gauges(index);
+            self.cancel_all(index, true);
+        }
+        self.maybe_free(index);
+    }
+
+    /// Carry out the machine's actions and notes; free the connection once it is over.
+    fn drive(&mut self, index: usize) {
+        loop {
+            let Some(Some(conn)) = self.conns.get_mut(index) else {
+                return;
+            };
+            if conn.closed {
+                break;
+            }
+            let Some(action) = conn.machine.poll_action() else {
+                break;
+            };
+            self.act(index, action);
+        }
+        self.take_notes(index);
+        self.maybe_free(index);
+    }
+
+    fn act(&mut self, index: usize, action: Action) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        match action {
+            Action::Receive(side) => {
+                let at = side_index(side);
+                conn.wanted[at] = true;
+                if !conn.receiving[at] {
+                    self.arm_receive(index, side);
+                }
+            }
+            Action::Pause(side) => {
+                let at = side_index(side);
+                conn.wanted[at] = false;
+                conn.starved[at] = false;
+                if conn.receiving[at] {
+                    let kind = recv_kind(side);
+                    conn.in_flight += 1;
+                    self.push(
+                        opcode::AsyncCancel::new(user_data(kind, index))
+                            .build()
+                            .user_data(user_data(CANCEL, index)),
+                    );
+                }
+            }
+            Action::Send(side) => {
+                let Some(fd) = conn_fd(conn, side) else {
+                    return;
+                };
+                let pending = conn.machine.pending(side);
+                let (pointer, length) = (pending.as_ptr(), pending.len() as u32);
+                conn.in_flight += 1;
+                let kind = if side == Side::Upstream {
+                    SEND_UPSTREAM
+                } else {
+                    SEND_DOWNSTREAM
+                };
+                self.push(
+                    opcode::Send::new(types::Fd(fd), pointer, length)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(user_data(kind, index)),
+                );
+            }
+            Action::Shutdown(side) => {
+                let Some(fd) = conn_fd(conn, side) else {
+                    return;
+                };
+                conn.in_flight += 1;
+                self.push(
+                    opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
+                        .build()
+                        .user_data(user_data(SHUTDOWN, index)),
+                );
+            }
+            Action::Connect { address, timeout } => self.connect(index, address, timeout),
+            Action::Close(close) => self.close(index, close),
+        }
+    }
+
+    fn arm_receive(&mut self, index: usize, side: Side) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let Some(fd) = conn_fd(conn, side) else {
+            return;
+        };
+        let at = side_index(side);
+        conn.receiving[at] = true;
+        conn.starved[at] = false;
+        conn.in_flight += 1;
+        self.push(
+            opcode::RecvMulti::new(types::Fd(fd), BUFFER_GROUP)
+                .build()
+                .user_data(user_data(recv_kind(side), index)),
+        );
+    }
+
+    /// Re-arm receives that stopped (no buffer was left, a pause was lifted, the kernel ended
+    /// a multishot), once per loop turn, after buffers were given back.
+    fn rearm_starved(&mut self) {
+        let starved = std::mem::take(&mut self.starved);
+        for (index, side) in starved {
+            let at = side_index(side);
+            let ready = self
+                .conns
+                .get(index)
+                .and_then(Option::as_ref)
+                .is_some_and(|conn| {
+                    conn.starved[at] && conn.wanted[at] && !conn.receiving[at] && !conn.closed
+                });
+            if ready {
+                self.arm_receive(index, side);
+            }
+        }
+    }
+
+    fn connect(&mut self, index: usize, address: SocketAddr, timeout: Duration) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        if let Some(previous) = conn.upstream.take() {
+            // Its connect completed (that is why another is asked for) and nothing else was
+            // ever submitted on it.
+            let fd = previous.into_raw_fd();
+            self.close_fd(fd);
+        }
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let socket = match socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        ) {
+            Ok(socket) => socket,
+            Err(_) => {
+                self.feed(index, Input::Connected(Err(ConnectFailure::Other)));
+                return;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let fd = socket.as_raw_fd();
+        conn.upstream = Some(socket);
+        let target = Box::new((
+            socket2::SockAddr::from(address),
+            types::Timespec::from(timeout),
+        ));
+        let (address_pointer, address_length) = (target.0.as_ptr(), target.0.len());
+        let timespec: *const types::Timespec = &target.1;
+        conn.connect_to = Some(target);
+        conn.in_flight += 2;
+        self.push(
+            opcode::Connect::new(types::Fd(fd), address_pointer.cast(), address_length)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(user_data(CONNECT, index)),
+        );
+        // SAFETY (for the pointer): the timespec is boxed in `conn.connect_to`, kept until
+        // the connect completes, and the kernel reads it at submission.
+        self.push(
+            opcode::LinkTimeout::new(timespec)
+                .build()
+                .user_data(user_data(CONNECT_TIMEOUT, index)),
+        );
+    }
+
+    /// The connection is over: count it, log it, close both sockets.
+    fn close(&mut self, index: usize, close: Close) {
+        self.take_notes(index);
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        conn.closed = true;
+        tracing::debug!(worker = self.worker.id, ?close, "connection closed");
+        let stats = self.worker.stats();
+        let listener_stats = &stats.listeners[conn.listener];
+        match close.reason {
+            Reason::NoRoute => metrics::add(&listener_stats.route_no_route, 1),
+            Reason::Connect { .. } => {
+                if let Some(slot) = conn.slot {
+                    stats.destinations[slot].connect_failure(ConnectFailure::NoHealthyEndpoint);
+                }
+            }
+            _ => {}
+        }
+        if let (Some(slot), Some(_)) = (conn.slot, close.label_index()) {
+            stats.destinations[slot].closed(close);
+            stats.connection_duration[conn.listener].observe(conn.started.elapsed());
+        }
+        if let Some(facts) = conn.log.take() {
+            let record = Record {
+                listener: self.worker.listener_name(conn.listener),
+                worker: self.worker.id,
+                client: facts.client,
+                local: facts.local,
+                started: conn.started,
+                started_wall: facts.started_wall,
+                server_name: facts.server_name,
+                route: facts.route,
+                upstream: facts.upstream,
+                upstream_connect: facts.upstream_connect,
+                bytes_received: facts.bytes_received,
+                bytes_sent: facts.bytes_sent,
+                termination: close.termination(),
+                flags: close.flag(),
+            };
+            self.worker.log_access(&record);
+        }
+        self.release_gauges(index);
+        self.cancel_all(index, close.resets());
+    }
+
+    /// End a connection's pending operations (its multishot receives, a send to a peer that
+    /// does not read, a connect). Its sockets are closed once every completion is in (see
+    /// `maybe_free`): an operation the kernel runs later (a shutdown is always handed to a
+    /// kernel worker) looks its descriptor up by number, and a number closed too early may
+    /// already belong to the next accepted connection.
+    fn cancel_all(&mut self, index: usize, resets: bool) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let fds: Vec<RawFd> = [Side::Downstream, Side::Upstream]
+            .into_iter()
+            .filter_map(|side| conn_fd(conn, side))
+            .collect();
+        conn.in_flight += fds.len() as u32;
+        for fd in fds {
+            if resets {
+                // A reset is passed on as a reset (and leaves no TIME_WAIT).
+                let _ = crate::sys::set_linger_zero(fd);
+            }
+            self.push(
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build()
+                    .user_data(user_data(CANCEL, index)),
+            );
+        }
+    }
+
+    /// Close a socket no pending operation refers to.
+    fn close_fd(&mut self, fd: RawFd) {
+        self.push(
+            opcode::Close::new(types::Fd(fd))
+                .build()
+                .user_data(user_data(UNTRACKED, 0)),
+        );
+    }
+
+    fn release_gauges(&mut self, index: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let stats = self.worker.stats();
+        metrics::sub(&stats.listeners[conn.listener].active, 1);
+        metrics::sub(&stats.connections_active, 1);
+        if conn.relaying {
+            if let Some(slot) = conn.slot {
+                metrics::sub(&stats.destinations[slot].active, 1);
+            }
+            conn.relaying = false;
+        }
+    }
+
+    fn maybe_free(&mut self, index: usize) {
+        let done = self
+            .conns
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|conn| conn.closed && conn.in_flight == 0);
+        if done {
+            if let Some(mut conn) = self.conns[index].take() {
+                for fd in take_sockets(&mut conn) {
+                    self.close_fd(fd);
+                }
+            }
+            self.free.push(index);
+        }
+    }
+
+    /// Count what the machine noted (and remember it for the access log).
+    fn take_notes(&mut self, index: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let stats = self.worker.stats();
+        let listener_stats = &stats.listeners[conn.listener];
+        let snapshot = Rc::clone(conn.machine.snapshot_rc());
+        for note in conn.machine.take_notes() {
+            match note {
+                Note::Hello(outcome) => {
+                    listener_stats.hello(outcome);
+                    if matches!(outcome, HelloOutcome::SniFound | HelloOutcome::SniMissing) {
+                        stats.hello_wait[conn.listener].observe(conn.started.elapsed());
+                    }
+                }
+                Note::ServerName(name) => {
+                    if let Some(log) = conn.log.as_mut() {
+                        log.server_name = Some(name);
+                    }
+                }
+                Note::Routed { cluster, slot } => {
+                    metrics::add(&listener_stats.route_matched, 1);
+                    metrics::add(&stats.destinations[slot].connections, 1);
+                    conn.slot = Some(slot);
+                    if let Some(log) = conn.log.as_mut() {
+                        log.route =
+                            Some(snapshot.snapshot.table.cluster(cluster).pattern.to_string());
+                    }
+                }
+                Note::ConnectFailed { address, failure } => {
+                    if let Some(slot) = conn.slot {
+                        stats.destinations[slot].connect_failure(failure);
+                    }
+                    tracing::debug!(endpoint = %address, ?failure, "upstream connect failed");
+                }
+                Note::Connected { address, took } => {
+                    if let Some(slot) = conn.slot {
+                        stats.connect_duration[slot].observe(took);
+                        metrics::add(&stats.destinations[slot].active, 1);
+                        conn.relaying = true;
+                    }
+                    if let Some(log) = conn.log.as_mut() {
+                        log.upstream = Some(address);
+                        log.upstream_connect = Some(took);
+                    }
+                }
+                Note::Relayed { to, bytes } => {
+                    if let Some(slot) = conn.slot {
+                        let destination = &stats.destinations[slot];
+                        let counter = if to == Side::Upstream {
+                            &destination.bytes_to_upstream
+                        } else {
+                            &destination.bytes_to_downstream
+                        };
+                        metrics::add(counter, bytes as u64);
+                    }
+                    if let Some(log) = conn.log.as_mut() {
+                        if to == Side::Upstream {
+                            log.bytes_received += bytes as u64;
+                        } else {
+                            log.bytes_sent += bytes as u64;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self, commands: &Receiver<WorkerCommand>) {
+        let now = Instant::now();
+        metrics::add(&self.worker.stats().heartbeat, 1);
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                WorkerCommand::Listen { slot, socket } => {
+                    if let Err(error) = socket.set_nonblocking(true) {
+                        tracing::error!(worker = self.worker.id, %error, "cannot accept on a new listener");
+                        continue;
+                    }
+                    self.listen(slot, socket);
+                }
+                WorkerCommand::Close { slot } => {
+                    let indices: Vec<usize> = (0..self.listeners.len())
+                        .filter(|&index| self.listeners[index].slot == slot)
+                        .collect();
+                    for index in indices {
+                        self.stop_listener(index);
+                    }
+                }
+            }
+        }
+        if !self.worker.accepting() {
+            for index in 0..self.listeners.len() {
+                self.stop_listener(index);
+            }
+        }
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            for index in 0..self.listeners.len() {
+                self.arm_accept(index);
+            }
+        }
+        self.worker.publish_health(now);
+        for index in 0..self.conns.len() {
+            if self.conns[index].as_ref().is_some_and(|conn| !conn.closed) {
+                self.feed(index, Input::Tick);
+            }
+        }
+        self.push(
+            opcode::Timeout::new(&*self.tick)
+                .build()
+                .user_data(user_data(TICK_TIMER, 0)),
+        );
+    }
+}
+
+/// How long accept pauses after EMFILE/ENFILE/ENOMEM (as the readiness engine).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+fn recv_kind(side: Side) -> u64 {
+    if side == Side::Upstream {
+        RECV_UPSTREAM
+    } else {
+        RECV_DOWNSTREAM
+    }
+}
+
+fn conn_fd(conn: &Conn, side: Side) -> Option<RawFd> {
+    match side {
+        Side::Upstream => conn.upstream.as_ref().map(AsRawFd::as_raw_fd),
+        Side::Downstream | Side::Gateway => conn.client.as_ref().map(AsRawFd::as_raw_fd),
+    }
+}
+
+/// The connection's descriptors, now owned by the caller (to be closed by entries).
+fn take_sockets(conn: &mut Conn) -> Vec<RawFd> {
+    let mut fds = Vec::with_capacity(2);
+    if let Some(client) = conn.client.take() {
+        fds.push(client.into_raw_fd());
+    }
+    if let Some(upstream) = conn.upstream.take() {
+        fds.push(upstream.into_raw_fd());
+    }
+    fds
+}
+
+fn classify_connect(errno: i32) -> ConnectFailure {
+    match errno {
+        libc::ECONNREFUSED => ConnectFailure::Refused,
+        // The linked timeout fired and cancelled the connect.
+        libc::ECANCELED | libc::ETIMEDOUT => ConnectFailure::Timeout,
+        libc::ENETUNREACH | libc::EHOSTUNREACH => ConnectFailure::Unreachable,
+        _ => ConnectFailure::Other,
+    }
+}
+
+/// Run a worker on the completion engine if this kernel allows it. `Err` gives the inputs
+/// back (with why) for the readiness engine.
+#[allow(clippy::type_complexity)]
+pub fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<(usize, TcpListener)>,
+    commands: Receiver<WorkerCommand>,
+    started: std::sync::mpsc::Sender<Result<usize, String>>,
+) -> Result<
+    (),
+    (
+        io::Error,
+        Vec<(usize, TcpListener)>,
+        Receiver<WorkerCommand>,
+        std::sync::mpsc::Sender<Result<usize, String>>,
+    ),
+> {
+    let worker = Rc::new(Worker::new(id, shared));
+    match Completion::new(worker) {
+        Ok(engine) => {
+            engine.run(listeners, commands, started);
+            Ok(())
+        }
+        Err(error) => Err((error, listeners, commands, started)),
+    }
+}
