@@ -95,9 +95,6 @@ pub enum Note {
     },
     /// The upstream answered after `took`.
     Connected { address: SocketAddr, took: Duration },
-    /// The ClientHello's server name (only when the machine was asked for names: it is
-    /// for the access log).
-    ServerName(String),
     /// Bytes handed to a side's socket.
     Relayed { to: Side, bytes: usize },
 }
@@ -179,8 +176,10 @@ pub struct Machine<B> {
     last_activity: Instant,
     actions: VecDeque<Action>,
     notes: Vec<Note>,
-    /// Note the server name (an allocation, so only when an access log wants it).
+    /// Keep the server name (an allocation, so only when an access log or a debug line
+    /// wants it).
     names: bool,
+    server_name: Option<String>,
 }
 
 fn slot(side: Side) -> usize {
@@ -214,6 +213,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             actions,
             notes: Vec::new(),
             names,
+            server_name: None,
         }
     }
 
@@ -241,6 +241,11 @@ impl<B: AsRef<[u8]>> Machine<B> {
             Phase::Closed(close) => Some(close),
             _ => None,
         }
+    }
+
+    /// The ClientHello's server name, if the machine was asked to keep names.
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
     }
 
     /// The snapshot this connection decides with (read once, at accept).
@@ -299,9 +304,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
                         let name = hello.server_name.as_ref().map(|name| name.as_str());
                         fault_injection(name);
                         if self.names {
-                            if let Some(name) = name {
-                                self.notes.push(Note::ServerName(name.to_owned()));
-                            }
+                            self.server_name = name.map(str::to_owned);
                         }
                         let found = if name.is_some() {
                             HelloOutcome::SniFound
@@ -328,13 +331,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
                     } else {
                         Data::Gathered(std::mem::take(gathered))
                     };
-                    // The hello outcome is counted before the server name noted above.
-                    let at = self
-                        .notes
-                        .iter()
-                        .position(|note| matches!(note, Note::ServerName(_)))
-                        .unwrap_or(self.notes.len());
-                    self.notes.insert(at, Note::Hello(found));
+                    self.notes.push(Note::Hello(found));
                     self.route(lookup, flight, now, balance);
                 }
             }

@@ -219,7 +219,6 @@ struct LogFacts {
     client: SocketAddr,
     local: Option<SocketAddr>,
     started_wall: SystemTime,
-    server_name: Option<String>,
     route: Option<String>,
     upstream: Option<SocketAddr>,
     upstream_connect: Option<Duration>,
@@ -474,7 +473,9 @@ impl Completion {
                     self.worker.stats().listeners[slot].accept_error(reason);
                     if reason != AcceptError::Other {
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_ERROR_PAUSE);
-                        tracing::warn!(worker = self.worker.id, %error, "accept: out of descriptors or memory; pausing");
+                        self.worker.warn_accept_pause(&error);
+                    } else {
+                        tracing::debug!(%error, "accept failed");
                     }
                 }
             }
@@ -513,13 +514,14 @@ impl Completion {
         metrics::add(&listener_stats.active, 1);
         metrics::add(&stats.connections_active, 1);
         let now = Instant::now();
+        // The server name is kept for the access log and for debug lines only.
+        let names = self.worker.access_log_enabled() || tracing::enabled!(tracing::Level::DEBUG);
         let log = if self.worker.access_log_enabled() {
             stream.peer_addr().ok().map(|client| {
                 Box::new(LogFacts {
                     client,
                     local: stream.local_addr().ok(),
                     started_wall: SystemTime::now(),
-                    server_name: None,
                     route: None,
                     upstream: None,
                     upstream_connect: None,
@@ -531,7 +533,7 @@ impl Completion {
             None
         };
         let conn = Box::new(Conn {
-            machine: Machine::new(self.worker.snapshot(), now, log.is_some()),
+            machine: Machine::new(self.worker.snapshot(), now, names),
             listener,
             client: Some(stream),
             upstream: None,
@@ -865,8 +867,10 @@ impl Completion {
             return;
         };
         conn.closed = true;
-        tracing::debug!(worker = self.worker.id, ?close, "connection closed");
         let stats = self.worker.stats();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            debug_close(&self.worker, conn, close);
+        }
         let listener_stats = &stats.listeners[conn.listener];
         match close.reason {
             Reason::NoRoute => metrics::add(&listener_stats.route_no_route, 1),
@@ -889,7 +893,7 @@ impl Completion {
                 local: facts.local,
                 started: conn.started,
                 started_wall: facts.started_wall,
-                server_name: facts.server_name,
+                server_name: conn.machine.server_name().map(str::to_owned),
                 route: facts.route,
                 upstream: facts.upstream,
                 upstream_connect: facts.upstream_connect,
@@ -987,11 +991,6 @@ impl Completion {
                         stats.hello_wait[conn.listener].observe(conn.started.elapsed());
                     }
                 }
-                Note::ServerName(name) => {
-                    if let Some(log) = conn.log.as_mut() {
-                        log.server_name = Some(name);
-                    }
-                }
                 Note::Routed { cluster, slot } => {
                     metrics::add(&listener_stats.route_matched, 1);
                     metrics::add(&stats.destinations[slot].connections, 1);
@@ -1084,6 +1083,38 @@ impl Completion {
                 .build()
                 .user_data(user_data(TICK_TIMER, 0)),
         );
+    }
+}
+
+/// The debug lines of a connection that ended before relaying, as the readiness engine writes
+/// them. Never the raw name at info level: it is client-controlled; with redaction on, no
+/// address and no unrouted name at debug level either.
+fn debug_close(worker: &Worker, conn: &Conn, close: Close) {
+    let client = conn
+        .client
+        .as_ref()
+        .and_then(|client| client.peer_addr().ok());
+    let redact = worker.redact_addresses();
+    match close.reason {
+        Reason::Hello(_) => {
+            let reason = close.termination();
+            match client {
+                Some(client) if !redact => {
+                    tracing::debug!(client = %client, reason, "closed before routing");
+                }
+                _ => tracing::debug!(reason, "closed before routing"),
+            }
+        }
+        Reason::NoRoute => {
+            let server_name = conn.machine.server_name();
+            match client {
+                Some(client) if !redact => {
+                    tracing::debug!(client = %client, server_name = ?server_name, "no route");
+                }
+                _ => tracing::debug!("no route"),
+            }
+        }
+        _ => tracing::debug!(worker = worker.id, ?close, "connection closed"),
     }
 }
 

@@ -272,7 +272,7 @@ impl Worker {
     }
 
     /// Log an accept pause, at most once per `ACCEPT_WARNING_INTERVAL`; count the rest.
-    fn warn_accept_pause(&self, error: &io::Error) {
+    pub(crate) fn warn_accept_pause(&self, error: &io::Error) {
         match self.accept_warning.borrow_mut().allow(Instant::now()) {
             Some(0) => {
                 tracing::warn!(worker = self.id, %error, "accept: out of descriptors or memory; pausing");
