@@ -13,7 +13,29 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
 use crate::config::{AccessLog, AccessLogTarget};
+
+/// Facts gathered for one connection's line (both engines fill one in); this module is the
+/// one owner of the line's format.
+pub struct Record<'a> {
+    pub listener: &'a str,
+    pub worker: usize,
+    pub client: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    pub server_name: Option<String>,
+    pub route: Option<String>,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_connect: Option<Duration>,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub termination: &'static str,
+    pub flags: &'static str,
+}
 
 /// Lines buffered between the workers and the writer (about 30 MB of lines at worst).
 const QUEUE_LINES: usize = 128 * 1024;
@@ -40,6 +62,37 @@ pub struct AccessLogSender {
 }
 
 impl AccessLogSender {
+    /// Format one connection's line (Envoy's field names) and hand it to the writer.
+    pub fn log(&self, record: &Record<'_>) {
+        let address_value = |address: Option<SocketAddr>| -> serde_json::Value {
+            match address {
+                Some(address) => serde_json::Value::String(address.to_string()),
+                None => serde_json::Value::Null,
+            }
+        };
+        let start_time = record
+            .started_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        let line = serde_json::json!({
+            "start_time": start_time,
+            "listener": record.listener,
+            "worker": record.worker,
+            "downstream_remote_address": if self.redact_addresses { "redacted".to_owned() } else { record.client.to_string() },
+            "downstream_local_address": address_value(record.local),
+            "requested_server_name": record.server_name,
+            "route_name": record.route,
+            "upstream_host": address_value(record.upstream),
+            "bytes_received": record.bytes_received,
+            "bytes_sent": record.bytes_sent,
+            "duration_ms": record.started.elapsed().as_secs_f64() * 1000.0,
+            "upstream_connect_ms": record.upstream_connect.map(|d| d.as_secs_f64() * 1000.0),
+            "connection_termination_details": record.termination,
+            "response_flags": record.flags,
+        });
+        self.send(line.to_string());
+    }
+
     pub fn send(&self, line: String) {
         match self.sender.try_send(Message::Line(line)) {
             Ok(()) => {}

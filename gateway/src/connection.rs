@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
+use crate::access_log::Record;
 use crate::clienthello::{self, ClientHello, Verdict};
 use crate::metrics::{self, ConnectFailure, DestinationStats, HelloOutcome};
 use crate::outcome::{Close, Reason, Side};
@@ -25,24 +26,6 @@ use crate::worker::{Worker, WorkerSnapshot};
 struct FirstFlight {
     bytes: Vec<u8>,
     hello: ClientHello,
-}
-
-/// Facts gathered for the access log (both engines fill one in).
-pub(crate) struct Record<'a> {
-    pub(crate) listener: &'a str,
-    pub(crate) worker: usize,
-    pub(crate) client: SocketAddr,
-    pub(crate) local: Option<SocketAddr>,
-    pub(crate) started: Instant,
-    pub(crate) started_wall: std::time::SystemTime,
-    pub(crate) server_name: Option<String>,
-    pub(crate) route: Option<String>,
-    pub(crate) upstream: Option<SocketAddr>,
-    pub(crate) upstream_connect: Option<Duration>,
-    pub(crate) bytes_received: u64,
-    pub(crate) bytes_sent: u64,
-    pub(crate) termination: &'static str,
-    pub(crate) flags: &'static str,
 }
 
 impl<'a> Record<'a> {
@@ -463,41 +446,6 @@ fn classify_connect_error(error: &io::Error) -> ConnectFailure {
             ConnectFailure::Unreachable
         }
         _ => ConnectFailure::Other,
-    }
-}
-
-impl Worker {
-    pub(crate) fn log_access(&self, record: &Record<'_>) {
-        let Some(log) = &self.access_log else {
-            return;
-        };
-        let address_value = |address: Option<SocketAddr>| -> serde_json::Value {
-            match address {
-                Some(address) => serde_json::Value::String(address.to_string()),
-                None => serde_json::Value::Null,
-            }
-        };
-        let start_time = record
-            .started_wall
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
-        let line = serde_json::json!({
-            "start_time": start_time,
-            "listener": record.listener,
-            "worker": record.worker,
-            "downstream_remote_address": if log.redact_addresses { "redacted".to_owned() } else { record.client.to_string() },
-            "downstream_local_address": address_value(record.local),
-            "requested_server_name": record.server_name,
-            "route_name": record.route,
-            "upstream_host": address_value(record.upstream),
-            "bytes_received": record.bytes_received,
-            "bytes_sent": record.bytes_sent,
-            "duration_ms": record.started.elapsed().as_secs_f64() * 1000.0,
-            "upstream_connect_ms": record.upstream_connect.map(|d| d.as_secs_f64() * 1000.0),
-            "connection_termination_details": record.termination,
-            "response_flags": record.flags,
-        });
-        log.send(line.to_string());
     }
 }
 

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::connection::Record;
+use crate::access_log::Record;
 use crate::machine::{Action, Input, Machine, Note};
 use crate::metrics::{self, AcceptError, ConnectFailure, HelloOutcome};
 use crate::outcome::{Close, Reason, Side};

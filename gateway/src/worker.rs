@@ -147,6 +147,13 @@ impl Worker {
         self.shared.max_connections_per_worker
     }
 
+    /// Write a connection's access-log line, if there is an access log.
+    pub fn log_access(&self, record: &crate::access_log::Record<'_>) {
+        if let Some(log) = &self.access_log {
+            log.log(record);
+        }
+    }
+
     /// Whether the process still accepts (cleared for good by a drain or a hand-over).
     pub fn accepting(&self) -> bool {
         self.shared.accepting.load(Ordering::Relaxed)
