@@ -180,6 +180,15 @@ pub struct Machine<B> {
     /// wants it).
     names: bool,
     server_name: Option<String>,
+    /// The first input was handled (it starts the receive from the client).
+    begun: bool,
+}
+
+/// Where [`Machine::handle_with`] puts what a machine asks for.
+#[derive(Default)]
+pub struct Output {
+    pub actions: VecDeque<Action>,
+    pub notes: Vec<Note>,
 }
 
 fn slot(side: Side) -> usize {
@@ -199,8 +208,6 @@ fn other(side: Side) -> Side {
 impl<B: AsRef<[u8]>> Machine<B> {
     /// A connection accepted at `now`; it starts by receiving from the client.
     pub fn new(snapshot: Rc<WorkerSnapshot>, now: Instant, names: bool) -> Machine<B> {
-        let mut actions = VecDeque::new();
-        actions.push_back(Action::Receive(Side::Downstream));
         Machine {
             snapshot,
             started: now,
@@ -210,11 +217,29 @@ impl<B: AsRef<[u8]>> Machine<B> {
             queues: [Queue::new(), Queue::new()],
             first_eof: None,
             last_activity: now,
-            actions,
+            actions: VecDeque::new(),
             notes: Vec::new(),
+            begun: false,
             names,
             server_name: None,
         }
+    }
+
+    /// [`Machine::handle`], with the actions and notes going to `out` (the shell's one
+    /// reused buffer) instead of the machine's own: a machine then never allocates for them,
+    /// so an idle connection holds no action or note capacity.
+    pub fn handle_with(
+        &mut self,
+        input: Input<B>,
+        now: Instant,
+        balance: &dyn Balance,
+        out: &mut Output,
+    ) {
+        std::mem::swap(&mut self.actions, &mut out.actions);
+        std::mem::swap(&mut self.notes, &mut out.notes);
+        self.handle(input, now, balance);
+        std::mem::swap(&mut self.actions, &mut out.actions);
+        std::mem::swap(&mut self.notes, &mut out.notes);
     }
 
     /// The next thing to do, if any.
@@ -259,6 +284,10 @@ impl<B: AsRef<[u8]>> Machine<B> {
             // Completions still in flight when the connection ended (the shell closes the
             // sockets, they finish with errors); the buffers they carry are dropped here.
             return;
+        }
+        if !self.begun {
+            self.begun = true;
+            self.actions.push_back(Action::Receive(Side::Downstream));
         }
         match input {
             Input::Received(side, buffer) => self.received(side, buffer, now, balance),
@@ -473,6 +502,11 @@ impl<B: AsRef<[u8]>> Machine<B> {
             *offset += bytes;
             if *offset >= buffer.as_ref().len() {
                 queue.buffers.pop_front();
+                if queue.buffers.is_empty() {
+                    // Drained: free the queue's capacity, so that an idle connection holds
+                    // no allocation for it.
+                    queue.buffers = VecDeque::new();
+                }
             }
         }
         if queue.paused && queue.buffers.len() < MAX_QUEUED && !queue.eof {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::access_log::Record;
-use crate::machine::{Action, Input, Machine, Note};
+use crate::machine::{Action, Input, Machine, Note, Output};
 use crate::metrics::{self, AcceptError, ConnectFailure, HelloOutcome};
 use crate::outcome::{Close, Reason, Side};
 use crate::worker::{RingSetup, Shared, Worker, WorkerCommand, TICK};
@@ -270,6 +270,8 @@ pub struct Completion {
     starved: Vec<(usize, Side)>,
     pool: Rc<BufferPool>,
     tick: Box<types::Timespec>,
+    /// The machines' actions and notes, one buffer reused for every connection.
+    out: Output,
     worker: Rc<Worker>,
     /// Accepting paused after EMFILE/ENFILE/ENOMEM until this instant.
     accept_paused_until: Option<Instant>,
@@ -318,6 +320,7 @@ impl Completion {
             starved: Vec::new(),
             pool,
             tick: Box::new(types::Timespec::from(TICK)),
+            out: Output::default(),
             worker,
             accept_paused_until: None,
         })
@@ -558,7 +561,8 @@ impl Completion {
                 self.conns.len() - 1
             }
         };
-        self.drive(index);
+        // The first input starts the machine (it asks to receive from the client).
+        self.feed(index, Input::Tick);
     }
 
     fn completed(&mut self, kind: u64, index: usize, result: i32, flags: u32) {
@@ -656,7 +660,7 @@ impl Completion {
         if let Some(input) = input {
             self.feed(index, input);
         } else {
-            self.drive(index);
+            self.maybe_free(index);
         }
     }
 
@@ -666,10 +670,29 @@ impl Completion {
         let now = Instant::now();
         let worker = Rc::clone(&self.worker);
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            // The worker's one output buffer; a nested feed (a connect that fails at once)
+            // finds it taken and uses a fresh one.
+            let mut out = std::mem::take(&mut self.out);
             if let Some(Some(conn)) = self.conns.get_mut(index) {
-                conn.machine.handle(input, now, &*worker);
+                conn.machine.handle_with(input, now, &*worker, &mut out);
             }
-            self.drive(index);
+            // Notes first: an action (a close) reads what they recorded (the route's slot).
+            self.count_notes(index, &mut out.notes);
+            while let Some(action) = out.actions.pop_front() {
+                if self
+                    .conns
+                    .get(index)
+                    .and_then(Option::as_ref)
+                    .is_none_or(|conn| conn.closed)
+                {
+                    break;
+                }
+                self.act(index, action);
+            }
+            out.actions.clear();
+            out.notes.clear();
+            self.out = out;
+            self.maybe_free(index);
         }));
         if outcome.is_err() {
             metrics::add(&self.worker.stats().connection_panics, 1);
@@ -691,24 +714,6 @@ impl Completion {
             self.release_gauges(index);
             self.cancel_all(index, true);
         }
-        self.maybe_free(index);
-    }
-
-    /// Carry out the machine's actions and notes; free the connection once it is over.
-    fn drive(&mut self, index: usize) {
-        loop {
-            let Some(Some(conn)) = self.conns.get_mut(index) else {
-                return;
-            };
-            if conn.closed {
-                break;
-            }
-            let Some(action) = conn.machine.poll_action() else {
-                break;
-            };
-            self.act(index, action);
-        }
-        self.take_notes(index);
         self.maybe_free(index);
     }
 
@@ -862,7 +867,6 @@ impl Completion {
 
     /// The connection is over: count it, log it, close both sockets.
     fn close(&mut self, index: usize, close: Close) {
-        self.take_notes(index);
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
@@ -976,14 +980,14 @@ impl Completion {
     }
 
     /// Count what the machine noted (and remember it for the access log).
-    fn take_notes(&mut self, index: usize) {
+    fn count_notes(&mut self, index: usize, notes: &mut Vec<Note>) {
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
         let stats = self.worker.stats();
         let listener_stats = &stats.listeners[conn.listener];
         let snapshot = Rc::clone(conn.machine.snapshot_rc());
-        for note in conn.machine.take_notes() {
+        for note in notes.drain(..) {
             match note {
                 Note::Hello(outcome) => {
                     listener_stats.hello(outcome);
