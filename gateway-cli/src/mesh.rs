@@ -255,7 +255,7 @@ impl RouteSource for Follower {
         })
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn render_metrics(&self, out: &mut prom_text::Writer<'_>) {
         self.stats.render(out);
     }
 }

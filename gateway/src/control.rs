@@ -198,7 +198,7 @@ impl Control {
             .iter()
             .filter(|listener| !entries.iter().any(|entry| same(entry, listener)))
         {
-            let Some(slot) = self.metrics.listener_slot(&listener.name) else {
+            let Some(slot) = self.metrics.registry.listener_slot(&listener.name) else {
                 errors.push(format!(
                     "listener `{}`: this process has used all {} listener slots; restart to add more",
                     listener.name,

@@ -31,7 +31,7 @@ pub trait RouteSource: Send + Sync + 'static {
     fn stop(self: Arc<Self>, successor_possible: bool) -> SourceFuture;
 
     /// Append this source's Prometheus text to `/metrics`.
-    fn render_metrics(&self, out: &mut String);
+    fn render_metrics(&self, out: &mut prom_text::Writer<'_>);
 }
 
 /// Publish `routes` as a new snapshot (the file's listeners, timeouts and limits stay).

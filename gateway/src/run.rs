@@ -133,6 +133,7 @@ pub fn serve(
         (0..workers).map(|_| Vec::new()).collect();
     for listener in &config.listeners {
         let slot = metrics
+            .registry
             .listener_slot(&listener.name)
             .ok_or_else(|| anyhow!("too many listeners"))?;
         let taken = inherited.as_mut().and_then(|inherited| {

@@ -32,7 +32,7 @@ impl Snapshot {
         let slots: Vec<usize> = table
             .clusters()
             .iter()
-            .map(|cluster| metrics.destination_slot(&cluster.labels))
+            .map(|cluster| metrics.registry.destination_slot(&cluster.labels))
             .collect();
         let mut endpoints_by_slot: Vec<(usize, Vec<SocketAddr>)> = Vec::new();
         for (cluster, &slot) in table.clusters().iter().zip(&slots) {
