@@ -101,7 +101,11 @@ fn main() -> ExitCode {
             let args = command.into_args();
             let config = args.config.clone().unwrap_or_default();
             let source = Arc::new(mesh::Follower::new(args));
-            exit(gateway::run::serve(&config, Some(log_filter), Some(source)))
+            exit(gateway::run::serve(
+                &config,
+                Some(log_filter),
+                gateway::route_source::RouteOrigin::Source(source),
+            ))
         }
         Command::Sidecar(command) => exit(gateway_sidecar::run(command.into_args())),
     }

@@ -231,7 +231,7 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
         (Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            control.metrics.render(&control.snapshot.load()),
+            control.render_metrics(),
         ),
         (Method::GET, "/ready") => {
             if control.draining() {

@@ -48,7 +48,7 @@ pub struct Listener {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Workers {
     /// `None`: one per CPU in the process's affinity mask.
     pub count: Option<usize>,
@@ -113,7 +113,56 @@ impl Default for Drain {
     }
 }
 
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            client_hello: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(3600),
+            write_stall: DEFAULT_WRITE_STALL,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: None,
+            client_hello_max_bytes: DEFAULT_MAX_HELLO_BYTES,
+            endpoint_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for AccessLog {
+    fn default() -> AccessLog {
+        AccessLog {
+            target: AccessLogTarget::Off,
+            redact_addresses: false,
+        }
+    }
+}
+
 impl Config {
+    /// A configuration of `listeners` and an admin address with every other setting at the
+    /// file's defaults and no routes (`gateway mesh` without `--config`: its routes come from
+    /// the control plane).
+    pub fn with_listeners(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> Config {
+        Config {
+            listeners,
+            admin,
+            handover_socket: None,
+            admin_token_file: None,
+            workers: Workers::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            routes: Vec::new(),
+            default_route: None,
+            access_log: AccessLog::default(),
+            drain: Drain::default(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| vec![format!("{}: {error}", path.display())])?;
@@ -218,22 +267,14 @@ impl Config {
             required_address(admin, "admin", "address", errors)
         });
 
-        let mut workers = Workers {
-            count: None,
-            pin: false,
-        };
+        let mut workers = Workers::default();
         if let Some(section) = sub_table(table, "workers", errors) {
             errors.unknown_keys("workers", section, &["count", "pin"]);
             workers.count = optional_integer(section, "workers", "count", 1, 1024, errors);
             workers.pin = optional_bool(section, "workers", "pin", errors).unwrap_or(false);
         }
 
-        let mut timeouts = Timeouts {
-            client_hello: Duration::from_secs(10),
-            connect: Duration::from_secs(5),
-            idle: Duration::from_secs(3600),
-            write_stall: DEFAULT_WRITE_STALL,
-        };
+        let mut timeouts = Timeouts::default();
         if let Some(section) = sub_table(table, "timeouts", errors) {
             errors.unknown_keys(
                 "timeouts",
@@ -252,11 +293,7 @@ impl Config {
             }
         }
 
-        let mut limits = Limits {
-            max_connections: None,
-            client_hello_max_bytes: DEFAULT_MAX_HELLO_BYTES,
-            endpoint_backoff: Duration::from_secs(5),
-        };
+        let mut limits = Limits::default();
         if let Some(section) = sub_table(table, "limits", errors) {
             errors.unknown_keys(
                 "limits",
@@ -309,10 +346,7 @@ impl Config {
             endpoint_list(section, "default_route", errors)
         });
 
-        let mut access_log = AccessLog {
-            target: AccessLogTarget::Off,
-            redact_addresses: false,
-        };
+        let mut access_log = AccessLog::default();
         if let Some(section) = sub_table(table, "access_log", errors) {
             errors.unknown_keys("access_log", section, &["path", "redact_addresses"]);
             if let Some(path) = required_string(section, "access_log", "path", errors) {
@@ -591,6 +625,26 @@ fn optional_duration(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `gateway mesh` without `--config` builds its configuration from values, not from TOML
+    /// text; it must be what the same file would give, defaults included.
+    #[test]
+    fn a_configuration_from_values_has_the_files_defaults() {
+        let address: SocketAddr = "127.0.0.1:8443".parse().expect("addr");
+        let admin: SocketAddr = "127.0.0.1:19000".parse().expect("addr");
+        let built = Config::with_listeners(
+            vec![Listener {
+                name: "mesh".into(),
+                address,
+            }],
+            Some(admin),
+        );
+        let parsed = Config::parse(&format!(
+            "[[listener]]\nname = \"mesh\"\naddress = \"{address}\"\n[admin]\naddress = \"{admin}\"\n"
+        ))
+        .expect("parse");
+        assert_eq!(built, parsed);
+    }
 
     const DESIGN_EXAMPLE: &str = r#"
 [[listener]]

@@ -17,6 +17,8 @@ use crate::handover::{Offer, OfferedListener};
 use crate::logging::LogFilter;
 use crate::metrics::{Metrics, ReloadSource};
 use crate::notify::Notifier;
+use crate::route_source::RouteOrigin;
+use crate::routes::{RouteSpec, RouteTable};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::worker::{Shared, WorkerCommand};
 
@@ -54,8 +56,8 @@ pub struct Control {
     /// The configuration the snapshot in force was built from.
     pub config: Mutex<Config>,
     pub ready: AtomicBool,
-    /// `gateway mesh`: routes come from the control plane; a reload keeps them.
-    pub routes_from_control_plane: AtomicBool,
+    /// Where routes come from; with a source (`gateway mesh`) a reload keeps its routes.
+    pub routes: RouteOrigin,
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
@@ -78,6 +80,7 @@ pub struct ControlParts {
     pub shared: Arc<Shared>,
     pub config_path: PathBuf,
     pub config: Config,
+    pub routes: RouteOrigin,
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
@@ -99,7 +102,7 @@ impl Control {
             config_path: parts.config_path,
             config: Mutex::new(parts.config),
             ready: AtomicBool::new(false),
-            routes_from_control_plane: AtomicBool::new(false),
+            routes: parts.routes,
             notifier: parts.notifier,
             log_filter: parts.log_filter,
             access_log: parts.access_log,
@@ -136,9 +139,6 @@ impl Control {
         match &result {
             Ok(generation) => {
                 control
-                    .config_generation
-                    .store(*generation, Ordering::Relaxed);
-                control
                     .last_reload_success_unix
                     .store(unix_now(), Ordering::Relaxed);
                 tracing::info!(?source, generation, "configuration reloaded");
@@ -159,12 +159,11 @@ impl Control {
         }
         let mut config = Config::load(&self.config_path)?;
         let mut current = lock(&self.config);
-        if self.routes_from_control_plane.load(Ordering::Relaxed) {
+        if let RouteOrigin::Source(_) = self.routes {
             config.routes = current.routes.clone();
             config.default_route = None;
         }
-        let generation = self.snapshot.load().generation + 1;
-        let snapshot = Snapshot::build(&config, generation, &self.metrics).map_err(|e| vec![e])?;
+        let table = config.route_table().map_err(|e| vec![e])?;
         let plan = self.plan_listeners(&config.listeners)?;
         for ignored in static_changes(&current, &config) {
             tracing::warn!(
@@ -172,10 +171,42 @@ impl Control {
                 "changed in the file but needs a restart; ignored"
             );
         }
-        self.snapshot.store(Arc::new(snapshot));
+        let generation = self.publish(&mut current, config, table);
         self.apply_listeners(plan);
-        *current = config;
         Ok(generation)
+    }
+
+    /// Publish `routes` from the route source as a new snapshot (the file's listeners,
+    /// timeouts and limits stay). Returns the gateway's new generation.
+    pub fn publish_routes(&self, routes: Vec<RouteSpec>) -> Result<u64, String> {
+        let mut current = lock(&self.config);
+        let mut next = current.clone();
+        next.routes = routes;
+        let table = next.route_table()?;
+        Ok(self.publish(&mut current, next, table))
+    }
+
+    /// The one way a snapshot replaces the one in force, for a reload and for a route
+    /// source alike: its destinations get their metric slots, workers see it on their next
+    /// accepted connection, the generation gauge moves, and `config` becomes the
+    /// configuration in force. Everything that can fail was checked before.
+    fn publish(&self, current: &mut Config, config: Config, table: RouteTable) -> u64 {
+        let generation = self.snapshot.load().generation + 1;
+        let slots = self.metrics.registry.destination_slots(&table);
+        let snapshot = Snapshot::new(table, slots, &config, generation);
+        self.snapshot.store(Arc::new(snapshot));
+        self.metrics
+            .control
+            .config_generation
+            .store(generation, Ordering::Relaxed);
+        *current = config;
+        generation
+    }
+
+    /// `/metrics`: the gateway's own, with the route source's.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(&self.snapshot.load(), self.routes.source())
     }
 
     /// Work out which listeners to close and which to open, binding the new ones now so a

@@ -10,7 +10,7 @@ pub mod registry;
 mod render;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clienthello::Reject;
@@ -320,9 +320,6 @@ pub struct ControlStats {
     pub max_connections: AtomicU64,
     /// Access-log lines dropped because the writer could not keep up (shared with it).
     pub access_log_dropped: Arc<AtomicU64>,
-    /// The route source's own metrics (`gateway mesh`: the control-plane follower's), set
-    /// once at start-up when routes do not come from the file.
-    pub route_source: OnceLock<Arc<dyn crate::route_source::RouteSource>>,
 }
 
 impl ControlStats {

@@ -8,7 +8,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use crate::config::MAX_LISTENERS;
-use crate::routes::DestinationLabels;
+use crate::routes::{DestinationLabels, RouteTable};
 
 /// Destination label sets are capped so a control plane with a huge catalog cannot blow up
 /// the scrape; values beyond the cap share the `__overflow__` slot, which is itself counted.
@@ -91,6 +91,15 @@ impl Registry {
         }
         destinations.overflowed += 1;
         OVERFLOW_SLOT
+    }
+
+    /// The counter slot of each cluster of `table`, in table order.
+    pub fn destination_slots(&self, table: &RouteTable) -> Vec<usize> {
+        table
+            .clusters()
+            .iter()
+            .map(|cluster| self.destination_slot(&cluster.labels))
+            .collect()
     }
 
     /// The named destinations by slot, and how many label sets went to the overflow slot.

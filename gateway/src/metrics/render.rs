@@ -11,6 +11,7 @@ use super::{
     DestinationStats, HelloOutcome, Histogram, ListenerStats, Metrics, WorkerStats, ACCEPT_ERRORS,
     CLOSE_REASONS, CONNECT_FAILURES, HELLO_OUTCOMES,
 };
+use crate::route_source::RouteSource;
 use crate::routes::DestinationLabels;
 use crate::snapshot::Snapshot;
 
@@ -25,8 +26,8 @@ type Header = Option<(Kind, &'static str)>;
 
 impl Metrics {
     /// Render the Prometheus text exposition format (version 0.0.4). `snapshot` is the one in
-    /// force, for endpoint membership.
-    pub fn render(&self, snapshot: &Snapshot) -> String {
+    /// force, for endpoint membership; `source` adds a route source's own metrics.
+    pub fn render(&self, snapshot: &Snapshot, source: Option<&dyn RouteSource>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let mut w = Writer::new(&mut out);
         let listeners = self.registry.named_listeners();
@@ -354,7 +355,7 @@ impl Metrics {
             "Access-log lines dropped because the writer could not keep up.",
             control.access_log_dropped.load(Ordering::Relaxed),
         );
-        if let Some(source) = control.route_source.get() {
+        if let Some(source) = source {
             source.render_metrics(&mut w);
         }
         self.render_endpoints(&mut w, snapshot, &destinations);
@@ -477,7 +478,9 @@ mod tests {
         for listener in &config.listeners {
             metrics.registry.listener_slot(&listener.name);
         }
-        let snapshot = Snapshot::build(&config, 3, &metrics).expect("snapshot");
+        let table = config.route_table().expect("routes");
+        let slots = metrics.registry.destination_slots(&table);
+        let snapshot = Snapshot::new(table, slots, &config, 3);
         let w = &metrics.workers[1];
         w.listeners[0].hello(HelloOutcome::SniFound);
         w.listeners[1].hello(HelloOutcome::Eof);
@@ -503,7 +506,7 @@ mod tests {
             .config_generation
             .store(3, Ordering::Relaxed);
 
-        let text = metrics.render(&snapshot);
+        let text = metrics.render(&snapshot, None);
         let (ours, process) = text
             .split_once("# HELP process_")
             .expect("process metrics at the end");
