@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use gateway::config::Config;
+use gateway::config::{Config, ConfigError, Problem};
 
 mod mesh;
 
@@ -75,7 +75,12 @@ fn main() -> ExitCode {
             match parsed.admin_token_file.as_deref() {
                 Some(path) => gateway::admin::AdminToken::load(path)
                     .map(|_| parsed)
-                    .map_err(|error| vec![format!("admin.token_file: {error}")]),
+                    .map_err(|error| {
+                        vec![ConfigError::Key {
+                            key: "admin.token_file".into(),
+                            problem: Problem::Invalid(error.to_string()),
+                        }]
+                    }),
                 None => Ok(parsed),
             }
         }) {

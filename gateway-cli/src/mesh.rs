@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use gateway::config::{Config, Listener};
+use gateway::config::{Config, ConfigErrors, Listener};
 use gateway::control::Control;
 use gateway::route_source::{RouteSource, SourceFuture};
 use gateway::routes::{Pattern, RouteSpec};
@@ -28,7 +28,7 @@ pub use mesh_client::consul_cli::MeshArgs as Args;
 
 /// The configuration the runtime starts with: the file's, or one listener on `-address`.
 /// Routes come from the control plane only.
-pub fn initial_config(args: &Args) -> Result<Config, Vec<String>> {
+pub fn initial_config(args: &Args) -> Result<Config, ConfigErrors> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::with_listeners(
@@ -242,7 +242,7 @@ impl Follower {
 }
 
 impl RouteSource for Follower {
-    fn initial_config(&self) -> Result<Config, Vec<String>> {
+    fn initial_config(&self) -> Result<Config, ConfigErrors> {
         initial_config(&self.args)
     }
 

@@ -264,7 +264,9 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
             ),
             Err(errors) => json(
                 StatusCode::BAD_REQUEST,
-                &serde_json::json!({ "errors": errors }),
+                &serde_json::json!({
+                    "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>()
+                }),
             ),
         },
         (Method::POST, "/drain") => {

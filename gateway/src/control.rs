@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::access_log::AccessLogControl;
-use crate::config::{Config, Listener};
+use crate::config::{Config, ConfigError, Listener};
 use crate::handover::{Offer, OfferedListener};
 use crate::logging::LogFilter;
 use crate::metrics::{Metrics, ReloadSource};
@@ -37,6 +37,27 @@ pub struct ListenerEntry {
     /// The address the sockets are bound to.
     pub resolved: SocketAddr,
     pub sockets: Vec<std::net::TcpListener>,
+}
+
+/// Why a reload was refused; the configuration in force stays. `Display` is what the log and
+/// `POST /reload`'s `errors` say.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway is draining (an operator or a hand-over asked it to stop).
+    #[error("draining: reloads are refused")]
+    Draining,
+    /// The file has an error (the operator's to fix).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Every listener slot this process may name is used; a restart frees them.
+    #[error("listener `{name}`: this process has used all {max} listener slots; restart to add more", max = crate::config::MAX_LISTENERS)]
+    ListenerSlots { name: String },
+    /// A new listener's sockets cannot be opened (the address is taken or not ours).
+    #[error("listener `{name}`: {source}")]
+    Listen {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// What the admin API and the hand-over thread ask of the control loop.
@@ -128,7 +149,7 @@ impl Control {
 
     /// Re-read the file and publish a new snapshot, opening and closing listeners as the file
     /// says; a bad file (or a listener that cannot be bound) keeps everything as it was.
-    pub fn reload(&self, source: ReloadSource) -> Result<u64, Vec<String>> {
+    pub fn reload(&self, source: ReloadSource) -> Result<u64, Vec<ReloadError>> {
         let draining = self.draining();
         if !draining {
             self.notifier.reloading();
@@ -144,7 +165,12 @@ impl Control {
                 tracing::info!(?source, generation, "configuration reloaded");
             }
             Err(errors) => {
-                tracing::error!(?source, errors = %errors.join("; "), "reload failed; keeping the configuration in force");
+                let errors = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::error!(?source, %errors, "reload failed; keeping the configuration in force");
             }
         }
         if !draining {
@@ -153,17 +179,27 @@ impl Control {
         result
     }
 
-    fn try_reload(&self) -> Result<u64, Vec<String>> {
+    fn try_reload(&self) -> Result<u64, Vec<ReloadError>> {
         if self.draining() {
-            return Err(vec!["draining: reloads are refused".into()]);
+            return Err(vec![ReloadError::Draining]);
         }
-        let mut config = Config::load(&self.config_path)?;
+        let mut config = Config::load(&self.config_path).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(ReloadError::from)
+                .collect::<Vec<_>>()
+        })?;
         let mut current = lock(&self.config);
         if let RouteOrigin::Source(_) = self.routes {
             config.routes = current.routes.clone();
             config.default_route = None;
         }
-        let table = config.route_table().map_err(|e| vec![e])?;
+        let table = config.route_table().map_err(|error| {
+            vec![ReloadError::Config(ConfigError::Key {
+                key: "route".into(),
+                problem: crate::config::Problem::Invalid(error),
+            })]
+        })?;
         let plan = self.plan_listeners(&config.listeners)?;
         for ignored in static_changes(&current, &config) {
             tracing::warn!(
@@ -212,7 +248,7 @@ impl Control {
     /// Work out which listeners to close and which to open, binding the new ones now so a
     /// busy port fails the reload before anything changed. A listener whose address a removed
     /// listener had takes that listener's sockets over (no rebind, no lost queue).
-    fn plan_listeners(&self, wanted: &[Listener]) -> Result<ListenerPlan, Vec<String>> {
+    fn plan_listeners(&self, wanted: &[Listener]) -> Result<ListenerPlan, Vec<ReloadError>> {
         let entries = lock(&self.listeners);
         let same = |entry: &ListenerEntry, listener: &Listener| {
             entry.name == listener.name && entry.configured == listener.address
@@ -230,11 +266,9 @@ impl Control {
             .filter(|listener| !entries.iter().any(|entry| same(entry, listener)))
         {
             let Some(slot) = self.metrics.registry.listener_slot(&listener.name) else {
-                errors.push(format!(
-                    "listener `{}`: this process has used all {} listener slots; restart to add more",
-                    listener.name,
-                    crate::config::MAX_LISTENERS
-                ));
+                errors.push(ReloadError::ListenerSlots {
+                    name: listener.name.clone(),
+                });
                 continue;
             };
             let moved = removed
@@ -267,7 +301,10 @@ impl Control {
                     resolved,
                     sockets,
                 }),
-                Err(error) => errors.push(format!("listener `{}`: {error}", listener.name)),
+                Err(source) => errors.push(ReloadError::Listen {
+                    name: listener.name.clone(),
+                    source,
+                }),
             }
         }
         if errors.is_empty() {

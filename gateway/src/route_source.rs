@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::control::Control;
 
 /// A future a route source runs on the control thread's runtime.
@@ -16,7 +16,7 @@ pub type SourceFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub trait RouteSource: Send + Sync + 'static {
     /// The configuration the runtime starts with (listeners, admin, workers, timeouts). Its
     /// routes are not used: the source publishes its own with [`Control::publish_routes`].
-    fn initial_config(&self) -> Result<Config, Vec<String>>;
+    fn initial_config(&self) -> Result<Config, ConfigErrors>;
 
     /// Follow the source until the process stops, publishing each new table with
     /// [`Control::publish_routes`] and setting `control.ready` once the first one is applied.

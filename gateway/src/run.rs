@@ -79,7 +79,11 @@ pub fn serve(
             "{} has {} error(s):\n  {}",
             config_path.display(),
             errors.len(),
-            errors.join("\n  ")
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )
     })?;
 
