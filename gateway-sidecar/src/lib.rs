@@ -257,6 +257,29 @@ impl Stats {
     }
 }
 
+/// A client's address in a log line: the address, or `redacted` under `-redact-addresses`.
+/// One value to log instead of a redacting and a non-redacting copy of each log statement.
+pub struct Peer {
+    address: std::net::SocketAddr,
+    redact: bool,
+}
+
+impl Peer {
+    pub fn new(address: std::net::SocketAddr, redact: bool) -> Peer {
+        Peer { address, redact }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.redact {
+            f.write_str("redacted")
+        } else {
+            self.address.fmt(f)
+        }
+    }
+}
+
 /// What every task and connection of the sidecar shares.
 pub struct Shared {
     pub client: Client,
@@ -500,5 +523,12 @@ mod tests {
         let text = stats.render();
         assert_eq!(text, include_str!("golden.prom"));
         assert!(text.starts_with(&without_control_plane));
+    }
+
+    #[test]
+    fn a_redacted_peer_shows_no_address() {
+        let address: std::net::SocketAddr = "192.0.2.7:40000".parse().expect("addr");
+        assert_eq!(Peer::new(address, false).to_string(), "192.0.2.7:40000");
+        assert_eq!(Peer::new(address, true).to_string(), "redacted");
     }
 }
