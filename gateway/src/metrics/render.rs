@@ -239,31 +239,26 @@ impl Metrics {
             }
         }
 
-        w.family(
-            "gateway_connection_duration_seconds",
-            Kind::Histogram,
-            "Lifetime of proxied pairs.",
-        );
-        for &(index, listener) in &listeners {
-            self.histogram(
-                &mut w,
+        type PerListener = fn(&WorkerStats) -> &[Histogram];
+        let listener_histograms: [(&str, &str, PerListener); 2] = [
+            (
                 "gateway_connection_duration_seconds",
-                &[("listener", listener)],
-                |w| &w.connection_duration[index],
-            );
-        }
-        w.family(
-            "gateway_client_hello_wait_seconds",
-            Kind::Histogram,
-            "Time from accept to a complete ClientHello.",
-        );
-        for &(index, listener) in &listeners {
-            self.histogram(
-                &mut w,
+                "Lifetime of proxied pairs.",
+                |w| &w.connection_duration,
+            ),
+            (
                 "gateway_client_hello_wait_seconds",
-                &[("listener", listener)],
-                |w| &w.hello_wait[index],
-            );
+                "Time from accept to a complete ClientHello.",
+                |w| &w.hello_wait,
+            ),
+        ];
+        for (name, help, per_listener) in listener_histograms {
+            w.family(name, Kind::Histogram, help);
+            for &(index, listener) in &listeners {
+                self.histogram(&mut w, name, &[("listener", listener)], |w| {
+                    &per_listener(w)[index]
+                });
+            }
         }
         w.family(
             "gateway_cluster_connect_duration_seconds",
