@@ -216,7 +216,7 @@ impl ConfigEntry {
             }
             "service-defaults" => {
                 let entry: ServiceDefaults = serde_json::from_value(value.clone()).map_err(fail)?;
-                crate::catalog::validate_name(&entry.name, "Name")?;
+                crate::names::validate_name(&entry.name, "Name")?;
                 if !matches!(
                     entry.protocol.as_str(),
                     "" | "tcp" | "http" | "http2" | "grpc"

@@ -22,6 +22,7 @@ pub mod error;
 pub mod http;
 pub mod intentions;
 pub mod metrics;
+pub mod names;
 pub mod remote_dc;
 pub mod replication;
 pub mod routes;

@@ -1,14 +1,16 @@
 //! `controlplane_*` metrics in the Prometheus text format.
 //!
-//! Hand-rolled because the set is small and fixed: a few counters with bounded labels (route
-//! templates, never raw paths or tokens), one histogram and a build-info gauge. Rendering happens
-//! only at scrape time, under one short-lived lock per family.
+//! The set is small and fixed: a few counters with bounded labels (route templates, never raw
+//! paths or tokens), one histogram and a build-info gauge, written with the workspace's one
+//! text writer (`prom_text`). Rendering happens only at scrape time, under one short-lived
+//! lock per family.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use prom_text::{Kind, Writer};
 
 /// Upper bounds (seconds) of the commit-latency histogram: an fsync on SSDs takes 0.1–10 ms,
 /// on spinning disks or busy CI machines up to a second.
@@ -177,7 +179,7 @@ impl Metrics {
         bump(&self.forwarded, result);
     }
 
-    fn render_replication(&self, out: &mut String) {
+    fn render_replication(&self, w: &mut Writer<'_>) {
         let gauges = self
             .replication
             .lock()
@@ -186,26 +188,21 @@ impl Metrics {
         if !gauges.is_empty() {
             let now = unix_now();
             let contact_age = self.primary_contact_age();
-            let _ = writeln!(out, "# HELP controlplane_replication_last_contact_seconds Seconds since the last successful exchange with the primary (heartbeat or fetch); +Inf if never.");
-            let _ = writeln!(
-                out,
-                "# TYPE controlplane_replication_last_contact_seconds gauge"
-            );
-            let _ = writeln!(
-                out,
-                "controlplane_replication_last_contact_seconds {}",
-                contact_age.map_or_else(|| "+Inf".to_owned(), |age| format!("{age}"))
+            w.single(
+                "controlplane_replication_last_contact_seconds",
+                Kind::Gauge,
+                "Seconds since the last successful exchange with the primary (heartbeat or fetch); +Inf if never.",
+                contact_age.unwrap_or(f64::INFINITY),
             );
             let contact_stale = contact_age.is_none_or(|age| age > CONTACT_STALE_AFTER);
-            let families: [(&str, &str, &str); 4] = [
-                ("controlplane_replication_status", "gauge", "1 if the last fetch and apply from the primary succeeded, else 0."),
-                ("controlplane_replication_index", "gauge", "The primary's index of the last applied snapshot."),
-                ("controlplane_replication_last_success_timestamp_seconds", "gauge", "When the last snapshot was applied (Unix seconds)."),
-                ("controlplane_replication_lag_seconds", "gauge", "How stale the local copy may be: 0 while healthy (a blocking query is open on an up-to-date copy), else the time since the last success."),
+            let families: [(&str, &str); 4] = [
+                ("controlplane_replication_status", "1 if the last fetch and apply from the primary succeeded, else 0."),
+                ("controlplane_replication_index", "The primary's index of the last applied snapshot."),
+                ("controlplane_replication_last_success_timestamp_seconds", "When the last snapshot was applied (Unix seconds)."),
+                ("controlplane_replication_lag_seconds", "How stale the local copy may be: 0 while healthy (a blocking query is open on an up-to-date copy), else the time since the last success."),
             ];
-            for (name, kind_of, help) in families {
-                let _ = writeln!(out, "# HELP {name} {help}");
-                let _ = writeln!(out, "# TYPE {name} {kind_of}");
+            for (name, help) in families {
+                w.family(name, Kind::Gauge, help);
                 for (kind, g) in &gauges {
                     // A stream that last said "healthy" is not, once the primary has been
                     // silent too long; its copy is then as stale as the last contact.
@@ -228,230 +225,184 @@ impl Metrics {
                             .last_success_unix
                             .map_or(f64::INFINITY, |t| (now - t).max(0.0)),
                     };
-                    let value = if value.is_infinite() {
-                        "+Inf".to_owned()
-                    } else {
-                        format!("{value}")
-                    };
-                    let _ = writeln!(out, "{name}{{type=\"{kind}\"}} {value}");
+                    w.sample(name, &[("type", kind)], value);
                 }
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_replication_resets_total Full resyncs after the primary's index went backwards."
-        );
-        let _ = writeln!(out, "# TYPE controlplane_replication_resets_total counter");
-        for (kind, n) in self
-            .replication_resets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "controlplane_replication_resets_total{{type=\"{kind}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_replication_ca_changes_refused_total CA changes from the primary the secondary refused (another trust domain, or a root that does not chain to the held one)."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE controlplane_replication_ca_changes_refused_total counter"
-        );
-        for (reason, n) in self
-            .ca_changes_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "controlplane_replication_ca_changes_refused_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_forwarded_writes_total Writes a secondary forwarded to the primary."
-        );
-        let _ = writeln!(out, "# TYPE controlplane_forwarded_writes_total counter");
-        for (result, n) in self
-            .forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "controlplane_forwarded_writes_total{{result=\"{result}\"}} {n}"
-            );
+        let by_label: [(&str, &str, &str, &Counts); 3] = [
+            (
+                "controlplane_replication_resets_total",
+                "Full resyncs after the primary's index went backwards.",
+                "type",
+                &self.replication_resets,
+            ),
+            (
+                "controlplane_replication_ca_changes_refused_total",
+                "CA changes from the primary the secondary refused (another trust domain, or a root that does not chain to the held one).",
+                "reason",
+                &self.ca_changes_refused,
+            ),
+            (
+                "controlplane_forwarded_writes_total",
+                "Writes a secondary forwarded to the primary.",
+                "result",
+                &self.forwarded,
+            ),
+        ];
+        for (name, help, label, counts) in by_label {
+            counter_family(w, name, help, label, counts);
         }
     }
 
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_build_info Build information; always 1."
+        let mut w = Writer::new(&mut out);
+        w.family(
+            "controlplane_build_info",
+            Kind::Gauge,
+            "Build information; always 1.",
         );
-        let _ = writeln!(out, "# TYPE controlplane_build_info gauge");
-        let _ = writeln!(
-            out,
-            "controlplane_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
+        w.sample(
+            "controlplane_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1u64,
         );
 
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_http_requests_total HTTP API requests."
+        w.family(
+            "controlplane_http_requests_total",
+            Kind::Counter,
+            "HTTP API requests.",
         );
-        let _ = writeln!(out, "# TYPE controlplane_http_requests_total counter");
         for ((method, route, code), n) in self
             .http_requests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(
-                out,
-                "controlplane_http_requests_total{{method=\"{method}\",route=\"{}\",code=\"{code}\"}} {n}",
-                escape(route)
+            w.sample(
+                "controlplane_http_requests_total",
+                &[
+                    ("method", method),
+                    ("route", route),
+                    ("code", &code.to_string()),
+                ],
+                *n,
             );
         }
 
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_acl_denied_total Requests refused by an ACL check."
+        w.family(
+            "controlplane_acl_denied_total",
+            Kind::Counter,
+            "Requests refused by an ACL check.",
         );
-        let _ = writeln!(out, "# TYPE controlplane_acl_denied_total counter");
         for (route, n) in self
             .acl_denied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(
-                out,
-                "controlplane_acl_denied_total{{route=\"{}\"}} {n}",
-                escape(route)
-            );
+            w.sample("controlplane_acl_denied_total", &[("route", route)], *n);
         }
 
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_leaf_certs_signed_total Leaf CSR signing outcomes."
+        counter_family(
+            &mut w,
+            "controlplane_leaf_certs_signed_total",
+            "Leaf CSR signing outcomes.",
+            "result",
+            &self.leaf_certs,
         );
-        let _ = writeln!(out, "# TYPE controlplane_leaf_certs_signed_total counter");
-        for (result, n) in self
-            .leaf_certs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "controlplane_leaf_certs_signed_total{{result=\"{result}\"}} {n}"
-            );
-        }
 
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_blocking_queries_active Blocking queries held open."
-        );
-        let _ = writeln!(out, "# TYPE controlplane_blocking_queries_active gauge");
-        let _ = writeln!(
-            out,
-            "controlplane_blocking_queries_active {}",
-            self.blocking_active.load(Ordering::Relaxed)
+        w.single(
+            "controlplane_blocking_queries_active",
+            Kind::Gauge,
+            "Blocking queries held open.",
+            self.blocking_active.load(Ordering::Relaxed),
         );
 
         let expiry = self.root_expiry.load(Ordering::Relaxed);
         if expiry > 0 {
-            let _ = writeln!(out, "# HELP controlplane_ca_root_expiry_timestamp_seconds When the active CA root expires.");
-            let _ = writeln!(
-                out,
-                "# TYPE controlplane_ca_root_expiry_timestamp_seconds gauge"
-            );
-            let _ = writeln!(
-                out,
-                "controlplane_ca_root_expiry_timestamp_seconds {expiry}"
+            w.single(
+                "controlplane_ca_root_expiry_timestamp_seconds",
+                Kind::Gauge,
+                "When the active CA root expires.",
+                expiry,
             );
         }
 
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_store_commit_duration_seconds Durable store commit latency."
+        w.family(
+            "controlplane_store_commit_duration_seconds",
+            Kind::Histogram,
+            "Durable store commit latency.",
         );
-        let _ = writeln!(
-            out,
-            "# TYPE controlplane_store_commit_duration_seconds histogram"
+        // The buckets are counted cumulatively as commits are observed.
+        w.histogram(
+            "controlplane_store_commit_duration_seconds",
+            &[],
+            COMMIT_BUCKETS
+                .iter()
+                .zip(&self.commit_buckets)
+                .map(|(bound, bucket)| (*bound, bucket.load(Ordering::Relaxed))),
+            self.commit_count.load(Ordering::Relaxed),
+            self.commit_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         );
-        for (bucket, bound) in self.commit_buckets.iter().zip(COMMIT_BUCKETS) {
-            let _ = writeln!(
-                out,
-                "controlplane_store_commit_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.commit_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "controlplane_store_commit_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        w.single(
+            "controlplane_store_healthy",
+            Kind::Gauge,
+            "1 if the store takes writes, 0 if it is read-only after a failed disk write.",
+            !self.store_unhealthy.load(Ordering::Relaxed),
         );
-        let sum = self.commit_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "controlplane_store_commit_duration_seconds_sum {sum}");
-        let _ = writeln!(
-            out,
-            "controlplane_store_commit_duration_seconds_count {count}"
+        counter_family(
+            &mut w,
+            "controlplane_store_corrupt_records_total",
+            "Stored records whose checksum did not match when read (never served).",
+            "table",
+            &self.store_corrupt,
         );
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_store_healthy 1 if the store takes writes, 0 if it is read-only after a failed disk write."
-        );
-        let _ = writeln!(out, "# TYPE controlplane_store_healthy gauge");
-        let _ = writeln!(
-            out,
-            "controlplane_store_healthy {}",
-            u8::from(!self.store_unhealthy.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(
-            out,
-            "# HELP controlplane_store_corrupt_records_total Stored records whose checksum did not match when read (never served)."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE controlplane_store_corrupt_records_total counter"
-        );
-        for (table, n) in self
-            .store_corrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "controlplane_store_corrupt_records_total{{table=\"{table}\"}} {n}"
-            );
-        }
-        self.render_replication(&mut out);
+        self.render_replication(&mut w);
         out
     }
 }
 
-/// Escapes a label value per the text format: backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Counts by one bounded label value.
+type Counts = Mutex<BTreeMap<&'static str, u64>>;
+
+/// A counter family with one label, one series per key counted so far.
+fn counter_family(w: &mut Writer<'_>, name: &str, help: &str, label: &str, counts: &Counts) {
+    w.family(name, Kind::Counter, help);
+    for (value, n) in counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        w.sample(name, &[(label, value)], *n);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/metrics` is a contract (DESIGN.md "Observability"): `metrics_golden.prom` is what the
+    /// hand-written renderer this one replaced wrote for these values, byte for byte (label
+    /// escaping included).
+    #[test]
+    fn the_text_is_byte_compatible_with_the_contract() {
+        let metrics = Metrics::default();
+        metrics.count_request("GET", "/v1/catalog/\"x\"\\y\nz", 200);
+        metrics.count_request("PUT", "/v1/kv", 403);
+        metrics.count_acl_denied("/v1/acl/\"t\"");
+        metrics.count_leaf("ok");
+        metrics.count_leaf("ok");
+        metrics.count_leaf("denied");
+        metrics.observe_commit(Duration::from_micros(700));
+        metrics.observe_commit(Duration::from_millis(30));
+        metrics.blocking_queries(3);
+        metrics.set_root_expiry(1_900_000_000);
+        metrics.count_corrupt_record("catalog");
+        metrics.count_replication_reset("intentions");
+        metrics.count_ca_change_refused("root");
+        metrics.count_forwarded("ok");
+        metrics.set_replication("intentions", true, 12, Some(5.5));
+        metrics.set_replication("ca-roots", false, 0, None);
+        assert_eq!(metrics.render(), include_str!("metrics_golden.prom"));
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

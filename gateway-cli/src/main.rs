@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use gateway::config::Config;
+use gateway::config::{Config, ConfigError, Problem};
 
 mod mesh;
 
@@ -75,7 +75,12 @@ fn main() -> ExitCode {
             match parsed.admin_token_file.as_deref() {
                 Some(path) => gateway::admin::AdminToken::load(path)
                     .map(|_| parsed)
-                    .map_err(|error| vec![format!("admin.token_file: {error}")]),
+                    .map_err(|error| {
+                        vec![ConfigError::Key {
+                            key: "admin.token_file".into(),
+                            problem: Problem::Invalid(error.to_string()),
+                        }]
+                    }),
                 None => Ok(parsed),
             }
         }) {
@@ -101,7 +106,11 @@ fn main() -> ExitCode {
             let args = command.into_args();
             let config = args.config.clone().unwrap_or_default();
             let source = Arc::new(mesh::Follower::new(args));
-            exit(gateway::run::serve(&config, Some(log_filter), Some(source)))
+            exit(gateway::run::serve(
+                &config,
+                Some(log_filter),
+                gateway::route_source::RouteOrigin::Source(source),
+            ))
         }
         Command::Sidecar(command) => exit(gateway_sidecar::run(command.into_args())),
     }

@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use gateway::config::Config;
+use gateway::config::{Config, ConfigErrors, Listener};
 use gateway::control::Control;
-use gateway::route_source::{publish, RouteSource, SourceFuture};
+use gateway::route_source::{RouteSource, SourceFuture};
 use gateway::routes::{Pattern, RouteSpec};
 use mesh_client::cp_client::{backoff, Client, ControlPlaneStats};
 use mesh_client::watch::Watch;
@@ -28,13 +28,16 @@ pub use mesh_client::consul_cli::MeshArgs as Args;
 
 /// The configuration the runtime starts with: the file's, or one listener on `-address`.
 /// Routes come from the control plane only.
-pub fn initial_config(args: &Args) -> Result<Config, Vec<String>> {
+pub fn initial_config(args: &Args) -> Result<Config, ConfigErrors> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
-        None => Config::parse(&format!(
-            "[[listener]]\nname = \"mesh\"\naddress = \"{}\"\n\n[admin]\naddress = \"{}\"\n",
-            args.address, args.admin_bind
-        ))?,
+        None => Config::with_listeners(
+            vec![Listener {
+                name: "mesh".into(),
+                address: args.address,
+            }],
+            Some(args.admin_bind),
+        ),
     };
     config.routes.clear();
     config.default_route = None;
@@ -215,7 +218,7 @@ impl Follower {
                 continue;
             }
             let count = routes.len();
-            match publish(&control, routes.clone()) {
+            match control.publish_routes(routes.clone()) {
                 Ok(local) => {
                     tracing::info!(
                         control_plane_generation = generation,
@@ -239,7 +242,7 @@ impl Follower {
 }
 
 impl RouteSource for Follower {
-    fn initial_config(&self) -> Result<Config, Vec<String>> {
+    fn initial_config(&self) -> Result<Config, ConfigErrors> {
         initial_config(&self.args)
     }
 
@@ -255,7 +258,7 @@ impl RouteSource for Follower {
         })
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn render_metrics(&self, out: &mut prom_text::Writer<'_>) {
         self.stats.render(out);
     }
 }

@@ -267,16 +267,21 @@ fn a_bad_file_keeps_serving_with_the_old_routes() {
     );
     assert_eq!(served(&gateway), b"old");
     // A listener that cannot be bound (the port is taken) fails the whole reload: the
-    // route change in the same file is not applied either.
+    // route change in the same file is not applied either, and the refused snapshot's new
+    // destination gets no metric slot (building a snapshot registers nothing).
     let busy = TcpListener::bind("127.0.0.1:0").expect("busy port");
     let other = tag_backend("new");
     let config = base_config(
         gateway.listen,
         gateway.admin,
         &format!(
-            "[[listener]]\nname = \"busy\"\naddress = \"{}\"\n\n{}",
+            "[[listener]]\nname = \"busy\"\naddress = \"{}\"\n\n{}{}",
             busy.local_addr().expect("addr"),
-            route(&sni, &[other.address])
+            route(&sni, &[other.address]),
+            route(
+                "refused.default.dc9.internal.11111111-2222-3333-4444-555555555555.consul",
+                &[other.address]
+            )
         ),
     );
     std::fs::write(&gateway.config_path, config).expect("rewrite");
@@ -286,6 +291,12 @@ fn a_bad_file_keeps_serving_with_the_old_routes() {
     assert_eq!(served(&gateway), b"old");
     assert_eq!(gateway.metric("gateway_config_generation"), 1.0);
     assert!(gateway.stderr().contains("reload failed"), "logged");
+    let (status, metrics) = http(gateway.admin, "GET", "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        !metrics.contains("destination_service=\"refused\""),
+        "a refused reload named a destination: {metrics}"
+    );
 }
 
 #[test]

@@ -161,22 +161,11 @@ pub async fn serve_public(shared: Arc<Shared>, listener: TcpListener) {
             if let Err(refusal) = public_connection(&shared, stream).await {
                 shared.stats.refused(refusal.kind);
                 let reason = refusal.kind.label();
-                match (
-                    refusal.kind == Refusal::ClientClosed,
-                    shared.redact_addresses,
-                ) {
-                    (true, false) => {
-                        tracing::debug!(%peer, "client closed before the TLS handshake completed")
-                    }
-                    (true, true) => {
-                        tracing::debug!("client closed before the TLS handshake completed")
-                    }
-                    (false, false) => {
-                        tracing::warn!(%peer, reason, detail = %refusal.detail, "inbound connection refused")
-                    }
-                    (false, true) => {
-                        tracing::warn!(reason, detail = %refusal.detail, "inbound connection refused")
-                    }
+                let peer = crate::Peer::new(peer, shared.redact_addresses);
+                if refusal.kind == Refusal::ClientClosed {
+                    tracing::debug!(%peer, "client closed before the TLS handshake completed")
+                } else {
+                    tracing::warn!(%peer, reason, detail = %refusal.detail, "inbound connection refused")
                 }
             }
         });

@@ -24,7 +24,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,38 +172,57 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// The admin token from `[admin] token_file`. Compared in constant time, and never printed.
 pub struct AdminToken(Vec<u8>);
 
+/// Why `[admin] token_file` cannot be used; the gateway does not start (and `validate` fails).
+/// Every variant is the operator's to fix, in the file or its permissions.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// The file cannot be opened or read.
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Group or others may read or write it: a token anyone can read guards nothing.
+    #[error("{} is readable or writable by group or others (mode {mode:o}); chmod 600 it", path.display())]
+    TooOpen { path: PathBuf, mode: u32 },
+    /// Longer than a token can be.
+    #[error("{}: longer than {MAX_TOKEN_BYTES} bytes", path.display())]
+    TooLong { path: PathBuf },
+    /// Nothing but whitespace.
+    #[error("{} is empty", path.display())]
+    Empty { path: PathBuf },
+}
+
 impl AdminToken {
     /// Read the token (surrounding whitespace trimmed). The file must not be readable by group
     /// or others, like an ssh key: a token anyone can read guards nothing.
-    pub fn load(path: &Path) -> Result<AdminToken, String> {
+    pub fn load(path: &Path) -> Result<AdminToken, AdminTokenError> {
         use std::io::Read;
         use std::os::unix::fs::PermissionsExt;
-        let file =
-            std::fs::File::open(path).map_err(|error| format!("{}: {error}", path.display()))?;
-        let metadata = file
-            .metadata()
-            .map_err(|error| format!("{}: {error}", path.display()))?;
+        let path_buf = || path.to_owned();
+        let unreadable = |source| AdminTokenError::Unreadable {
+            path: path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(unreadable)?;
+        let metadata = file.metadata().map_err(unreadable)?;
         let mode = metadata.permissions().mode();
         if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} is readable or writable by group or others (mode {:o}); chmod 600 it",
-                path.display(),
-                mode & 0o777
-            ));
+            return Err(AdminTokenError::TooOpen {
+                path: path_buf(),
+                mode: mode & 0o777,
+            });
         }
         let mut text = String::new();
         file.take(MAX_TOKEN_BYTES + 1)
             .read_to_string(&mut text)
-            .map_err(|error| format!("{}: {error}", path.display()))?;
+            .map_err(unreadable)?;
         if text.len() as u64 > MAX_TOKEN_BYTES {
-            return Err(format!(
-                "{}: longer than {MAX_TOKEN_BYTES} bytes",
-                path.display()
-            ));
+            return Err(AdminTokenError::TooLong { path: path_buf() });
         }
         let token = text.trim();
         if token.is_empty() {
-            return Err(format!("{} is empty", path.display()));
+            return Err(AdminTokenError::Empty { path: path_buf() });
         }
         Ok(AdminToken(token.as_bytes().to_vec()))
     }
@@ -231,7 +250,7 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
         (Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            control.metrics.render(&control.snapshot.load()),
+            control.render_metrics(),
         ),
         (Method::GET, "/ready") => {
             if control.draining() {
@@ -264,7 +283,9 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
             ),
             Err(errors) => json(
                 StatusCode::BAD_REQUEST,
-                &serde_json::json!({ "errors": errors }),
+                &serde_json::json!({
+                    "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>()
+                }),
             ),
         },
         (Method::POST, "/drain") => {
@@ -390,6 +411,42 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_file_problems_are_typed_and_read_as_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gateway-admin-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("token");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write("secret\n", 0o644);
+        let open = AdminToken::load(&path).err();
+        write("  \n", 0o600);
+        let empty = AdminToken::load(&path).err();
+        write("secret\n", 0o600);
+        let fine = AdminToken::load(&path);
+        let missing = AdminToken::load(&dir.join("absent")).err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(&open, Some(AdminTokenError::TooOpen { mode: 0o644, .. })),
+            "{open:?}"
+        );
+        assert!(open
+            .map(|e| e.to_string())
+            .is_some_and(|text| text.ends_with("(mode 644); chmod 600 it")));
+        assert!(
+            matches!(empty, Some(AdminTokenError::Empty { .. })),
+            "{empty:?}"
+        );
+        assert!(fine.is_ok_and(|token| token.matches("secret")));
+        assert!(
+            matches!(missing, Some(AdminTokenError::Unreadable { .. })),
+            "{missing:?}"
+        );
+    }
 
     #[test]
     fn host_must_name_the_address_reached() {

@@ -48,7 +48,7 @@ pub struct Listener {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Workers {
     /// `None`: one per CPU in the process's affinity mask.
     pub count: Option<usize>,
@@ -113,16 +113,71 @@ impl Default for Drain {
     }
 }
 
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            client_hello: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(3600),
+            write_stall: DEFAULT_WRITE_STALL,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: None,
+            client_hello_max_bytes: DEFAULT_MAX_HELLO_BYTES,
+            endpoint_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for AccessLog {
+    fn default() -> AccessLog {
+        AccessLog {
+            target: AccessLogTarget::Off,
+            redact_addresses: false,
+        }
+    }
+}
+
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| vec![format!("{}: {error}", path.display())])?;
+    /// A configuration of `listeners` and an admin address with every other setting at the
+    /// file's defaults and no routes (`gateway mesh` without `--config`: its routes come from
+    /// the control plane).
+    pub fn with_listeners(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> Config {
+        Config {
+            listeners,
+            admin,
+            handover_socket: None,
+            admin_token_file: None,
+            workers: Workers::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            routes: Vec::new(),
+            default_route: None,
+            access_log: AccessLog::default(),
+            drain: Drain::default(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            vec![ConfigError::Unreadable {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            }]
+        })?;
         Config::parse(&text)
     }
 
-    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         let table: Table = text.parse().map_err(|error: toml::de::Error| {
-            vec![error.to_string().trim_end().replace('\n', " ")]
+            vec![ConfigError::Syntax(
+                error.to_string().trim_end().replace('\n', " "),
+            )]
         })?;
         let mut errors = Errors::default();
         let config = Config::from_table(&table, &mut errors);
@@ -218,22 +273,14 @@ impl Config {
             required_address(admin, "admin", "address", errors)
         });
 
-        let mut workers = Workers {
-            count: None,
-            pin: false,
-        };
+        let mut workers = Workers::default();
         if let Some(section) = sub_table(table, "workers", errors) {
             errors.unknown_keys("workers", section, &["count", "pin"]);
             workers.count = optional_integer(section, "workers", "count", 1, 1024, errors);
             workers.pin = optional_bool(section, "workers", "pin", errors).unwrap_or(false);
         }
 
-        let mut timeouts = Timeouts {
-            client_hello: Duration::from_secs(10),
-            connect: Duration::from_secs(5),
-            idle: Duration::from_secs(3600),
-            write_stall: DEFAULT_WRITE_STALL,
-        };
+        let mut timeouts = Timeouts::default();
         if let Some(section) = sub_table(table, "timeouts", errors) {
             errors.unknown_keys(
                 "timeouts",
@@ -252,11 +299,7 @@ impl Config {
             }
         }
 
-        let mut limits = Limits {
-            max_connections: None,
-            client_hello_max_bytes: DEFAULT_MAX_HELLO_BYTES,
-            endpoint_backoff: Duration::from_secs(5),
-        };
+        let mut limits = Limits::default();
         if let Some(section) = sub_table(table, "limits", errors) {
             errors.unknown_keys(
                 "limits",
@@ -309,10 +352,7 @@ impl Config {
             endpoint_list(section, "default_route", errors)
         });
 
-        let mut access_log = AccessLog {
-            target: AccessLogTarget::Off,
-            redact_addresses: false,
-        };
+        let mut access_log = AccessLog::default();
         if let Some(section) = sub_table(table, "access_log", errors) {
             errors.unknown_keys("access_log", section, &["path", "redact_addresses"]);
             if let Some(path) = required_string(section, "access_log", "path", errors) {
@@ -383,12 +423,86 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// One problem with a configuration, found when it is loaded (at start, by `validate` and by
+/// a reload). Every variant is the operator's to fix, in the file or in how it is named; none
+/// is a fault of the gateway or of a peer. `Display` is the line operators see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read: a wrong path or a missing permission.
+    #[error("{}: {reason}", path.display())]
+    Unreadable { path: PathBuf, reason: String },
+    /// The file is not TOML (the parser's message, on one line).
+    #[error("{0}")]
+    Syntax(String),
+    /// A key's value is wrong. `key` is its dotted path, e.g. `listener[0].address`.
+    #[error("{key}: {problem}")]
+    Key { key: String, problem: Problem },
+}
+
+impl ConfigError {
+    /// The key at fault, if the problem is one key's.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// What is wrong with one key's value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// A key this version does not know (often a typo); `expected` lists the known ones.
+    #[error("unknown key (expected one of: {expected})")]
+    UnknownKey { expected: String },
+    /// A value of the wrong TOML type.
+    #[error("expected {expected}, found {found}")]
+    WrongType {
+        expected: String,
+        found: &'static str,
+    },
+    /// A key that must be present is missing.
+    #[error("is required")]
+    Required,
+    /// An integer outside the range the key allows.
+    #[error("{value} is out of range {min}..={max}")]
+    OutOfRange { value: i64, min: i64, max: i64 },
+    /// A string that is not a socket address.
+    #[error("`{0}` is not an IP address and port like 127.0.0.1:8443")]
+    NotAnAddress(String),
+    /// Any other refusal, in the words of the value's own parser (durations, SNI patterns,
+    /// the route table's consistency, duplicate names, the token file).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Every problem of one configuration, reported together so an operator fixes a file in one
+/// round.
+pub type ConfigErrors = Vec<ConfigError>;
+
 #[derive(Default)]
-struct Errors(Vec<String>);
+struct Errors(Vec<ConfigError>);
 
 impl Errors {
     fn push(&mut self, key: &str, message: String) {
-        self.0.push(format!("{key}: {message}"));
+        self.problem(key, Problem::Invalid(message));
+    }
+
+    fn problem(&mut self, key: &str, problem: Problem) {
+        self.0.push(ConfigError::Key {
+            key: key.to_owned(),
+            problem,
+        });
+    }
+
+    fn wrong_type(&mut self, key: &str, expected: &str, found: &Value) {
+        self.problem(
+            key,
+            Problem::WrongType {
+                expected: expected.to_owned(),
+                found: found.type_str(),
+            },
+        );
     }
 
     fn unknown_keys(&mut self, prefix: &str, table: &Table, known: &[&str]) {
@@ -399,9 +513,11 @@ impl Errors {
                 } else {
                     format!("{prefix}.{key}")
                 };
-                self.push(
+                self.problem(
                     &full,
-                    format!("unknown key (expected one of: {})", known.join(", ")),
+                    Problem::UnknownKey {
+                        expected: known.join(", "),
+                    },
                 );
             }
         }
@@ -412,7 +528,7 @@ fn sub_table<'a>(table: &'a Table, key: &str, errors: &mut Errors) -> Option<&'a
     match table.get(key)? {
         Value::Table(inner) => Some(inner),
         other => {
-            errors.push(key, format!("expected a table, found {}", other.type_str()));
+            errors.wrong_type(key, "a table", other);
             None
         }
     }
@@ -433,20 +549,14 @@ fn array_of_tables<'a>(
                 match item {
                     Value::Table(inner) => Some((item_key, inner)),
                     other => {
-                        errors.push(
-                            &item_key,
-                            format!("expected a table, found {}", other.type_str()),
-                        );
+                        errors.wrong_type(&item_key, "a table", other);
                         None
                     }
                 }
             })
             .collect(),
         Some(other) => {
-            errors.push(
-                key,
-                format!("expected [[{key}]] tables, found {}", other.type_str()),
-            );
+            errors.wrong_type(key, &format!("[[{key}]] tables"), other);
             Vec::new()
         }
     }
@@ -456,22 +566,19 @@ fn required_string(table: &Table, prefix: &str, key: &str, errors: &mut Errors) 
     match table.get(key) {
         Some(Value::String(text)) => Some(text.clone()),
         Some(other) => {
-            errors.push(
-                &format!("{prefix}.{key}"),
-                format!("expected a string, found {}", other.type_str()),
-            );
+            errors.wrong_type(&format!("{prefix}.{key}"), "a string", other);
             None
         }
         None => {
-            errors.push(&format!("{prefix}.{key}"), "is required".into());
+            errors.problem(&format!("{prefix}.{key}"), Problem::Required);
             None
         }
     }
 }
 
-fn parse_address(text: &str) -> Result<SocketAddr, String> {
+fn parse_address(text: &str) -> Result<SocketAddr, Problem> {
     text.parse()
-        .map_err(|_| format!("`{text}` is not an IP address and port like 127.0.0.1:8443"))
+        .map_err(|_| Problem::NotAnAddress(text.to_owned()))
 }
 
 fn required_address(
@@ -482,7 +589,7 @@ fn required_address(
 ) -> Option<SocketAddr> {
     let text = required_string(table, prefix, key, errors)?;
     parse_address(&text)
-        .map_err(|error| errors.push(&format!("{prefix}.{key}"), error))
+        .map_err(|problem| errors.problem(&format!("{prefix}.{key}"), problem))
         .ok()
 }
 
@@ -495,12 +602,15 @@ fn endpoint_list(table: &Table, prefix: &str, errors: &mut Errors) -> Option<Vec
             for (index, item) in items.iter().enumerate() {
                 let parsed = match item {
                     Value::String(text) => parse_address(text),
-                    other => Err(format!("expected a string, found {}", other.type_str())),
+                    other => Err(Problem::WrongType {
+                        expected: "a string".into(),
+                        found: other.type_str(),
+                    }),
                 };
                 match parsed {
                     Ok(address) => endpoints.push(address),
                     Err(error) => {
-                        errors.push(&format!("{key}[{index}]"), error);
+                        errors.problem(&format!("{key}[{index}]"), error);
                         ok = false;
                     }
                 }
@@ -512,14 +622,11 @@ fn endpoint_list(table: &Table, prefix: &str, errors: &mut Errors) -> Option<Vec
             None
         }
         Some(other) => {
-            errors.push(
-                &key,
-                format!("expected an array of strings, found {}", other.type_str()),
-            );
+            errors.wrong_type(&key, "an array of strings", other);
             None
         }
         None => {
-            errors.push(&key, "is required".into());
+            errors.problem(&key, Problem::Required);
             None
         }
     }
@@ -536,17 +643,18 @@ fn optional_integer(
     match table.get(key)? {
         Value::Integer(value) if (min..=max).contains(value) => usize::try_from(*value).ok(),
         Value::Integer(value) => {
-            errors.push(
+            errors.problem(
                 &format!("{prefix}.{key}"),
-                format!("{value} is out of range {min}..={max}"),
+                Problem::OutOfRange {
+                    value: *value,
+                    min,
+                    max,
+                },
             );
             None
         }
         other => {
-            errors.push(
-                &format!("{prefix}.{key}"),
-                format!("expected an integer, found {}", other.type_str()),
-            );
+            errors.wrong_type(&format!("{prefix}.{key}"), "an integer", other);
             None
         }
     }
@@ -556,10 +664,7 @@ fn optional_bool(table: &Table, prefix: &str, key: &str, errors: &mut Errors) ->
     match table.get(key)? {
         Value::Boolean(value) => Some(*value),
         other => {
-            errors.push(
-                &format!("{prefix}.{key}"),
-                format!("expected true or false, found {}", other.type_str()),
-            );
+            errors.wrong_type(&format!("{prefix}.{key}"), "true or false", other);
             None
         }
     }
@@ -576,12 +681,10 @@ fn optional_duration(
             .map_err(|error| errors.push(&format!("{prefix}.{key}"), error))
             .ok(),
         other => {
-            errors.push(
+            errors.wrong_type(
                 &format!("{prefix}.{key}"),
-                format!(
-                    "expected a duration string like \"10s\", found {}",
-                    other.type_str()
-                ),
+                "a duration string like \"10s\"",
+                other,
             );
             None
         }
@@ -591,6 +694,26 @@ fn optional_duration(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `gateway mesh` without `--config` builds its configuration from values, not from TOML
+    /// text; it must be what the same file would give, defaults included.
+    #[test]
+    fn a_configuration_from_values_has_the_files_defaults() {
+        let address: SocketAddr = "127.0.0.1:8443".parse().expect("addr");
+        let admin: SocketAddr = "127.0.0.1:19000".parse().expect("addr");
+        let built = Config::with_listeners(
+            vec![Listener {
+                name: "mesh".into(),
+                address,
+            }],
+            Some(admin),
+        );
+        let parsed = Config::parse(&format!(
+            "[[listener]]\nname = \"mesh\"\naddress = \"{address}\"\n[admin]\naddress = \"{admin}\"\n"
+        ))
+        .expect("parse");
+        assert_eq!(built, parsed);
+    }
 
     const DESIGN_EXAMPLE: &str = r#"
 [[listener]]
@@ -653,7 +776,11 @@ endpoints = []
 endpoints = ["127.0.0.1:1"]
 "#;
         let errors = Config::parse(text).expect_err("invalid");
-        let joined = errors.join("\n");
+        let joined = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
         for key in [
             "colour:",
             "listener[0].address:",
@@ -667,6 +794,42 @@ endpoints = ["127.0.0.1:1"]
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
         assert_eq!(errors.len(), 8, "{joined}");
+        // The same errors as values: each names its key and says what is wrong with it.
+        let problem = |key: &str| {
+            errors.iter().find_map(|error| match error {
+                ConfigError::Key { key: k, problem } if k == key => Some(problem.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            problem("workers.count"),
+            Some(Problem::OutOfRange {
+                value: 0,
+                min: 1,
+                max: 1024
+            })
+        );
+        assert_eq!(problem("route[1].sni"), Some(Problem::Required));
+        assert_eq!(
+            problem("listener[0].address"),
+            Some(Problem::NotAnAddress("localhost".into()))
+        );
+        assert!(matches!(
+            problem("colour"),
+            Some(Problem::UnknownKey { .. })
+        ));
+        assert!(errors.iter().all(|error| error.key().is_some()));
+        assert!(matches!(
+            Config::parse("[[listener]\n").expect_err("syntax")[..],
+            [ConfigError::Syntax(_)]
+        ));
+        let missing = Config::load(Path::new("/nonexistent/gateway.toml")).expect_err("no file");
+        assert!(
+            missing[0]
+                .to_string()
+                .starts_with("/nonexistent/gateway.toml: "),
+            "{missing:?}"
+        );
     }
 
     #[test]
@@ -709,7 +872,13 @@ redact_addresses = true
             "[[listener]]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"127.0.0.1:2\"\ntoken_file = 7\n",
         )
         .expect_err("invalid");
-        assert!(bad[0].starts_with("admin.token_file:"), "{bad:?}");
+        assert_eq!(bad[0].key(), Some("admin.token_file"), "{bad:?}");
+        assert!(
+            bad[0]
+                .to_string()
+                .starts_with("admin.token_file: expected a string"),
+            "{bad:?}"
+        );
     }
 
     #[test]
@@ -725,7 +894,7 @@ sni = "A.TEST."
 endpoints = ["127.0.0.1:3"]
 "#;
         let errors = Config::parse(text).expect_err("duplicate");
-        assert!(errors[0].contains("listed twice"), "{errors:?}");
+        assert!(errors[0].to_string().contains("listed twice"), "{errors:?}");
     }
 
     #[test]

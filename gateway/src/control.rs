@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::access_log::AccessLogControl;
-use crate::config::{Config, Listener};
+use crate::config::{Config, ConfigError, Listener};
 use crate::handover::{Offer, OfferedListener};
 use crate::logging::LogFilter;
 use crate::metrics::{Metrics, ReloadSource};
 use crate::notify::Notifier;
+use crate::route_source::RouteOrigin;
+use crate::routes::{RouteSpec, RouteTable};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::worker::{Shared, WorkerCommand};
 
@@ -37,6 +39,27 @@ pub struct ListenerEntry {
     pub sockets: Vec<std::net::TcpListener>,
 }
 
+/// Why a reload was refused; the configuration in force stays. `Display` is what the log and
+/// `POST /reload`'s `errors` say.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway is draining (an operator or a hand-over asked it to stop).
+    #[error("draining: reloads are refused")]
+    Draining,
+    /// The file has an error (the operator's to fix).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Every listener slot this process may name is used; a restart frees them.
+    #[error("listener `{name}`: this process has used all {max} listener slots; restart to add more", max = crate::config::MAX_LISTENERS)]
+    ListenerSlots { name: String },
+    /// A new listener's sockets cannot be opened (the address is taken or not ours).
+    #[error("listener `{name}`: {source}")]
+    Listen {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
 /// What the admin API and the hand-over thread ask of the control loop.
 pub enum Event {
     /// `POST /drain`.
@@ -54,8 +77,8 @@ pub struct Control {
     /// The configuration the snapshot in force was built from.
     pub config: Mutex<Config>,
     pub ready: AtomicBool,
-    /// `gateway mesh`: routes come from the control plane; a reload keeps them.
-    pub routes_from_control_plane: AtomicBool,
+    /// Where routes come from; with a source (`gateway mesh`) a reload keeps its routes.
+    pub routes: RouteOrigin,
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
@@ -78,6 +101,7 @@ pub struct ControlParts {
     pub shared: Arc<Shared>,
     pub config_path: PathBuf,
     pub config: Config,
+    pub routes: RouteOrigin,
     pub notifier: Notifier,
     pub log_filter: Option<LogFilter>,
     pub access_log: Option<AccessLogControl>,
@@ -99,7 +123,7 @@ impl Control {
             config_path: parts.config_path,
             config: Mutex::new(parts.config),
             ready: AtomicBool::new(false),
-            routes_from_control_plane: AtomicBool::new(false),
+            routes: parts.routes,
             notifier: parts.notifier,
             log_filter: parts.log_filter,
             access_log: parts.access_log,
@@ -125,7 +149,7 @@ impl Control {
 
     /// Re-read the file and publish a new snapshot, opening and closing listeners as the file
     /// says; a bad file (or a listener that cannot be bound) keeps everything as it was.
-    pub fn reload(&self, source: ReloadSource) -> Result<u64, Vec<String>> {
+    pub fn reload(&self, source: ReloadSource) -> Result<u64, Vec<ReloadError>> {
         let draining = self.draining();
         if !draining {
             self.notifier.reloading();
@@ -136,15 +160,17 @@ impl Control {
         match &result {
             Ok(generation) => {
                 control
-                    .config_generation
-                    .store(*generation, Ordering::Relaxed);
-                control
                     .last_reload_success_unix
                     .store(unix_now(), Ordering::Relaxed);
                 tracing::info!(?source, generation, "configuration reloaded");
             }
             Err(errors) => {
-                tracing::error!(?source, errors = %errors.join("; "), "reload failed; keeping the configuration in force");
+                let errors = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::error!(?source, %errors, "reload failed; keeping the configuration in force");
             }
         }
         if !draining {
@@ -153,18 +179,27 @@ impl Control {
         result
     }
 
-    fn try_reload(&self) -> Result<u64, Vec<String>> {
+    fn try_reload(&self) -> Result<u64, Vec<ReloadError>> {
         if self.draining() {
-            return Err(vec!["draining: reloads are refused".into()]);
+            return Err(vec![ReloadError::Draining]);
         }
-        let mut config = Config::load(&self.config_path)?;
+        let mut config = Config::load(&self.config_path).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(ReloadError::from)
+                .collect::<Vec<_>>()
+        })?;
         let mut current = lock(&self.config);
-        if self.routes_from_control_plane.load(Ordering::Relaxed) {
+        if let RouteOrigin::Source(_) = self.routes {
             config.routes = current.routes.clone();
             config.default_route = None;
         }
-        let generation = self.snapshot.load().generation + 1;
-        let snapshot = Snapshot::build(&config, generation, &self.metrics).map_err(|e| vec![e])?;
+        let table = config.route_table().map_err(|error| {
+            vec![ReloadError::Config(ConfigError::Key {
+                key: "route".into(),
+                problem: crate::config::Problem::Invalid(error),
+            })]
+        })?;
         let plan = self.plan_listeners(&config.listeners)?;
         for ignored in static_changes(&current, &config) {
             tracing::warn!(
@@ -172,16 +207,48 @@ impl Control {
                 "changed in the file but needs a restart; ignored"
             );
         }
-        self.snapshot.store(Arc::new(snapshot));
+        let generation = self.publish(&mut current, config, table);
         self.apply_listeners(plan);
-        *current = config;
         Ok(generation)
+    }
+
+    /// Publish `routes` from the route source as a new snapshot (the file's listeners,
+    /// timeouts and limits stay). Returns the gateway's new generation.
+    pub fn publish_routes(&self, routes: Vec<RouteSpec>) -> Result<u64, String> {
+        let mut current = lock(&self.config);
+        let mut next = current.clone();
+        next.routes = routes;
+        let table = next.route_table()?;
+        Ok(self.publish(&mut current, next, table))
+    }
+
+    /// The one way a snapshot replaces the one in force, for a reload and for a route
+    /// source alike: its destinations get their metric slots, workers see it on their next
+    /// accepted connection, the generation gauge moves, and `config` becomes the
+    /// configuration in force. Everything that can fail was checked before.
+    fn publish(&self, current: &mut Config, config: Config, table: RouteTable) -> u64 {
+        let generation = self.snapshot.load().generation + 1;
+        let slots = self.metrics.registry.destination_slots(&table);
+        let snapshot = Snapshot::new(table, slots, &config, generation);
+        self.snapshot.store(Arc::new(snapshot));
+        self.metrics
+            .control
+            .config_generation
+            .store(generation, Ordering::Relaxed);
+        *current = config;
+        generation
+    }
+
+    /// `/metrics`: the gateway's own, with the route source's.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(&self.snapshot.load(), self.routes.source())
     }
 
     /// Work out which listeners to close and which to open, binding the new ones now so a
     /// busy port fails the reload before anything changed. A listener whose address a removed
     /// listener had takes that listener's sockets over (no rebind, no lost queue).
-    fn plan_listeners(&self, wanted: &[Listener]) -> Result<ListenerPlan, Vec<String>> {
+    fn plan_listeners(&self, wanted: &[Listener]) -> Result<ListenerPlan, Vec<ReloadError>> {
         let entries = lock(&self.listeners);
         let same = |entry: &ListenerEntry, listener: &Listener| {
             entry.name == listener.name && entry.configured == listener.address
@@ -198,12 +265,10 @@ impl Control {
             .iter()
             .filter(|listener| !entries.iter().any(|entry| same(entry, listener)))
         {
-            let Some(slot) = self.metrics.listener_slot(&listener.name) else {
-                errors.push(format!(
-                    "listener `{}`: this process has used all {} listener slots; restart to add more",
-                    listener.name,
-                    crate::config::MAX_LISTENERS
-                ));
+            let Some(slot) = self.metrics.registry.listener_slot(&listener.name) else {
+                errors.push(ReloadError::ListenerSlots {
+                    name: listener.name.clone(),
+                });
                 continue;
             };
             let moved = removed
@@ -236,7 +301,10 @@ impl Control {
                     resolved,
                     sockets,
                 }),
-                Err(error) => errors.push(format!("listener `{}`: {error}", listener.name)),
+                Err(source) => errors.push(ReloadError::Listen {
+                    name: listener.name.clone(),
+                    source,
+                }),
             }
         }
         if errors.is_empty() {

@@ -13,7 +13,7 @@ use crate::control::{Control, ControlParts, ListenerEntry};
 use crate::logging::LogFilter;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::route_source::RouteSource;
+use crate::route_source::RouteOrigin;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
 
@@ -44,15 +44,16 @@ fn report_bound(entries: &[ListenerEntry], admin: Option<&std::net::TcpListener>
 const RESERVED_FDS: u64 = 128;
 
 pub fn run(config_path: &Path, log_filter: Option<LogFilter>) -> anyhow::Result<()> {
-    serve(config_path, log_filter, None)
+    serve(config_path, log_filter, RouteOrigin::File)
 }
 
-/// `gateway run`, or with `source` the same runtime with its routes from that source (`gateway
-/// mesh` follows the control plane; `config_path` is then its `--config`, possibly empty).
+/// `gateway run`, or with a route source the same runtime with its routes from that source
+/// (`gateway mesh` follows the control plane; `config_path` is then its `--config`, possibly
+/// empty).
 pub fn serve(
     config_path: &Path,
     log_filter: Option<LogFilter>,
-    source: Option<Arc<dyn RouteSource>>,
+    routes: RouteOrigin,
 ) -> anyhow::Result<()> {
     let fd_limit = match crate::sys::raise_fd_limit() {
         Ok((before, hard)) => {
@@ -69,16 +70,20 @@ pub fn serve(
             1024
         }
     };
-    let config = match &source {
-        Some(source) => source.initial_config(),
-        None => Config::load(config_path),
+    let config = match &routes {
+        RouteOrigin::Source(source) => source.initial_config(),
+        RouteOrigin::File => Config::load(config_path),
     }
     .map_err(|errors| {
         anyhow!(
             "{} has {} error(s):\n  {}",
             config_path.display(),
             errors.len(),
-            errors.join("\n  ")
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )
     })?;
 
@@ -112,7 +117,11 @@ pub fn serve(
         .control
         .max_connections
         .store(max_connections as u64, Ordering::Relaxed);
-    let snapshot = Snapshot::build(&config, 1, &metrics).map_err(|error| anyhow!(error))?;
+    // The first snapshot: generation 1, published before any worker or control thread
+    // exists; every later one goes through `Control::publish`.
+    let table = config.route_table().map_err(|error| anyhow!(error))?;
+    let slots = metrics.registry.destination_slots(&table);
+    let snapshot = Snapshot::new(table, slots, &config, 1);
     metrics
         .control
         .config_generation
@@ -133,6 +142,7 @@ pub fn serve(
         (0..workers).map(|_| Vec::new()).collect();
     for listener in &config.listeners {
         let slot = metrics
+            .registry
             .listener_slot(&listener.name)
             .ok_or_else(|| anyhow!("too many listeners"))?;
         let taken = inherited.as_mut().and_then(|inherited| {
@@ -250,6 +260,7 @@ pub fn serve(
         shared,
         config_path: config_path.to_owned(),
         config,
+        routes,
         notifier: Notifier::from_env(),
         log_filter,
         access_log: access_log_control,
@@ -289,36 +300,24 @@ pub fn serve(
             Some(socket) => Some(tokio::net::TcpListener::from_std(socket)?),
             None => None,
         };
-        if let Some(source) = &source {
-            control
-                .routes_from_control_plane
-                .store(true, Ordering::Relaxed);
-            if control
-                .metrics
-                .control
-                .route_source
-                .set(Arc::clone(source))
-                .is_err()
-            {
-                tracing::warn!("a route source was already installed");
-            }
+        if let RouteOrigin::Source(source) = &control.routes {
             tokio::spawn(Arc::clone(source).follow(Arc::clone(&control)));
         }
         // A mesh gateway routes nothing until its first route table arrives: `/ready` stays
         // 503 until the follower has applied it (the process itself is up, so the service
         // manager is told it started).
-        if source.is_none() {
+        if let RouteOrigin::File = control.routes {
             control.ready.store(true, Ordering::Relaxed);
         }
         control.notifier.ready("serving");
         crate::lifecycle::run(Arc::clone(&control), admin, events).await;
-        if let Some(source) = source {
+        if let RouteOrigin::Source(source) = &control.routes {
             // With a hand-over socket a successor may have taken over and keeps the
             // registration; otherwise a clean stop leaves the catalog.
             let successor_possible = crate::control::lock(&control.config)
                 .handover_socket
                 .is_some();
-            source.stop(successor_possible).await;
+            Arc::clone(source).stop(successor_possible).await;
         }
         anyhow::Ok(())
     })?;

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, Limits, Timeouts};
-use crate::metrics::Metrics;
 use crate::routes::RouteTable;
 
 pub struct Snapshot {
@@ -27,13 +26,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config, generation: u64, metrics: &Metrics) -> Result<Snapshot, String> {
-        let table = config.route_table()?;
-        let slots: Vec<usize> = table
-            .clusters()
-            .iter()
-            .map(|cluster| metrics.destination_slot(&cluster.labels))
-            .collect();
+    /// The snapshot of a validated route table with `config`'s timeouts and limits. `slots`
+    /// holds each cluster's metric slot, assigned by the one publish path
+    /// (`Control::publish`) just before the snapshot is stored: building a snapshot names no
+    /// metric slot, so one that is then refused leaves the registry as it was.
+    pub fn new(table: RouteTable, slots: Vec<usize>, config: &Config, generation: u64) -> Snapshot {
         let mut endpoints_by_slot: Vec<(usize, Vec<SocketAddr>)> = Vec::new();
         for (cluster, &slot) in table.clusters().iter().zip(&slots) {
             match endpoints_by_slot
@@ -44,14 +41,14 @@ impl Snapshot {
                 None => endpoints_by_slot.push((slot, cluster.endpoints.clone())),
             }
         }
-        Ok(Snapshot {
+        Snapshot {
             generation,
             table,
             slots,
             endpoints_by_slot,
             timeouts: config.timeouts,
             limits: config.limits,
-        })
+        }
     }
 }
 

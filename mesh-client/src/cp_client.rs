@@ -294,8 +294,8 @@ impl ControlPlaneStats {
     }
 
     /// Append the Prometheus text of these gauges (nothing for a static gateway).
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    pub fn render(&self, w: &mut prom_text::Writer<'_>) {
+        use prom_text::Kind;
         if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
@@ -305,22 +305,28 @@ impl ControlPlaneStats {
         } else {
             unix_now().saturating_sub(received)
         };
-        let _ = write!(
-            out,
-            "# HELP gateway_control_plane_connected 1 while the last request to the control plane succeeded.\n\
-             # TYPE gateway_control_plane_connected gauge\n\
-             gateway_control_plane_connected {}\n\
-             # HELP gateway_control_plane_snapshot_age_seconds Time since the route snapshot in force was received from the control plane.\n\
-             # TYPE gateway_control_plane_snapshot_age_seconds gauge\n\
-             gateway_control_plane_snapshot_age_seconds {age}\n\
-             # HELP gateway_control_plane_snapshot_generation The control plane's generation of the route snapshot in force.\n\
-             # TYPE gateway_control_plane_snapshot_generation gauge\n\
-             gateway_control_plane_snapshot_generation {}\n\
-             # HELP gateway_control_plane_watch_errors_total Failed requests to the control plane.\n\
-             # TYPE gateway_control_plane_watch_errors_total counter\n\
-             gateway_control_plane_watch_errors_total {}\n",
-            u8::from(self.connected.load(Ordering::Relaxed)),
+        w.single(
+            "gateway_control_plane_connected",
+            Kind::Gauge,
+            "1 while the last request to the control plane succeeded.",
+            self.connected.load(Ordering::Relaxed),
+        );
+        w.single(
+            "gateway_control_plane_snapshot_age_seconds",
+            Kind::Gauge,
+            "Time since the route snapshot in force was received from the control plane.",
+            age,
+        );
+        w.single(
+            "gateway_control_plane_snapshot_generation",
+            Kind::Gauge,
+            "The control plane's generation of the route snapshot in force.",
             self.snapshot_generation.load(Ordering::Relaxed),
+        );
+        w.single(
+            "gateway_control_plane_watch_errors_total",
+            Kind::Counter,
+            "Failed requests to the control plane.",
             self.watch_errors.load(Ordering::Relaxed),
         );
     }

@@ -11,7 +11,7 @@
 //! Comments (`#`, `//`, `/* */`), newlines and commas separate items. Anything else is an error
 //! that names the line.
 
-use super::rules::{Access, Rules, ServiceRule};
+use super::rules::{unsupported, Access, Rules, ServiceRule};
 
 /// One `key = "value"` inside a block: (line, key, value).
 type Field = (usize, String, String);
@@ -83,7 +83,7 @@ pub fn parse(text: &str) -> Result<Rules> {
             ("acl" | "operator" | "service" | "service_prefix" | "node" | "node_prefix", _) => {
                 return Err(syntax(*line, &format!("malformed {keyword} rule")));
             }
-            (other, _) => return Err(super::json::unsupported(other)),
+            (other, _) => return Err(unsupported(other)),
         }
     }
     Ok(rules)

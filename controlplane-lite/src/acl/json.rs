@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use super::rules::{Access, Rules, ServiceRule};
+use super::rules::{unsupported, Access, Rules, ServiceRule};
 use crate::error::{Error, Result};
 
 /// Parses JSON rules.
@@ -47,12 +47,6 @@ fn parse_object(object: &Map<String, Value>) -> Result<Rules> {
         }
     }
     Ok(rules)
-}
-
-pub(super) fn unsupported(key: &str) -> Error {
-    Error::bad_request(format!(
-        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, service, service_prefix, node, node_prefix)"
-    ))
 }
 
 fn string<'a>(value: &'a Value, field: &str) -> Result<&'a str> {

@@ -11,8 +11,20 @@ pub mod rules;
 
 use serde::{Deserialize, Serialize};
 
-pub use render::render_token;
 pub use rules::{Access, Rules};
+
+impl Rules {
+    /// Parses rules written in HCL or JSON (several JSON objects one after another are merged,
+    /// as in the guide's `mesh-gateway-policy.json`). It lives here, above both syntaxes, so
+    /// that `rules` (the model) depends on neither parser.
+    pub fn parse(text: &str) -> Result<Rules> {
+        if text.trim_start().starts_with('{') {
+            json::parse(text)
+        } else {
+            hcl::parse(text)
+        }
+    }
+}
 
 use crate::error::{Error, Result};
 

@@ -108,16 +108,6 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Parses rules written in HCL or JSON (several JSON objects one after another are merged,
-    /// as in the guide's `mesh-gateway-policy.json`).
-    pub fn parse(text: &str) -> Result<Rules> {
-        if text.trim_start().starts_with('{') {
-            super::json::parse(text)
-        } else {
-            super::hcl::parse(text)
-        }
-    }
-
     /// Folds `other` into `self` (the merge of two policies).
     pub fn merge(&mut self, other: &Rules) {
         self.acl = merge_option(self.acl, other.acl);
@@ -178,6 +168,13 @@ fn lookup<R>(
         .filter(|(prefix, rule)| name.starts_with(prefix.as_str()) && aspect(rule).is_some())
         .max_by_key(|(prefix, _)| prefix.len())
         .and_then(|(_, rule)| aspect(rule))
+}
+
+/// The error for a rule kind these rules do not model (both syntaxes refuse the same set).
+pub(super) fn unsupported(key: &str) -> Error {
+    Error::bad_request(format!(
+        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, service, service_prefix, node, node_prefix)"
+    ))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 mod registration;
 
+pub use crate::names::validate_name;
 pub use registration::{parse_definitions, plan_registration, RegistrationPlan};
 
 use std::collections::BTreeMap;
@@ -286,23 +287,6 @@ pub fn join_host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
-    }
-}
-
-/// Checks a service name: 1–128 characters of `[A-Za-z0-9_-]`. Names become DNS labels in SNI
-/// (`<svc>.default.<dc>.internal.<td>`) and path segments, so dots and slashes are refused.
-pub fn validate_name(name: &str, field: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::bad_request(format!(
-            "invalid field `{field}` {name:?}: must be 1-128 characters of letters, digits, '-' or '_'"
-        )))
     }
 }
 

@@ -9,9 +9,10 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
+use crate::acl::render::render_token;
 use crate::acl::{
-    render_token, require, Authorizer, Policy, PolicyLink, Rules, ServiceIdentity, Token,
-    ANONYMOUS_ACCESSOR_ID, MANAGEMENT_POLICY_ID,
+    require, Authorizer, Policy, PolicyLink, Rules, ServiceIdentity, Token, ANONYMOUS_ACCESSOR_ID,
+    MANAGEMENT_POLICY_ID,
 };
 use crate::agent::ACL_BOOTSTRAP_KEY;
 use crate::ca::rfc3339;

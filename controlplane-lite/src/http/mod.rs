@@ -12,6 +12,7 @@ mod catalog;
 mod checks;
 pub use catalog::{deregister_service, register_local};
 mod config;
+mod forward;
 mod intentions;
 mod internal;
 mod remote;
@@ -159,7 +160,7 @@ pub fn router(agent: AgentState) -> Router {
             .route("/metrics", get(metrics));
     api.route_layer(middleware::from_fn_with_state(
         agent.clone(),
-        crate::replication::forward::forward_writes,
+        forward::forward_writes,
     ))
     .route_layer(middleware::from_fn_with_state(
         agent.clone(),

@@ -10,7 +10,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, AgentState, Ctx};
-use crate::acl::{render_token, require, Authorizer, Token};
+use crate::acl::render::render_token;
+use crate::acl::{require, Authorizer, Token};
 use crate::ca::{self, SigningKey};
 use crate::catalog::from_value;
 use crate::error::{Error, Result};

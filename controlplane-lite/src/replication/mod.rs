@@ -8,11 +8,12 @@
 //! - [`federation`]: which mesh gateways this datacenter publishes (its federation state).
 //! - [`client`]: the HTTP client for the primary (replication token, deadlines).
 //! - [`runner`]: the tokio shell that performs the actions over HTTP and against the store.
-//! - [`forward`]: the middleware that sends writes of replicated data to the primary.
+//!
+//! The middleware that sends a secondary's writes of replicated data to the primary is HTTP
+//! plumbing and lives in `http::forward`.
 
 pub mod client;
 pub mod federation;
-pub mod forward;
 pub mod machine;
 pub mod runner;
 #[cfg(test)]

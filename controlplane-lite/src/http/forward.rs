@@ -5,7 +5,7 @@
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -98,22 +98,7 @@ pub async fn forward_writes(
         Err(error) => return Error::Internal(error.to_string()).into_response(),
     };
     agent.metrics.count_forwarded("ok");
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = (status, answer.body).into_response();
-    let headers = response.headers_mut();
-    if let Some(content_type) = answer
-        .content_type
-        .and_then(|v| HeaderValue::from_str(&v).ok())
-    {
-        headers.insert("content-type", content_type);
-    }
-    if let Some(index) = answer.index {
-        headers.insert("x-consul-index", HeaderValue::from(index));
-    }
-    if let Ok(dc) = HeaderValue::from_str(&agent.config.primary_datacenter) {
-        headers.insert("x-controlplane-forwarded-to", dc);
-    }
-    response
+    super::remote::passthrough(answer, &agent.config.primary_datacenter)
 }
 
 /// Local ACL tokens are created, updated and deleted in their own datacenter.
