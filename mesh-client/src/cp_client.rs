@@ -7,12 +7,16 @@
 //! wait has a deadline and every length read is capped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mesh_model::address::{AddressError, ControlPlaneAddress, Scheme};
 use mesh_model::blocking::Backoff;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::failover::{Failover, FailoverReason};
 
 /// Control-plane answers are small JSON documents; a route table of a few thousand services
 /// stays far below this.
@@ -27,12 +31,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The control plane could not be reached or hung up (its fault or the network's).
+    /// The control-plane addresses given cannot be used (the user's fault).
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The control plane could not be reached (its fault or the network's).
     #[error("control plane at {address} unreachable: {error}")]
     Unreachable {
         address: String,
         error: std::io::Error,
     },
+    /// The connection broke before a complete answer arrived (the agent died or was cut off).
+    #[error("control plane at {address} hung up: {reason}")]
+    HungUp { address: String, reason: String },
     /// The request did not complete before its deadline.
     #[error("control plane at {address}: no answer within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
@@ -49,12 +59,39 @@ pub enum ClientError {
     },
 }
 
-/// A control-plane address and the token sent with every request.
+impl ClientError {
+    /// Whether this failure says the agent asked is gone (move to the next address), and
+    /// why. A 4xx, or an answer we cannot read, is the agent's considered reply: another
+    /// agent would say the same.
+    pub fn failover_reason(&self) -> Option<FailoverReason> {
+        match self {
+            ClientError::Unreachable { .. } => Some(FailoverReason::Connect),
+            ClientError::HungUp { .. } => Some(FailoverReason::HungUp),
+            ClientError::Timeout { .. } => Some(FailoverReason::Timeout),
+            ClientError::Status { status, .. } if *status >= 500 => {
+                Some(FailoverReason::ServerError)
+            }
+            ClientError::Address(_)
+            | ClientError::Malformed { .. }
+            | ClientError::Status { .. } => None,
+        }
+    }
+}
+
+/// The control-plane addresses, the token sent with every request, and the failover state
+/// they share. Clones share that state (and the failover counters).
 #[derive(Clone, Debug)]
 pub struct Client {
-    /// `host:port`.
-    pub address: String,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    addresses: Vec<ControlPlaneAddress>,
     token: Option<String>,
+    failover: Mutex<Failover>,
+    /// Failovers by reason, in [`FailoverReason::ALL`] order.
+    failovers: [AtomicU64; FailoverReason::ALL.len()],
 }
 
 /// A successful (2xx) answer.
@@ -67,17 +104,53 @@ pub struct Answer {
 }
 
 impl Client {
-    /// `address` may carry an `http://` prefix, as `CONSUL_HTTP_ADDR` often does.
-    pub fn new(address: &str, token: Option<String>) -> Client {
-        let address = address
-            .trim()
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
-        Client {
-            address,
-            token: token.filter(|token| !token.is_empty()),
+    /// `addresses` is one address or a comma list, each `host:port` or `http://host:port`
+    /// (as `CONSUL_HTTP_ADDR` often is).
+    pub fn new(addresses: &str, token: Option<String>) -> Result<Client, ClientError> {
+        let addresses = mesh_model::address::parse_list(&[addresses], false)?;
+        Client::with_addresses(addresses, token)
+    }
+
+    /// A client that fails over between `addresses`, in this order.
+    pub fn with_addresses(
+        addresses: Vec<ControlPlaneAddress>,
+        token: Option<String>,
+    ) -> Result<Client, ClientError> {
+        if addresses.is_empty() {
+            return Err(AddressError::Empty.into());
         }
+        if let Some(https) = addresses.iter().find(|a| a.scheme == Scheme::Https) {
+            return Err(
+                AddressError::Invalid(format!("{https} (https is not supported yet)")).into(),
+            );
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                failover: Mutex::new(Failover::new(addresses.len())),
+                addresses,
+                token: token.filter(|token| !token.is_empty()),
+                failovers: Default::default(),
+            }),
+        })
+    }
+
+    /// The address that answered last (`http://host:port`).
+    pub fn address(&self) -> String {
+        let current = self.failover().current();
+        self.inner
+            .addresses
+            .get(current)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
+    fn failover(&self) -> std::sync::MutexGuard<'_, Failover> {
+        // The state is a few integers updated in one step: a panic elsewhere cannot leave it
+        // half-written, so a poisoned lock is still usable.
+        self.inner
+            .failover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
@@ -107,6 +180,8 @@ impl Client {
             .await
     }
 
+    /// Ask the addresses in the failover policy's order until one gives an answer that is not
+    /// a failover reason, each address at most once.
     async fn request(
         &self,
         method: &'static str,
@@ -114,18 +189,78 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Answer, ClientError> {
-        let exchange = self.exchange(method, path, body);
+        let count = self.inner.addresses.len();
+        let mut asked = vec![false; count];
+        let mut last_error = None;
+        for _ in 0..count {
+            let index = self.failover().next_attempt(Instant::now());
+            let (Some(address), Some(false)) =
+                (self.inner.addresses.get(index), asked.get(index).copied())
+            else {
+                break;
+            };
+            asked[index] = true;
+            let result = self
+                .request_once(address, method, path, body, timeout)
+                .await;
+            let reason = match &result {
+                Ok(_) => None,
+                Err(error) => error.failover_reason(),
+            };
+            let Some(reason) = reason else {
+                if self.failover().succeeded(index) {
+                    tracing::info!(address = %address, "control plane: now using this agent");
+                }
+                return result;
+            };
+            let next = {
+                let mut failover = self.failover();
+                failover.failed(index, Instant::now());
+                failover.next_attempt(Instant::now())
+            };
+            if next != index {
+                if let Some(counter) = FailoverReason::ALL
+                    .iter()
+                    .position(|known| *known == reason)
+                    .and_then(|position| self.inner.failovers.get(position))
+                {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                if let (Some(to), Err(error)) = (self.inner.addresses.get(next), &result) {
+                    tracing::warn!(from = %address, to = %to, reason = reason.label(), %error, "control plane failover");
+                }
+            }
+            last_error = result.err();
+        }
+        Err(last_error.unwrap_or(ClientError::Address(AddressError::Empty)))
+    }
+
+    async fn request_once(
+        &self,
+        address: &ControlPlaneAddress,
+        method: &'static str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let exchange = self.exchange(address, method, path, body);
         let raw = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(ClientError::Timeout {
-                    address: self.address.clone(),
+                    address: address.to_string(),
                     timeout,
                 })
             }
         };
+        if raw.is_empty() {
+            return Err(ClientError::HungUp {
+                address: address.to_string(),
+                reason: "the connection closed before any answer".to_owned(),
+            });
+        }
         let answer = parse_response(&raw).map_err(|reason| ClientError::Malformed {
-            address: self.address.clone(),
+            address: address.to_string(),
             reason,
         })?;
         if !(200..300).contains(&answer.status) {
@@ -144,22 +279,38 @@ impl Client {
 
     async fn exchange(
         &self,
+        address: &ControlPlaneAddress,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Vec<u8>, ClientError> {
-        let unreachable = |error| ClientError::Unreachable {
-            address: self.address.clone(),
-            error,
-        };
-        let mut stream = TcpStream::connect(&self.address)
+        let stream = TcpStream::connect(&address.authority)
             .await
-            .map_err(unreachable)?;
+            .map_err(|error| ClientError::Unreachable {
+                address: address.to_string(),
+                error,
+            })?;
+        self.exchange_on(stream, address, method, path, body).await
+    }
+
+    /// Write the request on a connected stream and read the whole answer.
+    async fn exchange_on<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        address: &ControlPlaneAddress,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let hung_up = |error: std::io::Error| ClientError::HungUp {
+            address: address.to_string(),
+            reason: error.to_string(),
+        };
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
-            self.address
+            address.authority
         );
-        if let Some(token) = &self.token {
+        if let Some(token) = &self.inner.token {
             head.push_str(&format!("X-Consul-Token: {token}\r\n"));
         }
         let body = body.unwrap_or_default();
@@ -170,21 +321,49 @@ impl Client {
             ));
         }
         head.push_str("\r\n");
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(unreachable)?;
-        stream.write_all(body).await.map_err(unreachable)?;
+        stream.write_all(head.as_bytes()).await.map_err(hung_up)?;
+        stream.write_all(body).await.map_err(hung_up)?;
         let mut raw = Vec::new();
         let mut limited = (&mut stream).take(MAX_RESPONSE_BYTES as u64 + 1);
-        limited.read_to_end(&mut raw).await.map_err(unreachable)?;
+        limited.read_to_end(&mut raw).await.map_err(hung_up)?;
         if raw.len() > MAX_RESPONSE_BYTES {
             return Err(ClientError::Malformed {
-                address: self.address.clone(),
+                address: address.to_string(),
                 reason: format!("answer larger than {MAX_RESPONSE_BYTES} bytes"),
             });
         }
         Ok(raw)
+    }
+
+    /// Append the Prometheus text of the failover counters and of the agent in use.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP gateway_control_plane_failovers_total Requests moved to the next control-plane address, by reason.\n\
+             # TYPE gateway_control_plane_failovers_total counter"
+        );
+        for (reason, counter) in FailoverReason::ALL.iter().zip(&self.inner.failovers) {
+            let _ = writeln!(
+                out,
+                "gateway_control_plane_failovers_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let current = self.failover().current();
+        let _ = writeln!(
+            out,
+            "# HELP gateway_control_plane_agent 1 for the control-plane address in use, 0 for the others.\n\
+             # TYPE gateway_control_plane_agent gauge"
+        );
+        for (index, address) in self.inner.addresses.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gateway_control_plane_agent{{address=\"{address}\"}} {}",
+                u8::from(index == current)
+            );
+        }
     }
 }
 
@@ -335,6 +514,7 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_content_length_and_index() {
@@ -361,10 +541,85 @@ mod tests {
     }
 
     #[test]
-    fn address_accepts_an_http_prefix() {
-        assert_eq!(
-            Client::new("http://127.0.0.1:8500/", None).address,
-            "127.0.0.1:8500"
-        );
+    fn addresses_accept_an_http_prefix_and_comma_lists() {
+        let client = Client::new("http://127.0.0.1:8500/, 127.0.0.1:8501", None).expect("client");
+        assert_eq!(client.address(), "http://127.0.0.1:8500");
+        assert_eq!(client.inner.addresses.len(), 2);
+        assert!(Client::new(" , ", None).is_err());
+    }
+
+    /// An agent answering every request with `status`, returning its address.
+    async fn agent_answering(status: u16) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            // Bounded: the test makes a handful of requests.
+            for _ in 0..16 {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nX-Consul-Index: 3\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    /// Connect refused, then a 5xx, move on; the third address answers and stays in use; a
+    /// 4xx does not move.
+    #[test]
+    fn requests_fail_over_on_refused_connects_and_5xx_but_not_4xx() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            // Bound by us and never listening: connects are refused, and no other process
+            // can take the port while the test holds it.
+            let dead = tokio::net::TcpSocket::new_v4().expect("socket");
+            dead.bind("127.0.0.1:0".parse().expect("address"))
+                .expect("bind");
+            let dead = dead.local_addr().expect("address");
+            let failing = agent_answering(503).await;
+            let healthy = agent_answering(200).await;
+            let client = Client::new(&format!("{dead},{failing},{healthy}"), None).expect("client");
+            let answer = tokio::time::timeout(Duration::from_secs(10), client.get("/v1/x"))
+                .await
+                .expect("in time")
+                .expect("the third address answers");
+            assert_eq!(answer.index, Some(3));
+            assert_eq!(client.address(), format!("http://{healthy}"));
+            let mut metrics = String::new();
+            client.render_metrics(&mut metrics);
+            for line in [
+                "gateway_control_plane_failovers_total{reason=\"connect\"} 1",
+                "gateway_control_plane_failovers_total{reason=\"server_error\"} 1",
+                "gateway_control_plane_failovers_total{reason=\"timeout\"} 0",
+            ] {
+                assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+            }
+            assert!(metrics.contains(&format!(
+                "gateway_control_plane_agent{{address=\"http://{healthy}\"}} 1"
+            )));
+            assert!(metrics.contains(&format!(
+                "gateway_control_plane_agent{{address=\"http://{dead}\"}} 0"
+            )));
+
+            // A 4xx is an answer: the client stays where it is.
+            let refusing = agent_answering(403).await;
+            let client = Client::new(&format!("{refusing},{healthy}"), None).expect("client");
+            let error = client.get("/v1/x").await.expect_err("403");
+            assert!(
+                matches!(error, ClientError::Status { status: 403, .. }),
+                "{error}"
+            );
+            assert_eq!(client.address(), format!("http://{refusing}"));
+        });
     }
 }

@@ -4,4 +4,5 @@
 
 pub mod consul_cli;
 pub mod cp_client;
+pub mod failover;
 pub mod watch;
