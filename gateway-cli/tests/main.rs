@@ -11,6 +11,8 @@
 
 #[path = "guide_netns.rs"]
 mod guide_netns;
+#[path = "mesh_cp_failover.rs"]
+mod mesh_cp_failover;
 #[path = "mesh_failover.rs"]
 mod mesh_failover;
 #[path = "mesh_federation.rs"]

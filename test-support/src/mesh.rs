@@ -40,6 +40,22 @@ impl ControlPlane {
         cp
     }
 
+    /// Another agent of the same datacenter on its own data directory (its own store and CA,
+    /// as two redb agents are), whose management token has `other`'s secret, so that one token
+    /// works against both: what a client failing over between the two needs.
+    pub fn start_alongside(tag: &str, other: &ControlPlane) -> ControlPlane {
+        let mut cp = ControlPlane::start(tag);
+        let body = serde_json::json!({
+            "Description": "the management token of the other agent",
+            "SecretID": other.token,
+            "Policies": [{ "Name": "global-management" }],
+        })
+        .to_string();
+        cp.ok("PUT", "/v1/acl/token", Some(&body));
+        cp.token = other.token.clone();
+        cp
+    }
+
     /// A secondary datacenter federated with `primary` (replication token from the guide's
     /// `replication-policy.json`); ready once it has its intermediate CA and knows the
     /// primary's management token.
@@ -395,7 +411,7 @@ pub fn sidecar_with_token(
     token: &str,
     extra: &[&str],
 ) -> Sidecar {
-    spawn_sidecar(cp, service, token, extra, Vec::new())
+    spawn_sidecar(&cp.address, service, token, extra, Vec::new())
 }
 
 /// `gateway sidecar` started with `listeners` passed by socket activation: the sockets of the
@@ -408,11 +424,21 @@ pub fn sidecar_passing(
     token: &str,
     listeners: Vec<TcpListener>,
 ) -> Sidecar {
-    spawn_sidecar(cp, service, token, &[], listeners)
+    spawn_sidecar(&cp.address, service, token, &[], listeners)
+}
+
+/// [`sidecar_passing`] with `http_addr` as its `-http-addr` (a comma list for failover).
+pub fn sidecar_passing_to(
+    http_addr: &str,
+    service: &str,
+    token: &str,
+    listeners: Vec<TcpListener>,
+) -> Sidecar {
+    spawn_sidecar(http_addr, service, token, &[], listeners)
 }
 
 fn spawn_sidecar(
-    cp: &ControlPlane,
+    http_addr: &str,
     service: &str,
     token: &str,
     extra: &[&str],
@@ -434,7 +460,7 @@ fn spawn_sidecar(
         "sidecar",
         command
             .args(["sidecar", "-sidecar-for", service, "-token", token])
-            .args(["-http-addr", &cp.address])
+            .args(["-http-addr", http_addr])
             .args(["-admin-bind", "127.0.0.1:0"])
             .args(extra)
             .env("GATEWAY_LOG", "info")
