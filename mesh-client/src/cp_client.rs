@@ -24,6 +24,13 @@ const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 /// How long a blocking query asks the server to hold (Consul's default is 5 minutes; a
 /// shorter wait notices a silently dead control plane sooner).
 pub const BLOCKING_WAIT: Duration = Duration::from_secs(60);
+/// How long a blocking query asks an agent to hold when that agent is not the one that
+/// answered the index it carries (the client failed over). Agents on separate stores can be
+/// at an equal index with different data, and the query would then wait out the full
+/// [`BLOCKING_WAIT`] before the follower sees the new agent's state; a short wait bounds that.
+/// Where agents share one store an equal index means nothing changed, and the short wait
+/// costs one extra answer.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(5);
 /// Added to `wait` for the client-side deadline: the server may add up to wait/16 of jitter.
 const BLOCKING_SLACK: Duration = Duration::from_secs(15);
 /// Deadline of a non-blocking request.
@@ -94,6 +101,37 @@ struct Inner {
     failovers: [AtomicU64; FailoverReason::ALL.len()],
 }
 
+/// What makes a GET a blocking query.
+struct Blocking<'a> {
+    /// The index held.
+    index: u64,
+    /// The agent that answered it.
+    answered_by: Option<&'a str>,
+}
+
+impl Blocking<'_> {
+    /// The request target and the client-side deadline for asking `address`.
+    fn target(&self, path: &str, address: &ControlPlaneAddress) -> (String, Duration) {
+        let same_agent = self
+            .answered_by
+            .is_none_or(|agent| agent == address.to_string());
+        let wait = if same_agent {
+            BLOCKING_WAIT
+        } else {
+            FAILOVER_WAIT
+        };
+        let separator = if path.contains('?') { '&' } else { '?' };
+        (
+            format!(
+                "{path}{separator}index={}&wait={}s",
+                self.index,
+                wait.as_secs()
+            ),
+            wait + BLOCKING_SLACK,
+        )
+    }
+}
+
 /// A successful (2xx) answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -154,29 +192,30 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
-        self.request("GET", path, None, REQUEST_TIMEOUT).await
+        self.request("GET", path, None, None).await
     }
 
     /// A blocking query: held by the server until the index passes `index` or `wait` ends.
-    pub async fn get_blocking(&self, path: &str, index: u64) -> Result<Answer, ClientError> {
-        let separator = if path.contains('?') { '&' } else { '?' };
-        let path = format!(
-            "{path}{separator}index={index}&wait={}s",
-            BLOCKING_WAIT.as_secs()
-        );
-        self.request("GET", &path, None, BLOCKING_WAIT + BLOCKING_SLACK)
-            .await
+    /// `answered_by` is the agent (`http://host:port`) that answered `index`; any other agent
+    /// is asked to hold only [`FAILOVER_WAIT`].
+    pub async fn get_blocking(
+        &self,
+        path: &str,
+        index: u64,
+        answered_by: Option<&str>,
+    ) -> Result<Answer, ClientError> {
+        let blocking = Blocking { index, answered_by };
+        self.request("GET", path, None, Some(blocking)).await
     }
 
     pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<Answer, ClientError> {
         let body = body.to_string();
-        self.request("PUT", path, Some(body.as_bytes()), REQUEST_TIMEOUT)
-            .await
+        self.request("PUT", path, Some(body.as_bytes()), None).await
     }
 
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Answer, ClientError> {
         let body = body.to_string();
-        self.request("POST", path, Some(body.as_bytes()), REQUEST_TIMEOUT)
+        self.request("POST", path, Some(body.as_bytes()), None)
             .await
     }
 
@@ -187,7 +226,7 @@ impl Client {
         method: &'static str,
         path: &str,
         body: Option<&[u8]>,
-        timeout: Duration,
+        blocking: Option<Blocking<'_>>,
     ) -> Result<Answer, ClientError> {
         let count = self.inner.addresses.len();
         let mut asked = vec![false; count];
@@ -200,8 +239,12 @@ impl Client {
                 break;
             };
             asked[index] = true;
+            let (target, timeout) = match &blocking {
+                None => (path.to_owned(), REQUEST_TIMEOUT),
+                Some(blocking) => blocking.target(path, address),
+            };
             let result = self
-                .request_once(address, method, path, body, timeout)
+                .request_once(address, method, &target, body, timeout)
                 .await;
             let reason = match &result {
                 Ok(_) => None,
@@ -546,6 +589,21 @@ mod tests {
         assert_eq!(client.address(), "http://127.0.0.1:8500");
         assert_eq!(client.inner.addresses.len(), 2);
         assert!(Client::new(" , ", None).is_err());
+    }
+
+    #[test]
+    fn a_blocking_query_holds_briefly_on_an_agent_that_did_not_answer_its_index() {
+        let agent = |text: &str| ControlPlaneAddress::parse(text, false).expect("address");
+        let blocking = Blocking {
+            index: 42,
+            answered_by: Some("http://a:1"),
+        };
+        let (target, timeout) = blocking.target("/v1/x?dc=d", &agent("a:1"));
+        assert_eq!(target, "/v1/x?dc=d&index=42&wait=60s");
+        assert_eq!(timeout, BLOCKING_WAIT + BLOCKING_SLACK);
+        let (target, timeout) = blocking.target("/v1/x", &agent("b:2"));
+        assert_eq!(target, "/v1/x?index=42&wait=5s");
+        assert_eq!(timeout, FAILOVER_WAIT + BLOCKING_SLACK);
     }
 
     /// An agent answering every request with `status`, returning its address.

@@ -23,6 +23,9 @@ use crate::cp_client::{backoff, Answer, Client, ClientError};
 pub struct Watch {
     index: u64,
     failures: u32,
+    /// The agent that answered last (`http://host:port`): another agent is asked to hold
+    /// only briefly at `index` (see [`crate::cp_client::FAILOVER_WAIT`]).
+    answered_by: Option<String>,
 }
 
 impl Watch {
@@ -42,14 +45,18 @@ impl Watch {
     }
 
     /// Ask for `path` once: a plain request at index 0, a blocking query otherwise. The watch
-    /// is not changed; the caller reports the outcome with [`Watch::succeeded`] once the answer
+    /// only notes which agent answered; the caller reports the outcome with [`Watch::succeeded`] once the answer
     /// was usable, or [`Watch::failed`].
-    pub async fn query(&self, client: &Client, path: &str) -> Result<Answer, ClientError> {
-        if self.index == 0 {
+    pub async fn query(&mut self, client: &Client, path: &str) -> Result<Answer, ClientError> {
+        let answer = if self.index == 0 {
             client.get(path).await
         } else {
-            client.get_blocking(path, self.index).await
-        }
+            client
+                .get_blocking(path, self.index, self.answered_by.as_deref())
+                .await
+        }?;
+        self.answered_by = Some(client.address());
+        Ok(answer)
     }
 
     /// An answer carrying `X-Consul-Index` `answered` was used: the next query blocks on it
