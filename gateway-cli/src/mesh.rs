@@ -129,7 +129,7 @@ impl Follower {
     /// Fails on an unusable address list or TLS file (the user's to fix).
     pub fn new(args: Args) -> Result<Follower, ClientError> {
         Ok(Follower {
-            client: Client::with_addresses(args.http_addr.clone(), args.token.clone())?,
+            client: Client::with_addresses(args.http_addr.clone(), args.token.clone(), &args.tls)?,
             args,
             stats: ControlPlaneStats::default(),
         })
@@ -283,6 +283,7 @@ mod tests {
             token: None,
             http_addr: mesh_model::address::parse_list(&["127.0.0.1:8500"], false)
                 .expect("address"),
+            tls: mesh_client::tls::ClientTls::default(),
             config: None,
             admin_bind: "127.0.0.1:19000".parse().expect("addr"),
         }

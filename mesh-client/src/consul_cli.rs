@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use mesh_model::address::{AddressError, ControlPlaneAddress};
 use mesh_model::cli::Scope;
 
+use crate::tls::ClientTls;
+
 /// The subcommands whose flags may be written with one dash.
 const CONSUL_STYLE: [&str; 2] = ["mesh", "sidecar"];
 
@@ -61,6 +63,8 @@ pub struct MeshArgs {
     pub token: Option<String>,
     /// The control plane's addresses, in failover order.
     pub http_addr: Vec<ControlPlaneAddress>,
+    /// What https to the control plane trusts and presents.
+    pub tls: ClientTls,
     /// Listeners, admin, workers, timeouts; its `[[route]]`s are ignored.
     pub config: Option<PathBuf>,
     /// The admin address when there is no `--config` (Consul's `-admin-bind`).
@@ -77,6 +81,8 @@ pub struct SidecarArgs {
     pub token: Option<String>,
     /// The control plane's addresses, in failover order.
     pub http_addr: Vec<ControlPlaneAddress>,
+    /// What https to the control plane trusts and presents.
+    pub tls: ClientTls,
     /// Where `/metrics` and `/ready` are served (like Envoy's admin); none if unset.
     pub admin_bind: Option<SocketAddr>,
     /// Bind the public listener here instead of the registered address (for a sidecar
@@ -112,6 +118,16 @@ pub struct MeshCommand {
     /// (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
     #[arg(long)]
     http_addr: Vec<String>,
+    /// The CA the agent's HTTPS certificate must chain to (default: CONSUL_CACERT).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate for agents started with -verify-incoming (default:
+    /// CONSUL_CLIENT_CERT).
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (default: CONSUL_CLIENT_KEY).
+    #[arg(long)]
+    client_key: Option<PathBuf>,
     /// TOML file for listeners, admin, workers, timeouts (its routes are ignored).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
@@ -129,6 +145,12 @@ impl MeshCommand {
             wan_address: self.wan_address.unwrap_or(self.address),
             token: token(self.token),
             http_addr: http_addr(self.http_addr)?,
+            tls: ClientTls {
+                ca_file: self.ca_file,
+                cert_file: self.client_cert,
+                key_file: self.client_key,
+            }
+            .with_environment(),
             config: self.config,
             admin_bind: self.admin_bind,
         })
@@ -151,6 +173,16 @@ pub struct SidecarCommand {
     /// (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
     #[arg(long)]
     http_addr: Vec<String>,
+    /// The CA the agent's HTTPS certificate must chain to (default: CONSUL_CACERT).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate for agents started with -verify-incoming (default:
+    /// CONSUL_CLIENT_CERT).
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (default: CONSUL_CLIENT_KEY).
+    #[arg(long)]
+    client_key: Option<PathBuf>,
     /// Serve /metrics and /ready here.
     #[arg(long)]
     admin_bind: Option<SocketAddr>,
@@ -170,6 +202,12 @@ impl SidecarCommand {
             proxy_id: self.proxy_id,
             token: token(self.token),
             http_addr: http_addr(self.http_addr)?,
+            tls: ClientTls {
+                ca_file: self.ca_file,
+                cert_file: self.client_cert,
+                key_file: self.client_key,
+            }
+            .with_environment(),
             admin_bind: self.admin_bind,
             listen: self.listen,
             redact_addresses: self.redact_addresses,

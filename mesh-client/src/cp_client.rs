@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::failover::{Failover, FailoverReason};
+use crate::tls::{ClientTls, TlsError};
 
 /// Control-plane answers are small JSON documents; a route table of a few thousand services
 /// stays far below this.
@@ -41,6 +42,16 @@ pub enum ClientError {
     /// The control-plane addresses given cannot be used (the user's fault).
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// The CA file or client certificate given cannot be used (the user's fault).
+    #[error(transparent)]
+    TlsFiles(#[from] TlsError),
+    /// The TLS handshake with the agent failed: a certificate from another CA, a name that
+    /// does not match, or a client certificate the agent refused.
+    #[error("control plane at {address}: TLS handshake failed: {error}")]
+    Tls {
+        address: String,
+        error: std::io::Error,
+    },
     /// The control plane could not be reached (its fault or the network's).
     #[error("control plane at {address} unreachable: {error}")]
     Unreachable {
@@ -73,12 +84,14 @@ impl ClientError {
     pub fn failover_reason(&self) -> Option<FailoverReason> {
         match self {
             ClientError::Unreachable { .. } => Some(FailoverReason::Connect),
+            ClientError::Tls { .. } => Some(FailoverReason::Tls),
             ClientError::HungUp { .. } => Some(FailoverReason::HungUp),
             ClientError::Timeout { .. } => Some(FailoverReason::Timeout),
             ClientError::Status { status, .. } if *status >= 500 => {
                 Some(FailoverReason::ServerError)
             }
             ClientError::Address(_)
+            | ClientError::TlsFiles(_)
             | ClientError::Malformed { .. }
             | ClientError::Status { .. } => None,
         }
@@ -96,6 +109,8 @@ pub struct Client {
 struct Inner {
     addresses: Vec<ControlPlaneAddress>,
     token: Option<String>,
+    /// Set when an address is https.
+    tls: Option<Arc<rustls::ClientConfig>>,
     failover: Mutex<Failover>,
     /// Failovers by reason, in [`FailoverReason::ALL`] order.
     failovers: [AtomicU64; FailoverReason::ALL.len()],
@@ -146,24 +161,27 @@ impl Client {
     /// (as `CONSUL_HTTP_ADDR` often is).
     pub fn new(addresses: &str, token: Option<String>) -> Result<Client, ClientError> {
         let addresses = mesh_model::address::parse_list(&[addresses], false)?;
-        Client::with_addresses(addresses, token)
+        Client::with_addresses(addresses, token, &ClientTls::default())
     }
 
-    /// A client that fails over between `addresses`, in this order.
+    /// A client that fails over between `addresses`, in this order. `tls`'s files are read
+    /// (now, so a bad file stops the start) when an address is https.
     pub fn with_addresses(
         addresses: Vec<ControlPlaneAddress>,
         token: Option<String>,
+        tls: &ClientTls,
     ) -> Result<Client, ClientError> {
         if addresses.is_empty() {
             return Err(AddressError::Empty.into());
         }
-        if let Some(https) = addresses.iter().find(|a| a.scheme == Scheme::Https) {
-            return Err(
-                AddressError::Invalid(format!("{https} (https is not supported yet)")).into(),
-            );
-        }
+        let tls = if addresses.iter().any(|a| a.scheme == Scheme::Https) {
+            Some(tls.rustls_config()?)
+        } else {
+            None
+        };
         Ok(Client {
             inner: Arc::new(Inner {
+                tls,
                 failover: Mutex::new(Failover::new(addresses.len())),
                 addresses,
                 token: token.filter(|token| !token.is_empty()),
@@ -333,6 +351,24 @@ impl Client {
                 address: address.to_string(),
                 error,
             })?;
+        if address.scheme == Scheme::Http {
+            return self.exchange_on(stream, address, method, path, body).await;
+        }
+        let tls_failed = |error: std::io::Error| ClientError::Tls {
+            address: address.to_string(),
+            error,
+        };
+        let config = self.inner.tls.as_ref().ok_or_else(|| {
+            tls_failed(std::io::Error::other(
+                "no TLS configuration (a client built without https addresses)",
+            ))
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(address.host().to_owned())
+            .map_err(|e| tls_failed(std::io::Error::other(e)))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, stream)
+            .await
+            .map_err(tls_failed)?;
         self.exchange_on(stream, address, method, path, body).await
     }
 
