@@ -19,6 +19,8 @@ mod mesh_failover;
 mod mesh_federation;
 #[path = "mesh_gateway.rs"]
 mod mesh_gateway;
+#[path = "mesh_https.rs"]
+mod mesh_https;
 #[path = "mesh_reload.rs"]
 mod mesh_reload;
 #[path = "ops_access_log.rs"]

@@ -105,12 +105,14 @@ fn gateway_and_sidecars_fail_over_to_the_surviving_agent_and_follow_its_changes(
 
     let gateway = mesh_gateway_named(&http_addr, &first.token, "mesh-gateway", "cpfo-gw");
     let gateway_admin = gateway.admin.to_string();
-    let socat_proxy = sidecar_passing_to(&http_addr, "socat", &first.token, vec![socat_public]);
+    let socat_proxy =
+        sidecar_passing_to(&http_addr, "socat", &first.token, vec![socat_public], &[]);
     let web_proxy = sidecar_passing_to(
         &http_addr,
         "web",
         &first.token,
         vec![web_public, web_upstream],
+        &[],
     );
     let sidecar_admins = [socat_proxy.admin.to_string(), web_proxy.admin.to_string()];
     let first_agent = format!(
