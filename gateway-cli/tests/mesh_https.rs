@@ -83,12 +83,17 @@ fn an_agent_certificate_from_another_ca_is_refused() {
     let registered = cp.ok("GET", "/v1/catalog/service/mesh-gateway", None);
     assert_eq!(registered.as_array().map(Vec::len), Some(0), "{registered}");
 
-    // The sidecar needs the agent to start: it exits, saying why.
+    // The sidecar needs the agent to start: it exits, saying why. It is configured through
+    // Consul's variables this time: a bare address made https by CONSUL_HTTP_SSL, and
+    // CONSUL_CACERT (without either, the error would not be a failed handshake).
+    let bare = https.trim_start_matches("https://");
     let mut sidecar = Proc::spawn(
         "sidecar",
         Command::new(test_support::gateway::gateway_binary())
             .args(["sidecar", "-sidecar-for", "socat", "-token", &cp.token])
-            .args(["-http-addr", &https, "-ca-file", &foreign_ca])
+            .env("CONSUL_HTTP_ADDR", bare)
+            .env("CONSUL_HTTP_SSL", "true")
+            .env("CONSUL_CACERT", &foreign_ca)
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );
