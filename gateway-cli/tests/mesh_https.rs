@@ -108,3 +108,57 @@ fn an_agent_certificate_from_another_ca_is_refused() {
     assert!(stderr.contains("TLS handshake failed"), "{stderr}");
     drop(socat_public);
 }
+
+#[test]
+fn an_agent_that_verifies_incoming_needs_the_client_certificate() {
+    let (cp, https, ca) = ControlPlane::start_https_with("https-verify", true);
+    let https = format!("https://{https}");
+    let folder = ca.parent().expect("certificate folder").to_owned();
+    let client_cert = folder
+        .join("primary-client-consul-0.pem")
+        .display()
+        .to_string();
+    let client_key = folder
+        .join("primary-client-consul-0-key.pem")
+        .display()
+        .to_string();
+    let ca = ca.display().to_string();
+
+    // Without a client certificate the agent refuses the handshake.
+    let anonymous = mesh_gateway_with(
+        &https,
+        &cp.token,
+        "mesh-gateway",
+        "https-verify-anonymous",
+        &["-ca-file", &ca],
+    );
+    let anonymous_admin = anonymous.admin.to_string();
+    wait_for("refused requests to be counted", || {
+        metric(&anonymous_admin, "gateway_control_plane_watch_errors_total") >= Some(2.0)
+    });
+    assert_eq!(
+        metric(&anonymous_admin, "gateway_control_plane_connected"),
+        Some(0.0)
+    );
+
+    // With -client-cert and -client-key it follows the agent.
+    let gateway = mesh_gateway_with(
+        &https,
+        &cp.token,
+        "mesh-gateway",
+        "https-verify-client",
+        &[
+            "-ca-file",
+            &ca,
+            "-client-cert",
+            &client_cert,
+            "-client-key",
+            &client_key,
+        ],
+    );
+    let admin = gateway.admin.to_string();
+    wait_for(
+        "the gateway to follow the agent with its client certificate",
+        || metric(&admin, "gateway_control_plane_connected") == Some(1.0),
+    );
+}

@@ -97,15 +97,23 @@ impl ControlPlane {
 
     /// An agent that also serves its API over HTTPS (`-https-addr 127.0.0.1:0`) with a
     /// server certificate made as the demo makes it (`tls ca create`, `tls cert create
-    /// -server`) in its directory. Returns it, the HTTPS address it reported and the CA file.
+    /// -server`) in its directory. Returns it, the HTTPS address it reported and the CA file
+    /// (beside it, a client certificate: `primary-client-consul-0.pem` and its key).
     pub fn start_https(tag: &str) -> (ControlPlane, String, PathBuf) {
+        ControlPlane::start_https_with(tag, false)
+    }
+
+    /// [`ControlPlane::start_https`]; with `verify_incoming`, HTTPS clients must present a
+    /// certificate signed by the agent CA (`-verify-incoming -ca-file`).
+    pub fn start_https_with(tag: &str, verify_incoming: bool) -> (ControlPlane, String, PathBuf) {
         let dir = temp_dir(tag);
         let certs = make_agent_certs(&dir, "certs");
         let ca = certs.join("consul-agent-ca.pem");
         let cert = certs.join("primary-server-consul-0.pem");
         let key = certs.join("primary-server-consul-0-key.pem");
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
-        let flags = [
+        let ca_text = ca.display().to_string();
+        let mut flags = vec![
             "-https-addr",
             "127.0.0.1:0",
             "-cert-file",
@@ -113,6 +121,9 @@ impl ControlPlane {
             "-key-file",
             &key,
         ];
+        if verify_incoming {
+            flags.extend(["-verify-incoming", "-ca-file", &ca_text]);
+        }
         let (mut cp, lines) = ControlPlane::spawn_in(dir, "primary", &flags, 2);
         let https = lines[1]
             .trim()
@@ -288,14 +299,16 @@ impl ControlPlane {
     }
 }
 
-/// `controlplane-lite tls ca create` and `tls cert create -server -dc primary` run in
-/// `dir/name` (created), as scripts/demo makes its agents' certificates; returns that folder.
+/// `controlplane-lite tls ca create`, `tls cert create -server -dc primary` and `tls cert
+/// create -client -dc primary` run in `dir/name` (created), as scripts/demo makes its agents'
+/// certificates; returns that folder.
 pub fn make_agent_certs(dir: &TempDir, name: &str) -> PathBuf {
     let certs = dir.join(name);
     std::fs::create_dir_all(&certs).expect("certificate folder");
     for args in [
         &["tls", "ca", "create"][..],
         &["tls", "cert", "create", "-server", "-dc", "primary"][..],
+        &["tls", "cert", "create", "-client", "-dc", "primary"][..],
     ] {
         let output = Command::new(controlplane_binary())
             .args(args)
