@@ -131,37 +131,34 @@ pub struct ClientTls {
 
 impl ClientTls {
     /// The ureq TLS configuration: only `ca_file`'s roots are trusted (never a system store),
-    /// so a server with a certificate from another CA is refused.
+    /// so a server with a certificate from another CA is refused. The files are read by
+    /// `mesh-client` (the same rules `gateway mesh` and the sidecar follow).
     pub fn ureq_config(&self) -> Result<ureq::tls::TlsConfig> {
-        let ca = self.ca_file.as_ref().ok_or_else(|| {
-            Error::Startup("https needs a CA file (-ca-file or CONSUL_CACERT)".to_owned())
-        })?;
-        let roots: Vec<ureq::tls::Certificate<'static>> = load_certs(ca, "-ca-file")?
-            .iter()
-            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
-            .collect();
+        let files = mesh_client::tls::ClientTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        };
+        let material = files.load().map_err(|e| Error::Startup(e.to_string()))?;
+        let certificates =
+            |ders: &[CertificateDer<'static>]| -> Vec<ureq::tls::Certificate<'static>> {
+                ders.iter()
+                    .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+                    .collect()
+            };
         let mut builder = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .unversioned_rustls_crypto_provider(provider())
-            .root_certs(ureq::tls::RootCerts::new_with_certs(&roots));
-        match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) => {
-                let chain: Vec<ureq::tls::Certificate<'static>> =
-                    load_certs(cert, "client certificate")?
-                        .iter()
-                        .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
-                        .collect();
-                let key = ureq::tls::PrivateKey::from_pem(&read_pem(key, "client key")?)
-                    .map_err(|e| Error::Startup(format!("client key {}: {e}", key.display())))?;
-                builder =
-                    builder.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
-            }
-            (None, None) => {}
-            _ => {
-                return Err(Error::Startup(
-                    "a client certificate needs both its certificate and its key file".to_owned(),
-                ))
-            }
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&certificates(
+                &material.roots,
+            )));
+        if let Some(identity) = material.identity {
+            let key = ureq::tls::PrivateKey::from_pem(&identity.key_pem)
+                .map_err(|e| Error::Startup(format!("-client-key: {e}")))?;
+            builder = builder.client_cert(Some(ureq::tls::ClientCert::new_with_certs(
+                &certificates(&identity.chain),
+                key,
+            )));
         }
         Ok(builder.build())
     }

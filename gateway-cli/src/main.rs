@@ -103,16 +103,25 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => exit(gateway::run::run(&config, Some(log_filter))),
         Command::Mesh(command) => {
-            let args = command.into_args();
+            let args = match command.into_args() {
+                Ok(args) => args,
+                Err(error) => return exit(Err(error.into())),
+            };
             let config = args.config.clone().unwrap_or_default();
-            let source = Arc::new(mesh::Follower::new(args));
+            let source = match mesh::Follower::new(args) {
+                Ok(follower) => Arc::new(follower),
+                Err(error) => return exit(Err(error.into())),
+            };
             exit(gateway::run::serve(
                 &config,
                 Some(log_filter),
                 gateway::route_source::RouteOrigin::Source(source),
             ))
         }
-        Command::Sidecar(command) => exit(gateway_sidecar::run(command.into_args())),
+        Command::Sidecar(command) => match command.into_args() {
+            Ok(args) => exit(gateway_sidecar::run(args)),
+            Err(error) => exit(Err(error.into())),
+        },
     }
 }
 

@@ -19,7 +19,7 @@ use gateway::config::{Config, ConfigErrors, Listener};
 use gateway::control::Control;
 use gateway::route_source::{RouteSource, SourceFuture};
 use gateway::routes::{Pattern, RouteSpec};
-use mesh_client::cp_client::{backoff, Client, ControlPlaneStats};
+use mesh_client::cp_client::{backoff, Client, ClientError, ControlPlaneStats};
 use mesh_client::watch::Watch;
 use mesh_model::wire::{RouteSnapshot, MESH_GATEWAY_ROUTES_PATH};
 
@@ -129,12 +129,13 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(args: Args) -> Follower {
-        Follower {
-            client: Client::new(&args.http_addr, args.token.clone()),
+    /// Fails on an unusable address list or TLS file (the user's to fix).
+    pub fn new(args: Args) -> Result<Follower, ClientError> {
+        Ok(Follower {
+            client: Client::with_addresses(args.http_addr.clone(), args.token.clone(), &args.tls)?,
             args,
             stats: ControlPlaneStats::default(),
-        }
+        })
     }
 
     async fn register(&self, args: &Args) -> bool {
@@ -176,11 +177,13 @@ impl Follower {
         let stats = &self.stats;
         stats.enabled.store(true, Ordering::Relaxed);
         let mut registered = false;
+        let mut registered_with: Option<String> = None;
         let mut watch = Watch::new();
         let mut published: Option<Vec<RouteSpec>> = None;
         loop {
             if !registered {
                 registered = self.register(&args).await;
+                registered_with = Some(self.client.address());
             }
             let answer = match watch.query(&self.client, MESH_GATEWAY_ROUTES_PATH).await {
                 Ok(answer) => answer,
@@ -200,6 +203,12 @@ impl Follower {
             };
             if watch.succeeded(answer.index) {
                 tracing::info!("control plane reachable again");
+            }
+            // The client failed over to another agent: that agent's store may not be the one
+            // we registered in (agents on one redb file each), so register there too (PUT is
+            // idempotent where the store is shared).
+            if registered_with.as_deref() != Some(self.client.address().as_str()) {
+                registered = false;
             }
             let (generation, routes, problems) = match parse_routes(&answer.body) {
                 Ok(parsed) => parsed,
@@ -260,6 +269,7 @@ impl RouteSource for Follower {
 
     fn render_metrics(&self, out: &mut prom_text::Writer<'_>) {
         self.stats.render(out);
+        self.client.render_metrics(out);
     }
 }
 
@@ -274,7 +284,9 @@ mod tests {
             address: "10.0.0.5:8443".parse().expect("addr"),
             wan_address: "192.0.2.1:443".parse().expect("addr"),
             token: None,
-            http_addr: "127.0.0.1:8500".into(),
+            http_addr: mesh_model::address::parse_list(&["127.0.0.1:8500"], false)
+                .expect("address"),
+            tls: mesh_client::tls::ClientTls::default(),
             config: None,
             admin_bind: "127.0.0.1:19000".parse().expect("addr"),
         }

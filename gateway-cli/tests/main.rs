@@ -11,12 +11,16 @@
 
 #[path = "guide_netns.rs"]
 mod guide_netns;
+#[path = "mesh_cp_failover.rs"]
+mod mesh_cp_failover;
 #[path = "mesh_failover.rs"]
 mod mesh_failover;
 #[path = "mesh_federation.rs"]
 mod mesh_federation;
 #[path = "mesh_gateway.rs"]
 mod mesh_gateway;
+#[path = "mesh_https.rs"]
+mod mesh_https;
 #[path = "mesh_reload.rs"]
 mod mesh_reload;
 #[path = "ops_access_log.rs"]

@@ -30,7 +30,7 @@ fn start_gateway(cp: &ControlPlane, tag: &str) -> MeshGateway {
 /// Web's TLS client configuration: a leaf for `web` signed from a CSR, the mesh roots, and
 /// socat's SPIFFE ID as the only acceptable server identity.
 async fn web_client(cp: &ControlPlane, trust_domain: &str) -> Arc<rustls::ClientConfig> {
-    let client = Client::new(&cp.address, Some(cp.token.clone()));
+    let client = Client::new(&cp.address, Some(cp.token.clone())).expect("client");
     let web = SpiffeId::parse(&format!(
         "spiffe://{trust_domain}/ns/default/dc/primary/svc/web"
     ))

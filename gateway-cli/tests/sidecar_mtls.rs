@@ -121,7 +121,7 @@ fn a_client_certificate_from_another_ca_is_refused_in_the_handshake() {
     let echoed = runtime.block_on(async {
         // The client verifies socat's sidecar with the real roots, so only our certificate
         // is wrong.
-        let client = Client::new(&cp.address, Some(cp.token.clone()));
+        let client = Client::new(&cp.address, Some(cp.token.clone())).expect("client");
         let roots =
             gateway_sidecar::follow::fetch_roots(&client, &mut mesh_client::watch::Watch::new())
                 .await

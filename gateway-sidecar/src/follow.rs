@@ -359,7 +359,11 @@ pub async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::TcpListener)
             let line = String::from_utf8_lossy(&request);
             let target = line.split(' ').nth(1).unwrap_or("");
             let (status, body) = match target {
-                "/metrics" => ("200 OK", shared.stats.render()),
+                "/metrics" => {
+                    let mut text = shared.stats.render();
+                    shared.client.render_metrics(&mut text);
+                    ("200 OK", text)
+                }
                 "/ready" => ("200 OK", "ready\n".to_owned()),
                 _ => ("404 Not Found", "not found\n".to_owned()),
             };

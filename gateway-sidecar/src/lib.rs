@@ -314,7 +314,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, inherited: activation::Inherited) -> anyhow::Result<()> {
-    let client = Client::new(&args.http_addr, args.token.clone());
+    let client = Client::with_addresses(args.http_addr.clone(), args.token.clone(), &args.tls)?;
     let proxy_id = args
         .proxy_id
         .clone()

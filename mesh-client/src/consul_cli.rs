@@ -1,12 +1,17 @@
 //! The command lines of `gateway mesh` and `gateway sidecar`, shaped like Consul's
 //! `consul connect envoy`: single-dash long flags (`-sidecar-for socat`, `-token=T`), and
-//! `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` from the environment when the flags are absent.
+//! `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_SSL` from the environment when the
+//! flags are absent. `-http-addr` may be repeated or a comma list: the client fails over
+//! between the addresses in order (see [`crate::failover`]).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use mesh_model::address::{AddressError, ControlPlaneAddress};
 use mesh_model::cli::Scope;
+
+use crate::tls::ClientTls;
 
 /// The subcommands whose flags may be written with one dash.
 const CONSUL_STYLE: [&str; 2] = ["mesh", "sidecar"];
@@ -19,10 +24,24 @@ pub fn rewrite_single_dash(args: impl IntoIterator<Item = OsString>) -> Vec<OsSt
     mesh_model::cli::rewrite_single_dash(args, Scope::AfterSubcommand(&CONSUL_STYLE))
 }
 
-fn http_addr(flag: Option<String>) -> String {
-    flag.or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
-        .filter(|address| !address.is_empty())
-        .unwrap_or_else(|| "127.0.0.1:8500".to_owned())
+/// The control-plane addresses: the `-http-addr` flags, else `CONSUL_HTTP_ADDR`, else
+/// Consul's default; an address without a scheme is https when `CONSUL_HTTP_SSL` is true.
+fn http_addr(flags: Vec<String>) -> Result<Vec<ControlPlaneAddress>, AddressError> {
+    let values = if flags.is_empty() {
+        let from_environment = std::env::var("CONSUL_HTTP_ADDR")
+            .ok()
+            .filter(|address| !address.trim().is_empty());
+        vec![from_environment.unwrap_or_else(|| "127.0.0.1:8500".to_owned())]
+    } else {
+        flags
+    };
+    mesh_model::address::parse_list(&values, http_ssl())
+}
+
+/// `CONSUL_HTTP_SSL`, read as Consul's API client does (Go's `strconv.ParseBool`).
+fn http_ssl() -> bool {
+    std::env::var("CONSUL_HTTP_SSL")
+        .is_ok_and(|value| matches!(value.trim(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
 }
 
 fn token(flag: Option<String>) -> Option<String> {
@@ -42,7 +61,10 @@ pub struct MeshArgs {
     /// The address other datacenters' gateways and sidecars dial.
     pub wan_address: SocketAddr,
     pub token: Option<String>,
-    pub http_addr: String,
+    /// The control plane's addresses, in failover order.
+    pub http_addr: Vec<ControlPlaneAddress>,
+    /// What https to the control plane trusts and presents.
+    pub tls: ClientTls,
     /// Listeners, admin, workers, timeouts; its `[[route]]`s are ignored.
     pub config: Option<PathBuf>,
     /// The admin address when there is no `--config` (Consul's `-admin-bind`).
@@ -57,8 +79,10 @@ pub struct SidecarArgs {
     /// The proxy's service ID; Consul's default is `<service>-sidecar-proxy`.
     pub proxy_id: Option<String>,
     pub token: Option<String>,
-    /// The control plane's HTTP address.
-    pub http_addr: String,
+    /// The control plane's addresses, in failover order.
+    pub http_addr: Vec<ControlPlaneAddress>,
+    /// What https to the control plane trusts and presents.
+    pub tls: ClientTls,
     /// Where `/metrics` and `/ready` are served (like Envoy's admin); none if unset.
     pub admin_bind: Option<SocketAddr>,
     /// Bind the public listener here instead of the registered address (for a sidecar
@@ -90,9 +114,20 @@ pub struct MeshCommand {
     /// ACL token (default: CONSUL_HTTP_TOKEN).
     #[arg(long)]
     token: Option<String>,
-    /// Control-plane HTTP address (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
+    /// Control-plane address; repeat it or give a comma list to fail over between agents
+    /// (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
     #[arg(long)]
-    http_addr: Option<String>,
+    http_addr: Vec<String>,
+    /// The CA the agent's HTTPS certificate must chain to (default: CONSUL_CACERT).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate for agents started with -verify-incoming (default:
+    /// CONSUL_CLIENT_CERT).
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (default: CONSUL_CLIENT_KEY).
+    #[arg(long)]
+    client_key: Option<PathBuf>,
     /// TOML file for listeners, admin, workers, timeouts (its routes are ignored).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
@@ -102,17 +137,23 @@ pub struct MeshCommand {
 }
 
 impl MeshCommand {
-    pub fn into_args(self) -> MeshArgs {
-        MeshArgs {
+    pub fn into_args(self) -> Result<MeshArgs, AddressError> {
+        Ok(MeshArgs {
             register: self.register,
             service_name: self.service_name,
             address: self.address,
             wan_address: self.wan_address.unwrap_or(self.address),
             token: token(self.token),
-            http_addr: http_addr(self.http_addr),
+            http_addr: http_addr(self.http_addr)?,
+            tls: ClientTls {
+                ca_file: self.ca_file,
+                cert_file: self.client_cert,
+                key_file: self.client_key,
+            }
+            .with_environment(),
             config: self.config,
             admin_bind: self.admin_bind,
-        }
+        })
     }
 }
 
@@ -128,9 +169,20 @@ pub struct SidecarCommand {
     /// ACL token (default: CONSUL_HTTP_TOKEN).
     #[arg(long)]
     token: Option<String>,
-    /// Control-plane HTTP address (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
+    /// Control-plane address; repeat it or give a comma list to fail over between agents
+    /// (default: CONSUL_HTTP_ADDR, then 127.0.0.1:8500).
     #[arg(long)]
-    http_addr: Option<String>,
+    http_addr: Vec<String>,
+    /// The CA the agent's HTTPS certificate must chain to (default: CONSUL_CACERT).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate for agents started with -verify-incoming (default:
+    /// CONSUL_CLIENT_CERT).
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (default: CONSUL_CLIENT_KEY).
+    #[arg(long)]
+    client_key: Option<PathBuf>,
     /// Serve /metrics and /ready here.
     #[arg(long)]
     admin_bind: Option<SocketAddr>,
@@ -144,16 +196,22 @@ pub struct SidecarCommand {
 }
 
 impl SidecarCommand {
-    pub fn into_args(self) -> SidecarArgs {
-        SidecarArgs {
+    pub fn into_args(self) -> Result<SidecarArgs, AddressError> {
+        Ok(SidecarArgs {
             sidecar_for: self.sidecar_for,
             proxy_id: self.proxy_id,
             token: token(self.token),
-            http_addr: http_addr(self.http_addr),
+            http_addr: http_addr(self.http_addr)?,
+            tls: ClientTls {
+                ca_file: self.ca_file,
+                cert_file: self.client_cert,
+                key_file: self.client_key,
+            }
+            .with_environment(),
             admin_bind: self.admin_bind,
             listen: self.listen,
             redact_addresses: self.redact_addresses,
-        }
+        })
     }
 }
 

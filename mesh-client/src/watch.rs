@@ -4,9 +4,13 @@
 //! A [`Watch`] holds what a follower must remember between queries: the index to send next and
 //! the number of consecutive failures. The rules are Consul's, from `mesh-model::blocking`
 //! (shared with controlplane-lite's replication): follow the answered index, start over at 0
-//! when it goes backwards or after any failure (a control plane that comes back may have
-//! been restored with a lower index), and back off exponentially between failures. What a
-//! caller does with an answer, and what it logs, stays with the caller.
+//! when it goes backwards, and back off exponentially between failures. A failure keeps the
+//! index: the client fails over to the next agent and the query resumes there at the index
+//! held, which is right when the agents share one store. When they do not (or a store was
+//! restored), the agent answers at once with a lower index (controlplane-lite, like Consul,
+//! does not hold a query whose index is ahead of its own), the watch starts over at 0 as
+//! Consul's clients do, and says so once in the log. What a caller does with an answer, and
+//! what else it logs, stays with the caller.
 
 use std::time::Duration;
 
@@ -19,6 +23,9 @@ use crate::cp_client::{backoff, Answer, Client, ClientError};
 pub struct Watch {
     index: u64,
     failures: u32,
+    /// The agent that answered last (`http://host:port`): another agent is asked to hold
+    /// only briefly at `index` (see [`crate::cp_client::FAILOVER_WAIT`]).
+    answered_by: Option<String>,
 }
 
 impl Watch {
@@ -38,31 +45,43 @@ impl Watch {
     }
 
     /// Ask for `path` once: a plain request at index 0, a blocking query otherwise. The watch
-    /// is not changed; the caller reports the outcome with [`Watch::succeeded`] once the answer
+    /// only notes which agent answered; the caller reports the outcome with [`Watch::succeeded`] once the answer
     /// was usable, or [`Watch::failed`].
-    pub async fn query(&self, client: &Client, path: &str) -> Result<Answer, ClientError> {
-        if self.index == 0 {
+    pub async fn query(&mut self, client: &Client, path: &str) -> Result<Answer, ClientError> {
+        let answer = if self.index == 0 {
             client.get(path).await
         } else {
-            client.get_blocking(path, self.index).await
-        }
+            client
+                .get_blocking(path, self.index, self.answered_by.as_deref())
+                .await
+        }?;
+        self.answered_by = Some(client.address());
+        Ok(answer)
     }
 
     /// An answer carrying `X-Consul-Index` `answered` was used: the next query blocks on it
     /// (or starts over at 0 if it went backwards). Returns whether this ends a run of failures.
     pub fn succeeded(&mut self, answered: Option<u64>) -> bool {
-        self.index = next_index(self.index, answered);
+        let next = next_index(self.index, answered);
+        if next == 0 && self.index > 0 {
+            tracing::info!(
+                held = self.index,
+                answered = ?answered,
+                "control plane: the index went backwards (another store, or a restored one); starting over at 0"
+            );
+        }
+        self.index = next;
         let recovered = self.failures > 0;
         self.failures = 0;
         recovered
     }
 
-    /// The query failed, or its answer was unusable: the next query starts over at index 0,
-    /// after the returned back-off, which grows with each consecutive failure.
+    /// The query failed, or its answer was unusable: the next query is sent after the
+    /// returned back-off, which grows with each consecutive failure, and resumes at the index
+    /// held (on whichever agent the client asks next).
     pub fn failed(&mut self) -> Duration {
         let delay = backoff(self.failures);
         self.failures = self.failures.saturating_add(1);
-        self.index = 0;
         delay
     }
 }
@@ -72,17 +91,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn follows_the_index_and_starts_over_after_a_failure() {
+    fn follows_the_index_and_resumes_at_it_after_a_failure() {
         let mut watch = Watch::new();
         assert_eq!(watch.index(), 0);
         assert!(!watch.succeeded(Some(7)));
         assert_eq!(watch.index(), 7);
         assert_eq!(watch.failed(), backoff(0));
         assert_eq!(watch.failed(), backoff(1));
-        assert_eq!((watch.index(), watch.failures()), (0, 2));
-        assert!(watch.succeeded(Some(3)), "a success ends the outage");
-        assert_eq!((watch.index(), watch.failures()), (3, 0));
-        // An index going backwards starts over (Consul's rule).
+        assert_eq!(
+            (watch.index(), watch.failures()),
+            (7, 2),
+            "the next agent is asked at the index held"
+        );
+        assert!(watch.succeeded(Some(9)), "a success ends the outage");
+        assert_eq!((watch.index(), watch.failures()), (9, 0));
+        // An index going backwards (another, unshared store) starts over (Consul's rule).
         assert!(!watch.succeeded(Some(2)));
         assert_eq!(watch.index(), 0);
     }
@@ -113,7 +136,7 @@ mod tests {
                 }
                 targets
             });
-            let client = Client::new(&address.to_string(), None);
+            let client = Client::new(&address.to_string(), None).expect("client");
             let mut watch = Watch::new();
             for _ in 0..2 {
                 let answer = tokio::time::timeout(

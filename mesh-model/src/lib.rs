@@ -2,6 +2,7 @@
 //! sidecar) must agree on, written once so the two sides cannot drift. IO-free: plain types and
 //! functions, no sockets, no clock.
 //!
+//! - [`address`]: control-plane addresses (`-http-addr`, comma lists, http or https).
 //! - [`blocking`]: Consul's blocking-query index rules and back-off.
 //! - [`spiffe`]: the SPIFFE ID of a Connect service and its parser.
 //! - [`cli`]: Consul's single-dash long flags, rewritten for clap.
@@ -12,6 +13,7 @@
 //!   and `match`; the sidecar enforces them on each client certificate.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod blocking;
 pub mod cli;
 pub mod intention;

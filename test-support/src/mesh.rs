@@ -40,6 +40,22 @@ impl ControlPlane {
         cp
     }
 
+    /// Another agent of the same datacenter on its own data directory (its own store and CA,
+    /// as two redb agents are), whose management token has `other`'s secret, so that one token
+    /// works against both: what a client failing over between the two needs.
+    pub fn start_alongside(tag: &str, other: &ControlPlane) -> ControlPlane {
+        let mut cp = ControlPlane::start(tag);
+        let body = serde_json::json!({
+            "Description": "the management token of the other agent",
+            "SecretID": other.token,
+            "Policies": [{ "Name": "global-management" }],
+        })
+        .to_string();
+        cp.ok("PUT", "/v1/acl/token", Some(&body));
+        cp.token = other.token.clone();
+        cp
+    }
+
     /// A secondary datacenter federated with `primary` (replication token from the guide's
     /// `replication-policy.json`); ready once it has its intermediate CA and knows the
     /// primary's management token.
@@ -79,8 +95,62 @@ impl ControlPlane {
         cp
     }
 
-    fn spawn(tag: &str, datacenter: &str, extra: &[&str]) -> ControlPlane {
+    /// An agent that also serves its API over HTTPS (`-https-addr 127.0.0.1:0`) with a
+    /// server certificate made as the demo makes it (`tls ca create`, `tls cert create
+    /// -server`) in its directory. Returns it, the HTTPS address it reported and the CA file
+    /// (beside it, a client certificate: `primary-client-consul-0.pem` and its key).
+    pub fn start_https(tag: &str) -> (ControlPlane, String, PathBuf) {
+        ControlPlane::start_https_with(tag, false)
+    }
+
+    /// [`ControlPlane::start_https`]; with `verify_incoming`, HTTPS clients must present a
+    /// certificate signed by the agent CA (`-verify-incoming -ca-file`).
+    pub fn start_https_with(tag: &str, verify_incoming: bool) -> (ControlPlane, String, PathBuf) {
         let dir = temp_dir(tag);
+        let certs = make_agent_certs(&dir, "certs");
+        let ca = certs.join("consul-agent-ca.pem");
+        let cert = certs.join("primary-server-consul-0.pem");
+        let key = certs.join("primary-server-consul-0-key.pem");
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let ca_text = ca.display().to_string();
+        let mut flags = vec![
+            "-https-addr",
+            "127.0.0.1:0",
+            "-cert-file",
+            &cert,
+            "-key-file",
+            &key,
+        ];
+        if verify_incoming {
+            flags.extend(["-verify-incoming", "-ca-file", &ca_text]);
+        }
+        let (mut cp, lines) = ControlPlane::spawn_in(dir, "primary", &flags, 2);
+        let https = lines[1]
+            .trim()
+            .rsplit("https://")
+            .next()
+            .filter(|a| a.contains(':') && lines[1].contains("https://"))
+            .unwrap_or_else(|| panic!("unexpected second line {:?}", lines[1]))
+            .to_owned();
+        let (status, body) = cp.request("PUT", "/v1/acl/bootstrap", None);
+        assert_eq!(status, 200, "bootstrap: {body}");
+        let value: serde_json::Value = serde_json::from_str(&body).expect("bootstrap JSON");
+        cp.token = value["SecretID"].as_str().expect("SecretID").to_owned();
+        (cp, https, ca)
+    }
+
+    fn spawn(tag: &str, datacenter: &str, extra: &[&str]) -> ControlPlane {
+        ControlPlane::spawn_in(temp_dir(tag), datacenter, extra, 1).0
+    }
+
+    /// Start an agent in `dir` and read its first `lines` stdout lines (the http address,
+    /// then the https one when it serves https).
+    fn spawn_in(
+        dir: TempDir,
+        datacenter: &str,
+        extra: &[&str],
+        lines: usize,
+    ) -> (ControlPlane, Vec<String>) {
         let mut command = Command::new(controlplane_binary());
         command
             .args([
@@ -105,17 +175,23 @@ impl ControlPlane {
         let (tx, rx) = std::sync::mpsc::channel();
         thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
+            for _ in 0..lines {
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+            }
             let mut sink = String::new();
             while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
                 sink.clear();
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("controlplane-lite did not start");
+        let reported: Vec<String> = (0..lines)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(30))
+                    .expect("controlplane-lite did not start")
+            })
+            .collect();
+        let line = &reported[0];
         let address = line
             .trim()
             .rsplit("http://")
@@ -123,12 +199,13 @@ impl ControlPlane {
             .filter(|a| a.contains(':'))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        ControlPlane {
+        let cp = ControlPlane {
             proc,
             address,
             token: String::new(),
             dir,
-        }
+        };
+        (cp, reported)
     }
 
     /// One HTTP/1.1 request with the management token; (status, body).
@@ -220,6 +297,31 @@ impl ControlPlane {
         );
         self.ok("POST", "/v1/connect/intentions", Some(&body));
     }
+}
+
+/// `controlplane-lite tls ca create`, `tls cert create -server -dc primary` and `tls cert
+/// create -client -dc primary` run in `dir/name` (created), as scripts/demo makes its agents'
+/// certificates; returns that folder.
+pub fn make_agent_certs(dir: &TempDir, name: &str) -> PathBuf {
+    let certs = dir.join(name);
+    std::fs::create_dir_all(&certs).expect("certificate folder");
+    for args in [
+        &["tls", "ca", "create"][..],
+        &["tls", "cert", "create", "-server", "-dc", "primary"][..],
+        &["tls", "cert", "create", "-client", "-dc", "primary"][..],
+    ] {
+        let output = Command::new(controlplane_binary())
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .expect("run controlplane-lite tls");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    certs
 }
 
 /// A minimal blocking HTTP/1.1 client (Connection: close).
@@ -337,6 +439,17 @@ pub fn mesh_gateway_named(
     service_name: &str,
     tag: &str,
 ) -> MeshGateway {
+    mesh_gateway_with(http_addr, token, service_name, tag, &[])
+}
+
+/// [`mesh_gateway_named`] with `extra` flags (`-ca-file F`, ...).
+pub fn mesh_gateway_with(
+    http_addr: &str,
+    token: &str,
+    service_name: &str,
+    tag: &str,
+    extra: &[&str],
+) -> MeshGateway {
     let dir = temp_dir(tag);
     let config = dir.join("gateway.toml");
     crate::dir::write_private(
@@ -352,6 +465,7 @@ pub fn mesh_gateway_named(
             .args(["mesh", "-register", "-service-name", service_name])
             .args(["-address", address, "-wan-address", address])
             .args(["-token", token, "-http-addr", http_addr])
+            .args(extra)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::piped()),
@@ -395,7 +509,7 @@ pub fn sidecar_with_token(
     token: &str,
     extra: &[&str],
 ) -> Sidecar {
-    spawn_sidecar(cp, service, token, extra, Vec::new())
+    spawn_sidecar(&cp.address, service, token, extra, Vec::new())
 }
 
 /// `gateway sidecar` started with `listeners` passed by socket activation: the sockets of the
@@ -408,11 +522,22 @@ pub fn sidecar_passing(
     token: &str,
     listeners: Vec<TcpListener>,
 ) -> Sidecar {
-    spawn_sidecar(cp, service, token, &[], listeners)
+    spawn_sidecar(&cp.address, service, token, &[], listeners)
+}
+
+/// [`sidecar_passing`] with `http_addr` as its `-http-addr` (a comma list for failover).
+pub fn sidecar_passing_to(
+    http_addr: &str,
+    service: &str,
+    token: &str,
+    listeners: Vec<TcpListener>,
+    extra: &[&str],
+) -> Sidecar {
+    spawn_sidecar(http_addr, service, token, extra, listeners)
 }
 
 fn spawn_sidecar(
-    cp: &ControlPlane,
+    http_addr: &str,
     service: &str,
     token: &str,
     extra: &[&str],
@@ -434,7 +559,7 @@ fn spawn_sidecar(
         "sidecar",
         command
             .args(["sidecar", "-sidecar-for", service, "-token", token])
-            .args(["-http-addr", &cp.address])
+            .args(["-http-addr", http_addr])
             .args(["-admin-bind", "127.0.0.1:0"])
             .args(extra)
             .env("GATEWAY_LOG", "info")

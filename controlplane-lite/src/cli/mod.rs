@@ -220,13 +220,14 @@ pub struct AgentFlags {
 /// Flags every client command takes (Consul's names and environment variables).
 #[derive(Args, Debug, Clone)]
 pub struct ClientFlags {
-    /// The agent's HTTP address.
+    /// The agent's HTTP address; repeat it or give a comma list to fail over between agents.
     #[arg(
         long = "http-addr",
         env = "CONSUL_HTTP_ADDR",
-        default_value = "http://127.0.0.1:8500"
+        default_value = "http://127.0.0.1:8500",
+        value_delimiter = ','
     )]
-    pub http_addr: String,
+    pub http_addr: Vec<String>,
     /// ACL token sent as X-Consul-Token.
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
