@@ -89,6 +89,12 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
             header_timeout: std::time::Duration::from_secs(flags.http_header_timeout.max(1)),
             max_blocking_queries: flags.http_max_blocking_queries,
         },
+        mesh_gateway_names: flags
+            .mesh_gateway_names
+            .into_iter()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect(),
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a
     // blocking pool, so two workers are plenty.

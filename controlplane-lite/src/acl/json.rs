@@ -39,6 +39,7 @@ fn parse_object(object: &Map<String, Value>) -> Result<Rules> {
         match key.as_str() {
             "acl" => rules.acl = Some(Access::parse(string(value, key)?, key)?),
             "operator" => rules.operator = Some(Access::parse(string(value, key)?, key)?),
+            "mesh" => rules.mesh = Some(Access::parse(string(value, key)?, key)?),
             "service" => rules.service = service_rules(value, key)?,
             "service_prefix" => rules.service_prefix = service_rules(value, key)?,
             "node" => rules.node = node_rules(value, key)?,
@@ -51,7 +52,7 @@ fn parse_object(object: &Map<String, Value>) -> Result<Rules> {
 
 pub(super) fn unsupported(key: &str) -> Error {
     Error::bad_request(format!(
-        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, service, service_prefix, node, node_prefix)"
+        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, mesh, service, service_prefix, node, node_prefix)"
     ))
 }
 
