@@ -1,5 +1,7 @@
 //! The `controlplane-lite` binary: `agent` runs the server; every other subcommand is a client.
 
+mod malloc_trim;
+
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -98,6 +100,7 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a
     // blocking pool, so two workers are plenty.
+    malloc_trim::spawn().context("starting the malloc-trim thread")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
