@@ -381,10 +381,25 @@ fn a_black_hole_is_detected_by_deadlines_and_heals() {
     let mut sim = Sim::new(5, (2, 5), 0);
     sim.advance(Duration::from_secs(1));
     sim.partition = Partition::Silent;
+    // The replication-lag gauge is the time since the last successful answer; a lost or
+    // timed-out fetch must never count as one, so the lag grows for as long as the hole lasts.
+    let lag = |sim: &Sim| {
+        sim.machine
+            .status(Kind::AclPolicies)
+            .and_then(|s| s.last_success)
+            .map(|at| sim.now - at)
+    };
+    let mut lags = Vec::new();
     for i in 0..30 {
         sim.write(Kind::AclPolicies, &format!("p{i}"), Some(json!(i)));
         sim.advance(Duration::from_secs(6));
+        lags.push(lag(&sim).expect("a success before the black hole"));
     }
+    assert!(
+        lags.windows(2).all(|pair| pair[1] > pair[0]),
+        "the lag grows during the black hole: {lags:?}"
+    );
+    assert!(lags[29] >= Duration::from_secs(6 * 29), "{lags:?}");
     assert!(!sim.in_sync());
     assert_eq!(
         sim.machine.status(Kind::AclPolicies).map(|s| s.health),
@@ -393,6 +408,8 @@ fn a_black_hole_is_detected_by_deadlines_and_heals() {
     sim.partition = Partition::Healed;
     sim.advance(worst_case_recovery());
     assert!(sim.in_sync());
+    let healed = lag(&sim).expect("a success after healing");
+    assert!(healed <= worst_case_recovery(), "{healed:?}");
 }
 
 #[test]
