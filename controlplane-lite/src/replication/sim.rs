@@ -367,10 +367,13 @@ fn refused_connections_back_off_and_heal() {
         sim.in_sync(),
         "not converged within one back-off of healing"
     );
+    // Every stream reports (an empty list would pass the loop below vacuously), healthy and
+    // with the outage's error cleared.
+    assert_eq!(sim.machine.statuses().count(), Kind::ALL.len());
     for (kind, status) in sim.machine.statuses() {
         assert_eq!(
-            (status.health, status.failures),
-            (Health::Healthy, 0),
+            (status.health, status.failures, status.last_error.as_deref()),
+            (Health::Healthy, 0, None),
             "{kind:?}: {status:?}"
         );
     }
@@ -419,6 +422,13 @@ fn apply_failures_are_retried() {
     sim.write(Kind::Intentions, "a", Some(json!(1)));
     sim.advance(Duration::from_secs(10));
     assert!(sim.in_sync());
+    // A success clears what the failures left: logs and metrics stop reporting the old error.
+    let status = sim.machine.status(Kind::Intentions).expect("status");
+    assert_eq!(
+        (status.health, status.failures, status.last_error.as_deref()),
+        (Health::Healthy, 0, None),
+        "{status:?}"
+    );
 }
 
 #[test]
