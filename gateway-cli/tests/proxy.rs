@@ -586,6 +586,14 @@ fn every_relay_mode_is_byte_exact_with_half_close() {
                 "{mode}: {size} bytes intact"
             );
         }
+        // Each exchange ended with the client's FIN passed through (DC), not with the idle
+        // timeout, which otherwise ends an echo whose relay dropped the half-close (seen: all
+        // three modes then still echo byte-exact, 50 s later).
+        let downstream_close = format!(
+            "gateway_connections_closed_total{{destination_service=\"{}\",destination_datacenter=\"\",reason=\"downstream_close\"}}",
+            testdata_sni(HELLO)
+        );
+        assert_eq!(gateway.wait_metric(&downstream_close, 3.0), 3.0, "{mode}");
     }
 }
 
