@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub cross_dc: crate::replication::client::CrossDcTransport,
     /// Connection caps and timeouts of the HTTP server.
     pub limits: crate::server::Limits,
+    /// Service names a token may register as a mesh gateway with an exact `service:write`
+    /// rule alone (`-mesh-gateway-names`); any other name needs `mesh:write`.
+    pub mesh_gateway_names: Vec<String>,
 }
 
 /// One running agent.

@@ -1,5 +1,7 @@
 //! The `controlplane-lite` binary: `agent` runs the server; every other subcommand is a client.
 
+mod malloc_trim;
+
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -89,9 +91,16 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
             header_timeout: std::time::Duration::from_secs(flags.http_header_timeout.max(1)),
             max_blocking_queries: flags.http_max_blocking_queries,
         },
+        mesh_gateway_names: flags
+            .mesh_gateway_names
+            .into_iter()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect(),
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a
     // blocking pool, so two workers are plenty.
+    malloc_trim::spawn().context("starting the malloc-trim thread")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -114,3 +114,133 @@ fn token_secrets_only_for_acl_write() {
         403
     );
 }
+
+/// Issue 13 #8: a plain `service:write` token must not announce a mesh gateway, whose WAN
+/// address would then reach every datacenter's route table. The guide's gateway policy (an exact
+/// `service "mesh-gateway"` write rule, no `mesh` rule) keeps working verbatim.
+#[test]
+fn mesh_gateway_registration_needs_mesh_write_or_a_listed_exact_name() {
+    let dir = TempDir::new("mesh-gateway-acl");
+    let agent = Agent::start_in(
+        dir.path(),
+        "primary",
+        &[
+            "-acl-default-policy",
+            "deny",
+            "-mesh-gateway-names",
+            "mesh-gateway,gateway-east",
+        ],
+    );
+    let management = agent.bootstrap();
+    let guide_rules = std::fs::read_to_string(common::testdata("mesh-gateway-policy.json"))
+        .expect("the guide's policy");
+    let (_, guide) = token_with_rules(&agent, &management, "guide", &guide_rules);
+    let (_, web) = token_with_rules(
+        &agent,
+        &management,
+        "web",
+        r#"service "web" { policy = "write" }"#,
+    );
+    let (_, web_identity) = token_with(
+        &agent,
+        &management,
+        json!({"ServiceIdentities": [{"ServiceName": "web"}]}),
+    );
+    let (_, mesh) = token_with_rules(&agent, &management, "mesh", r#"mesh = "write""#);
+    let (_, prefix) = token_with_rules(
+        &agent,
+        &management,
+        "prefix",
+        r#"service_prefix "" { policy = "write" }"#,
+    );
+    let (_, east) = token_with_rules(
+        &agent,
+        &management,
+        "east",
+        r#"service "gateway-east" { policy = "write" }"#,
+    );
+    let gateway =
+        |name: &str| json!({"Kind": "mesh-gateway", "Name": name, "Port": 8443}).to_string();
+    let register =
+        |token: &str, body: &str| agent.put("/v1/agent/service/register", Some(token), body);
+
+    // (caller, token, gateway name, allowed)
+    let cases: [(&str, &str, &str, bool); 9] = [
+        ("guide policy", &guide, "mesh-gateway", true),
+        ("guide policy, another name", &guide, "gateway-west", false),
+        ("web rule", &web, "web", false),
+        ("web identity", &web_identity, "web", false),
+        ("mesh:write", &mesh, "gateway-west", true),
+        ("prefix-only, unlisted name", &prefix, "gateway-west", false),
+        ("prefix-only, listed name", &prefix, "gateway-east", false),
+        (
+            "exact rule, second listed name",
+            &east,
+            "gateway-east",
+            true,
+        ),
+        ("management", &management, "gateway-north", true),
+    ];
+    for (caller, token, name, allowed) in cases {
+        let answer = register(token, &gateway(name));
+        if allowed {
+            assert_eq!(
+                answer.status, 200,
+                "{caller} registering {name}: {}",
+                answer.text
+            );
+        } else {
+            assert_eq!(
+                answer.status, 403,
+                "{caller} registering {name}: {}",
+                answer.text
+            );
+            assert!(
+                answer.text.contains("mesh:write"),
+                "{caller}: the 403 names the rule needed: {}",
+                answer.text
+            );
+        }
+    }
+    // The same tokens still register ordinary services of their own.
+    assert_eq!(register(&web, r#"{"Name": "web", "Port": 80}"#).status, 200);
+    assert_eq!(
+        register(&prefix, r#"{"Name": "api", "Port": 81}"#).status,
+        200
+    );
+    // Nor can a prefix token take a listed gateway away (deregister) or overwrite it.
+    let deregister = agent.put(
+        "/v1/agent/service/deregister/mesh-gateway",
+        Some(&prefix),
+        "",
+    );
+    assert_eq!(deregister.status, 403, "{}", deregister.text);
+    let overwrite = register(
+        &prefix,
+        r#"{"ID": "gateway-west", "Name": "gateway-west", "Port": 1}"#,
+    );
+    assert_eq!(overwrite.status, 403, "{}", overwrite.text);
+
+    // What reached the catalog: exactly the accepted gateways, and `web` as a plain service.
+    let services = agent.get("/v1/agent/services", Some(&management)).json();
+    let mut gateways: Vec<&str> = services
+        .as_object()
+        .map(|o| {
+            o.values()
+                .filter(|s| s["Kind"] == "mesh-gateway")
+                .filter_map(|s| s["Service"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    gateways.sort_unstable();
+    assert_eq!(
+        gateways,
+        [
+            "gateway-east",
+            "gateway-north",
+            "gateway-west",
+            "mesh-gateway"
+        ],
+        "{services}"
+    );
+}

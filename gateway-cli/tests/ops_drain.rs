@@ -50,8 +50,10 @@ fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() 
     let mut long = established(gateway.listen, &testdata(HELLO));
     let signalled = Instant::now();
     gateway.signal("TERM");
-    // /ready turns 503 at once; the gauge says so.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // /ready turns 503 on the signal; the gauge says so. The deadline only bounds the wait (a
+    // loaded 2-core machine can take seconds to schedule the handler); the 1 s announce below
+    // is checked as a lower bound, which no slowness can break.
+    let deadline = Instant::now() + Duration::from_secs(20);
     while http(gateway.admin, "GET", "/ready").expect("ready").0 != 503 {
         assert!(Instant::now() < deadline, "/ready still 200");
         thread::sleep(Duration::from_millis(10));
@@ -62,7 +64,7 @@ fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() 
     still_echoes(&mut during);
     drop(during);
     // Then the listeners close: connecting is refused.
-    let refused_at = wait_refused(gateway.listen, Duration::from_secs(5));
+    let refused_at = wait_refused(gateway.listen, Duration::from_secs(20));
     assert!(
         refused_at - signalled >= Duration::from_millis(900),
         "listeners closed only after the announce period ({:?})",
@@ -78,7 +80,7 @@ fn sigterm_announces_closes_the_listeners_and_exits_0_once_connections_finish() 
         "its upstream finished it cleanly"
     );
     let status = gateway
-        .wait_exit(Duration::from_secs(3))
+        .wait_exit(Duration::from_secs(20))
         .expect("exits once the last connection closed");
     assert!(status.success(), "{status:?}");
 }

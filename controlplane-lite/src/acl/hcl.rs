@@ -3,6 +3,7 @@
 //! ```hcl
 //! acl = "write"
 //! operator = "read"
+//! mesh = "write"
 //! service "web" { policy = "write" intentions = "read" }
 //! service_prefix "" { policy = "read" }
 //! node_prefix "" { policy = "read" }
@@ -37,13 +38,13 @@ pub fn parse(text: &str) -> Result<Rules> {
             return Err(syntax(*line, "expected a rule name"));
         };
         match (keyword.as_str(), tokens.get(position + 1)) {
-            ("acl" | "operator", Some((_, Token::Equals))) => {
+            ("acl" | "operator" | "mesh", Some((_, Token::Equals))) => {
                 let value = expect_string(&tokens, position + 2, *line)?;
                 let access = Some(Access::parse(value, keyword)?);
-                if keyword == "acl" {
-                    rules.acl = access;
-                } else {
-                    rules.operator = access;
+                match keyword.as_str() {
+                    "acl" => rules.acl = access,
+                    "operator" => rules.operator = access,
+                    _ => rules.mesh = access,
                 }
                 position += 3;
             }
@@ -80,7 +81,10 @@ pub fn parse(text: &str) -> Result<Rules> {
                 }
                 position = next;
             }
-            ("acl" | "operator" | "service" | "service_prefix" | "node" | "node_prefix", _) => {
+            (
+                "acl" | "operator" | "mesh" | "service" | "service_prefix" | "node" | "node_prefix",
+                _,
+            ) => {
                 return Err(syntax(*line, &format!("malformed {keyword} rule")));
             }
             (other, _) => return Err(unsupported(other)),

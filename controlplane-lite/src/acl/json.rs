@@ -39,6 +39,7 @@ fn parse_object(object: &Map<String, Value>) -> Result<Rules> {
         match key.as_str() {
             "acl" => rules.acl = Some(Access::parse(string(value, key)?, key)?),
             "operator" => rules.operator = Some(Access::parse(string(value, key)?, key)?),
+            "mesh" => rules.mesh = Some(Access::parse(string(value, key)?, key)?),
             "service" => rules.service = service_rules(value, key)?,
             "service_prefix" => rules.service_prefix = service_rules(value, key)?,
             "node" => rules.node = node_rules(value, key)?,

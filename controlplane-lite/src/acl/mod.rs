@@ -250,6 +250,27 @@ impl Authorizer {
         self.level(self.rules.operator).allows_write()
     }
 
+    /// `mesh:write` (or `operator:write` when the token has no `mesh` rule, as in Consul).
+    pub fn mesh_write(&self) -> bool {
+        self.level(self.rules.mesh_access()).allows_write()
+    }
+
+    /// Whether this token may register, replace or deregister a mesh gateway named `name`,
+    /// whose WAN address then reaches every datacenter's route table. Unlike Consul, plain
+    /// `service:write` is not enough: it takes `mesh:write` (or `operator:write`), or
+    /// `service:write` granted by an exact `service` rule (not `service_prefix`) on a name in
+    /// `allowed_names` (the agent's `-mesh-gateway-names`), which keeps the guide's gateway
+    /// policy working while a `web` token can no longer announce a `web` gateway.
+    pub fn mesh_gateway_write(&self, name: &str, allowed_names: &[String]) -> bool {
+        self.mesh_write()
+            || (allowed_names.iter().any(|allowed| allowed == name)
+                && (self.management
+                    || self
+                        .rules
+                        .exact_service_access(name)
+                        .is_some_and(Access::allows_write)))
+    }
+
     /// `service:read` on `name`.
     pub fn service_read(&self, name: &str) -> bool {
         self.level(self.rules.service_access(name)).allows_read()
@@ -361,6 +382,47 @@ mod tests {
         assert!(auth.node_read("n1"));
         assert!(auth.intention_read("socat") && !auth.intention_write("socat"));
         assert!(!auth.operator_write() && !auth.acl_read());
+    }
+
+    #[test]
+    fn mesh_gateway_write_matrix() {
+        let allowed = vec!["mesh-gateway".to_owned()];
+        let resolve = |rules: &str, default: DefaultPolicy| {
+            Authorizer::for_token(&token(&["p"], &[]), &[policy("p", rules)], "dc1", default)
+                .expect("resolve")
+        };
+        let guide = resolve(
+            r#"{"service_prefix":{"":{"policy":"read"}}} {"service":{"mesh-gateway":{"policy":"write"}}}"#,
+            DefaultPolicy::Deny,
+        );
+        assert!(guide.mesh_gateway_write("mesh-gateway", &allowed));
+        assert!(!guide.mesh_gateway_write("gateway-primary", &allowed));
+        let web = resolve(r#"service "web" { policy = "write" }"#, DefaultPolicy::Deny);
+        assert!(web.service_write("web") && !web.mesh_gateway_write("web", &allowed));
+        let prefix = resolve(
+            r#"service_prefix "" { policy = "write" }"#,
+            DefaultPolicy::Deny,
+        );
+        assert!(!prefix.mesh_gateway_write("mesh-gateway", &allowed));
+        assert!(!prefix.mesh_gateway_write("other", &allowed));
+        for rules in [r#"mesh = "write""#, r#"operator = "write""#] {
+            let auth = resolve(rules, DefaultPolicy::Deny);
+            assert!(auth.mesh_gateway_write("any-name", &allowed), "{rules}");
+        }
+        let denied = resolve(
+            r#"operator = "write" mesh = "read" service "mesh-gateway" { policy = "deny" }"#,
+            DefaultPolicy::Allow,
+        );
+        assert!(!denied.mesh_gateway_write("mesh-gateway", &allowed));
+        let identity = Authorizer::for_token(
+            &token(&[], &["mesh-gateway"]),
+            &[],
+            "dc1",
+            DefaultPolicy::Deny,
+        )
+        .expect("resolve");
+        assert!(identity.mesh_gateway_write("mesh-gateway", &allowed));
+        assert!(Authorizer::management().mesh_gateway_write("x", &allowed));
     }
 
     #[test]

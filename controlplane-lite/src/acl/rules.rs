@@ -1,6 +1,6 @@
 //! ACL rules and their evaluation (sans-IO).
 //!
-//! A policy's rules grant `read`, `write` or `deny` on resources: `acl`, `operator`, services by
+//! A policy's rules grant `read`, `write` or `deny` on resources: `acl`, `operator`, `mesh`, services by
 //! exact name (`service`) or name prefix (`service_prefix`), nodes likewise, and `intentions`
 //! per service rule. Evaluation follows Consul: an exact rule beats any prefix rule, the longest
 //! matching prefix beats shorter ones, and when several policies name the same resource their
@@ -97,6 +97,9 @@ pub struct Rules {
     pub acl: Option<Access>,
     /// `operator = "..."`.
     pub operator: Option<Access>,
+    /// `mesh = "..."` (mesh-wide resources such as mesh gateways; Consul falls back to
+    /// `operator` when it is absent, and so does [`Rules::mesh_access`]).
+    pub mesh: Option<Access>,
     /// `service "name" { ... }`.
     pub service: BTreeMap<String, ServiceRule>,
     /// `service_prefix "prefix" { ... }`.
@@ -112,6 +115,7 @@ impl Rules {
     pub fn merge(&mut self, other: &Rules) {
         self.acl = merge_option(self.acl, other.acl);
         self.operator = merge_option(self.operator, other.operator);
+        self.mesh = merge_option(self.mesh, other.mesh);
         for (name, rule) in &other.service {
             let entry = self.service.entry(name.clone()).or_default();
             *entry = entry.merge(*rule);
@@ -135,6 +139,18 @@ impl Rules {
         lookup(&self.service, &self.service_prefix, name, |rule| {
             rule.policy
         })
+    }
+
+    /// The level granted on service `name` by an exact `service` rule alone: prefix rules do
+    /// not count. A mesh gateway's registration trusts only a rule that names it.
+    pub fn exact_service_access(&self, name: &str) -> Option<Access> {
+        self.service.get(name).and_then(|rule| rule.policy)
+    }
+
+    /// The level granted on `mesh`: the `mesh` rule, or the `operator` rule when there is none
+    /// (Consul's fallback).
+    pub fn mesh_access(&self) -> Option<Access> {
+        self.mesh.or(self.operator)
     }
 
     /// The intentions level granted for destination `name`, if any rule matches.
@@ -173,7 +189,7 @@ fn lookup<R>(
 /// The error for a rule kind these rules do not model (both syntaxes refuse the same set).
 pub(super) fn unsupported(key: &str) -> Error {
     Error::bad_request(format!(
-        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, service, service_prefix, node, node_prefix)"
+        "invalid ACL rules: unsupported rule {key:?} (supported: acl, operator, mesh, service, service_prefix, node, node_prefix)"
     ))
 }
 
@@ -207,6 +223,42 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.service_access("x"), Some(Access::Write));
         assert_eq!(a.operator, Some(Access::Deny));
+    }
+
+    #[test]
+    fn mesh_rule_parses_merges_and_falls_back_to_operator() {
+        let hcl = Rules::parse(r#"mesh = "write""#).expect("hcl");
+        assert_eq!(hcl.mesh_access(), Some(Access::Write));
+        let json = Rules::parse(r#"{"mesh": "read"}"#).expect("json");
+        assert_eq!(json.mesh_access(), Some(Access::Read));
+        let operator = Rules::parse(r#"operator = "write""#).expect("operator");
+        assert_eq!(operator.mesh_access(), Some(Access::Write));
+        let mut both = Rules::parse(r#"operator = "write" mesh = "deny""#).expect("both");
+        assert_eq!(
+            both.mesh_access(),
+            Some(Access::Deny),
+            "mesh beats operator"
+        );
+        both.merge(&hcl);
+        assert_eq!(both.mesh, Some(Access::Deny), "deny wins a merge");
+        assert_eq!(Rules::default().mesh_access(), None);
+    }
+
+    #[test]
+    fn exact_service_access_ignores_prefixes() {
+        let rules = Rules::parse(
+            r#"service_prefix "" { policy = "write" }
+               service "mesh-gateway" { policy = "write" }
+               service "web" { policy = "read" }"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            rules.exact_service_access("mesh-gateway"),
+            Some(Access::Write)
+        );
+        assert_eq!(rules.exact_service_access("web"), Some(Access::Read));
+        assert_eq!(rules.exact_service_access("other"), None);
+        assert_eq!(rules.service_access("other"), Some(Access::Write));
     }
 
     #[test]

@@ -215,6 +215,14 @@ pub struct AgentFlags {
     /// Blocking queries held open at once; more are answered 429.
     #[arg(long = "http-max-blocking-queries", default_value_t = 2048)]
     pub http_max_blocking_queries: usize,
+    /// Mesh-gateway service names (comma list) that a token may register with an exact
+    /// `service "NAME" { policy = "write" }` rule; other names need `mesh:write`.
+    #[arg(
+        long = "mesh-gateway-names",
+        value_delimiter = ',',
+        default_value = "mesh-gateway"
+    )]
+    pub mesh_gateway_names: Vec<String>,
 }
 
 /// Flags every client command takes (Consul's names and environment variables).

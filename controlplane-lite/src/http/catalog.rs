@@ -12,6 +12,7 @@ use crate::acl::{require, Authorizer};
 use crate::agent::Agent;
 use crate::catalog::{
     parse_definitions, plan_registration, ServiceDefinition, ServiceInstance, KIND_CONNECT_PROXY,
+    KIND_MESH_GATEWAY,
 };
 use crate::checks::{
     service_status, shown_checks, sidecar_alias, CheckDefinition, CheckTarget, HealthCheck, PASSING,
@@ -205,12 +206,38 @@ pub async fn agent_services(State(agent): State<AgentState>, ctx: Ctx) -> Result
     .await
 }
 
+/// Checks that `authorizer` may write (create, replace or remove) `instance`: `service:write`
+/// on its name, or for a mesh gateway the rule of [`Authorizer::mesh_gateway_write`] instead
+/// (`mesh_gateway_names` is `-mesh-gateway-names`).
+fn require_instance_write(
+    authorizer: &Authorizer,
+    instance: &ServiceInstance,
+    mesh_gateway_names: &[String],
+) -> Result<()> {
+    if instance.kind == KIND_MESH_GATEWAY {
+        return require(
+            authorizer.mesh_gateway_write(&instance.service, mesh_gateway_names),
+            || {
+                format!(
+                    "mesh:write (or operator:write, or service:write on {name} by an exact service rule with {name} in -mesh-gateway-names {names:?}) for a mesh gateway",
+                    name = instance.service,
+                    names = mesh_gateway_names.join(",")
+                )
+            },
+        );
+    }
+    require(authorizer.service_write(&instance.service), || {
+        format!("service:write on {}", instance.service)
+    })
+}
+
 /// Stores one registration inside a transaction, checking `service:write` on every name it
-/// creates. Returns the IDs written.
+/// creates (and the mesh-gateway rule). Returns the IDs written.
 fn store_registration(
     tx: &mut Transaction<'_>,
     definition: ServiceDefinition,
     authorizer: &Authorizer,
+    mesh_gateway_names: &[String],
     node: &str,
     now_ms: u64,
 ) -> Result<Vec<String>> {
@@ -272,14 +299,10 @@ fn store_registration(
         .filter(|s| instances.iter().any(|i| i.id == s.id))
         .chain(previous_sidecar.iter());
     for existing in replaced {
-        require(authorizer.service_write(&existing.service), || {
-            format!("service:write on {}", existing.service)
-        })?;
+        require_instance_write(authorizer, existing, mesh_gateway_names)?;
     }
     for instance in &instances {
-        require(authorizer.service_write(&instance.service), || {
-            format!("service:write on {}", instance.service)
-        })?;
+        require_instance_write(authorizer, instance, mesh_gateway_names)?;
         if let Some(proxy) = &instance.proxy {
             if instance.kind == KIND_CONNECT_PROXY {
                 require(
@@ -412,11 +435,12 @@ pub fn deregister_service(tx: &mut Transaction<'_>, id: &str) -> Result<Option<S
 /// Registers definitions from the agent's own config dir (trusted: management rights).
 pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefinition>) -> Result<()> {
     let node = agent.config.node_name.clone();
+    let names = agent.config.mesh_gateway_names.clone();
     let now = crate::checks_runner::now_ms();
     write(agent, move |tx| {
         let authorizer = Authorizer::management();
         for definition in definitions {
-            store_registration(tx, definition, &authorizer, &node, now)?;
+            store_registration(tx, definition, &authorizer, &names, &node, now)?;
         }
         Ok(())
     })
@@ -429,10 +453,11 @@ pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) ->
     let definitions = parse_definitions(json_body(&body)?)?;
     let authorizer = ctx.authorizer(&agent)?;
     let node = agent.config.node_name.clone();
+    let names = agent.config.mesh_gateway_names.clone();
     let now = crate::checks_runner::now_ms();
     write(&agent, move |tx| {
         for definition in definitions {
-            store_registration(tx, definition, &authorizer, &node, now)?;
+            store_registration(tx, definition, &authorizer, &names, &node, now)?;
         }
         Ok(())
     })
@@ -448,15 +473,14 @@ pub async fn deregister(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let authorizer = ctx.authorizer(&agent)?;
+    let names = agent.config.mesh_gateway_names.clone();
     write(&agent, move |tx| {
         let instance: ServiceInstance = tx
             .get(Table::Services, &id)?
             .ok_or_else(|| Error::NotFound(format!(
                     "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
                 )))?;
-        require(authorizer.service_write(&instance.service), || {
-            format!("service:write on {}", instance.service)
-        })?;
+        require_instance_write(&authorizer, &instance, &names)?;
         deregister_service(tx, &id)?;
         Ok(())
     })

@@ -367,10 +367,13 @@ fn refused_connections_back_off_and_heal() {
         sim.in_sync(),
         "not converged within one back-off of healing"
     );
+    // Every stream reports (an empty list would pass the loop below vacuously), healthy and
+    // with the outage's error cleared.
+    assert_eq!(sim.machine.statuses().count(), Kind::ALL.len());
     for (kind, status) in sim.machine.statuses() {
         assert_eq!(
-            (status.health, status.failures),
-            (Health::Healthy, 0),
+            (status.health, status.failures, status.last_error.as_deref()),
+            (Health::Healthy, 0, None),
             "{kind:?}: {status:?}"
         );
     }
@@ -381,10 +384,25 @@ fn a_black_hole_is_detected_by_deadlines_and_heals() {
     let mut sim = Sim::new(5, (2, 5), 0);
     sim.advance(Duration::from_secs(1));
     sim.partition = Partition::Silent;
+    // The replication-lag gauge is the time since the last successful answer; a lost or
+    // timed-out fetch must never count as one, so the lag grows for as long as the hole lasts.
+    let lag = |sim: &Sim| {
+        sim.machine
+            .status(Kind::AclPolicies)
+            .and_then(|s| s.last_success)
+            .map(|at| sim.now - at)
+    };
+    let mut lags = Vec::new();
     for i in 0..30 {
         sim.write(Kind::AclPolicies, &format!("p{i}"), Some(json!(i)));
         sim.advance(Duration::from_secs(6));
+        lags.push(lag(&sim).expect("a success before the black hole"));
     }
+    assert!(
+        lags.windows(2).all(|pair| pair[1] > pair[0]),
+        "the lag grows during the black hole: {lags:?}"
+    );
+    assert!(lags[29] >= Duration::from_secs(6 * 29), "{lags:?}");
     assert!(!sim.in_sync());
     assert_eq!(
         sim.machine.status(Kind::AclPolicies).map(|s| s.health),
@@ -393,6 +411,8 @@ fn a_black_hole_is_detected_by_deadlines_and_heals() {
     sim.partition = Partition::Healed;
     sim.advance(worst_case_recovery());
     assert!(sim.in_sync());
+    let healed = lag(&sim).expect("a success after healing");
+    assert!(healed <= worst_case_recovery(), "{healed:?}");
 }
 
 #[test]
@@ -402,6 +422,13 @@ fn apply_failures_are_retried() {
     sim.write(Kind::Intentions, "a", Some(json!(1)));
     sim.advance(Duration::from_secs(10));
     assert!(sim.in_sync());
+    // A success clears what the failures left: logs and metrics stop reporting the old error.
+    let status = sim.machine.status(Kind::Intentions).expect("status");
+    assert_eq!(
+        (status.health, status.failures, status.last_error.as_deref()),
+        (Health::Healthy, 0, None),
+        "{status:?}"
+    );
 }
 
 #[test]
