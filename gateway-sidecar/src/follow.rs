@@ -361,7 +361,9 @@ pub async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::TcpListener)
             let (status, body) = match target {
                 "/metrics" => {
                     let mut text = shared.stats.render();
-                    shared.client.render_metrics(&mut text);
+                    shared
+                        .client
+                        .render_metrics(&mut prom_text::Writer::new(&mut text));
                     ("200 OK", text)
                 }
                 "/ready" => ("200 OK", "ready\n".to_owned()),

@@ -415,32 +415,32 @@ impl Client {
     }
 
     /// Append the Prometheus text of the failover counters and of the agent in use.
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP gateway_control_plane_failovers_total Requests moved to the next control-plane address, by reason.\n\
-             # TYPE gateway_control_plane_failovers_total counter"
+    pub fn render_metrics(&self, w: &mut prom_text::Writer<'_>) {
+        use prom_text::Kind;
+        w.family(
+            "gateway_control_plane_failovers_total",
+            Kind::Counter,
+            "Requests moved to the next control-plane address, by reason.",
         );
         for (reason, counter) in FailoverReason::ALL.iter().zip(&self.inner.failovers) {
-            let _ = writeln!(
-                out,
-                "gateway_control_plane_failovers_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                counter.load(Ordering::Relaxed)
+            w.sample(
+                "gateway_control_plane_failovers_total",
+                &[("reason", reason.label())],
+                counter.load(Ordering::Relaxed),
             );
         }
         let current = self.failover().current();
-        let _ = writeln!(
-            out,
-            "# HELP gateway_control_plane_agent 1 for the control-plane address in use, 0 for the others.\n\
-             # TYPE gateway_control_plane_agent gauge"
+        w.family(
+            "gateway_control_plane_agent",
+            Kind::Gauge,
+            "1 for the control-plane address in use, 0 for the others.",
         );
         for (index, address) in self.inner.addresses.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "gateway_control_plane_agent{{address=\"{address}\"}} {}",
-                u8::from(index == current)
+            let address = address.to_string();
+            w.sample(
+                "gateway_control_plane_agent",
+                &[("address", address.as_str())],
+                u8::from(index == current),
             );
         }
     }
@@ -696,7 +696,7 @@ mod tests {
             assert_eq!(answer.index, Some(3));
             assert_eq!(client.address(), format!("http://{healthy}"));
             let mut metrics = String::new();
-            client.render_metrics(&mut metrics);
+            client.render_metrics(&mut prom_text::Writer::new(&mut metrics));
             for line in [
                 "gateway_control_plane_failovers_total{reason=\"connect\"} 1",
                 "gateway_control_plane_failovers_total{reason=\"server_error\"} 1",

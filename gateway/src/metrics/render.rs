@@ -449,9 +449,7 @@ fn destination_pairs(labels: &DestinationLabels) -> [(&'static str, &str); 2] {
 mod tests {
     use std::time::Duration;
 
-    use super::super::{
-        add, AcceptError, ConnectFailure, HelloOutcome, Metrics, ReloadSource,
-    };
+    use super::super::{add, AcceptError, ConnectFailure, HelloOutcome, Metrics, ReloadSource};
     use crate::clienthello::Reject;
     use crate::config::Config;
     use crate::outcome::{Close, Reason, Side};
