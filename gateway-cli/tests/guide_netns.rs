@@ -22,7 +22,8 @@ use mesh_support::{controlplane_binary, GATEWAY};
 /// The whole run normally takes a few seconds; this bounds a hung one.
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn prerequisites_missing() -> Option<String> {
+/// Why network namespaces cannot be made here, if they cannot (also used by `chaos_netns.rs`).
+pub(crate) fn prerequisites_missing() -> Option<String> {
     let uid = Command::new("id")
         .arg("-u")
         .output()

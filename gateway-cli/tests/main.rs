@@ -9,6 +9,8 @@
 // per file keeps every file self-contained.
 #![allow(dead_code, unused_imports, clippy::duplicate_mod)]
 
+#[path = "chaos_netns.rs"]
+mod chaos_netns;
 #[path = "guide_netns.rs"]
 mod guide_netns;
 #[path = "mesh_cp_failover.rs"]

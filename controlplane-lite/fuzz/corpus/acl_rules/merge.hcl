@@ -1,0 +1,4 @@
+service "web" {
+  policy = "write"
+}
+service "web" { policy = "deny" }
