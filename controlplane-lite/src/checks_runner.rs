@@ -15,7 +15,7 @@ use crate::checks::{
     PASSING,
 };
 use crate::error::{Error, Result};
-use crate::store::Table;
+use crate::store::{Index, Table};
 
 /// Longest sleep with nothing due (the loop also wakes on every change to the checks).
 const IDLE: Duration = Duration::from_secs(60);
@@ -91,7 +91,9 @@ async fn step(
     results: &mpsc::Sender<Outcome>,
     now: u64,
 ) -> Result<Duration> {
-    let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
+    // Only checks with timers (TTL, probes, deregistration): alias checks, one per sidecar,
+    // have nothing to schedule, and scanning them would cost every write the catalog's size.
+    let checks: Vec<HealthCheck> = agent.store.list_by(Index::TimedCheck, "")?;
     let expired = expired_ttls(&checks, now);
     let doomed = to_deregister(&checks, now);
     if !expired.is_empty() || !doomed.is_empty() {

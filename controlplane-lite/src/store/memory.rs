@@ -1,11 +1,111 @@
 //! The in-memory state every read is served from: per table an ordered map from key to the
-//! decoded value and the index of the commit that wrote it, plus the table indexes. It changes
-//! only through [`Memory::apply`], for local and remote commits alike.
+//! decoded value and the index of the commit that wrote it, the table indexes, and secondary
+//! indexes ([`Index`]) so that a lookup by service name or by the service a check belongs to
+//! costs a map lookup, not a scan of the catalog. It changes only through [`Memory::apply`],
+//! for local and remote commits alike, which keeps the secondary indexes in step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
 
 use super::backend::{ChangeSet, Loaded};
 use super::{Stored, Table};
+
+/// A secondary index: rows of one table by a value derived from the row. The derivations
+/// follow the stored JSON shapes of `catalog::ServiceInstance` and `checks::HealthCheck`
+/// (a unit test there keeps them in step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Index {
+    /// `services` by `Service` (the service name).
+    ServiceName,
+    /// `services` that are Connect endpoints of a service name: connect proxies by
+    /// `Proxy.DestinationServiceName`, Connect-native services by `Service`.
+    ConnectEndpoint,
+    /// `services` connect proxies by `Proxy.DestinationServiceID` (the sidecars of an instance).
+    SidecarOf,
+    /// `services` connect proxies by `Port` (decimal): which sidecar ports are taken.
+    ProxyPort,
+    /// `checks` by `ServiceID` ("" for node checks).
+    CheckService,
+    /// `checks` that have timers (TTL, TCP, HTTP, or `DeregisterCriticalServiceAfter`), all
+    /// under the key `""`: what the check runner scans, instead of every alias check.
+    TimedCheck,
+}
+
+impl Index {
+    /// Every index, in a fixed order (the position is the index into per-index arrays).
+    pub const ALL: [Index; 6] = [
+        Index::ServiceName,
+        Index::ConnectEndpoint,
+        Index::SidecarOf,
+        Index::ProxyPort,
+        Index::CheckService,
+        Index::TimedCheck,
+    ];
+
+    /// The table the index is over.
+    pub fn table(self) -> Table {
+        match self {
+            Index::ServiceName | Index::ConnectEndpoint | Index::SidecarOf | Index::ProxyPort => {
+                Table::Services
+            }
+            Index::CheckService | Index::TimedCheck => Table::Checks,
+        }
+    }
+
+    fn position(self) -> usize {
+        self as usize
+    }
+
+    /// The index key of one row, if the row is in the index.
+    pub fn key_of(self, value: &Value) -> Option<String> {
+        let text = |v: &Value, field: &str| v.get(field).and_then(Value::as_str).map(str::to_owned);
+        let kind = || value.get("Kind").and_then(Value::as_str).unwrap_or("");
+        let proxy = || value.get("Proxy").filter(|_| kind() == "connect-proxy");
+        match self {
+            Index::ServiceName => text(value, "Service"),
+            Index::ConnectEndpoint => match kind() {
+                "connect-proxy" => proxy().and_then(|p| text(p, "DestinationServiceName")),
+                "" => value
+                    .get("Connect")
+                    .and_then(|c| c.get("Native"))
+                    .and_then(Value::as_bool)
+                    .filter(|native| *native)
+                    .and_then(|_| text(value, "Service")),
+                _ => None,
+            },
+            Index::SidecarOf => proxy().and_then(|p| text(p, "DestinationServiceID")),
+            Index::ProxyPort => proxy()
+                .and(value.get("Port"))
+                .and_then(Value::as_u64)
+                .map(|p| p.to_string()),
+            Index::CheckService => text(value, "ServiceID"),
+            Index::TimedCheck => {
+                let timed_type = matches!(
+                    value.get("Type").and_then(Value::as_str),
+                    Some("ttl" | "tcp" | "http")
+                );
+                let deregisters = value
+                    .get("Definition")
+                    .and_then(|d| d.get("DeregisterCriticalServiceAfter"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty());
+                (timed_type || deregisters).then(String::new)
+            }
+        }
+    }
+}
+
+/// The indexes of one table's row: which index keys it is filed under.
+fn keys_of(table: Table, value: &Stored) -> impl Iterator<Item = (Index, String)> + '_ {
+    Index::ALL
+        .into_iter()
+        .filter(move |i| i.table() == table)
+        .filter_map(move |i| match value {
+            Stored::Value(v) => i.key_of(v).map(|k| (i, k)),
+            Stored::Corrupt => None,
+        })
+}
 
 /// One row in memory.
 #[derive(Clone, Debug)]
@@ -26,6 +126,8 @@ pub struct Memory {
     table_indexes: Vec<u64>,
     /// The index of the last commit applied.
     applied: u64,
+    /// Per [`Index::position`]: index key -> primary keys.
+    secondary: Vec<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Memory {
@@ -35,6 +137,7 @@ impl Memory {
             tables: vec![BTreeMap::new(); Table::ALL.len()],
             table_indexes: vec![0; Table::ALL.len()],
             applied: loaded.index,
+            secondary: vec![BTreeMap::new(); Index::ALL.len()],
         };
         for table in loaded.tables {
             let slot = table.table.position();
@@ -52,8 +155,43 @@ impl Memory {
                     )
                 })
                 .collect();
+            let rows: Vec<(String, Stored)> = memory.tables[slot]
+                .iter()
+                .map(|(k, r)| (k.clone(), r.value.clone()))
+                .collect();
+            for (key, value) in &rows {
+                memory.file(table.table, key, value);
+            }
         }
         memory
+    }
+
+    /// Files one row under its secondary index keys.
+    fn file(&mut self, table: Table, key: &str, value: &Stored) {
+        for (index, index_key) in keys_of(table, value) {
+            self.secondary[index.position()]
+                .entry(index_key)
+                .or_default()
+                .insert(key.to_owned());
+        }
+    }
+
+    /// Takes one row out of its secondary index keys.
+    fn unfile(&mut self, table: Table, key: &str, value: &Stored) {
+        for (index, index_key) in keys_of(table, value) {
+            let map = &mut self.secondary[index.position()];
+            if let Some(keys) = map.get_mut(&index_key) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    map.remove(&index_key);
+                }
+            }
+        }
+    }
+
+    /// The primary keys filed under `key` in `index`, in key order.
+    pub fn keys_by(&self, index: Index, key: &str) -> Option<&BTreeSet<String>> {
+        self.secondary[index.position()].get(key)
     }
 
     /// The index of the last commit applied.
@@ -85,25 +223,30 @@ impl Memory {
             return false;
         }
         for change in &changes.tables {
-            let slot = change.table.position();
-            let rows = &mut self.tables[slot];
+            let table = change.table;
+            let slot = table.position();
             if change.cleared {
-                rows.clear();
+                self.tables[slot].clear();
+                for index in Index::ALL.into_iter().filter(|i| i.table() == table) {
+                    self.secondary[index.position()].clear();
+                }
             }
             for (key, value) in &change.rows {
-                match value {
-                    Some(value) => {
-                        rows.insert(
-                            key.clone(),
-                            Record {
-                                value: value.clone(),
-                                index,
-                            },
-                        );
-                    }
-                    None => {
-                        rows.remove(key);
-                    }
+                let old = match value {
+                    Some(value) => self.tables[slot].insert(
+                        key.clone(),
+                        Record {
+                            value: value.clone(),
+                            index,
+                        },
+                    ),
+                    None => self.tables[slot].remove(key),
+                };
+                if let Some(old) = old {
+                    self.unfile(table, key, &old.value);
+                }
+                if let Some(value) = value {
+                    self.file(table, key, value);
                 }
             }
             self.table_indexes[slot] = index;

@@ -33,6 +33,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 pub use self::backend::{Backend, ChangeSet, CommitError, TableChange};
+pub use self::memory::Index;
 use self::memory::Memory;
 pub use self::redb::RECOVERY_INTERVAL;
 use crate::error::{Error, Result};
@@ -228,6 +229,33 @@ impl Store {
                 let value = decode(&self.metrics, table, &key, &stored)?;
                 Ok((key, value))
             })
+            .collect()
+    }
+
+    /// The primary keys of the rows filed under `key` in a secondary index, in key order.
+    pub fn keys_by(&self, index: Index, key: &str) -> Vec<String> {
+        self.read_memory()
+            .keys_by(index, key)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The values of the rows filed under `key` in a secondary index (e.g. the instances of
+    /// one service name), in key order: a map lookup, not a scan of the table.
+    pub fn list_by<T: DeserializeOwned>(&self, index: Index, key: &str) -> Result<Vec<T>> {
+        let table = index.table();
+        let rows: Vec<(String, Stored)> = {
+            let memory = self.read_memory();
+            match memory.keys_by(index, key) {
+                None => Vec::new(),
+                Some(keys) => keys
+                    .iter()
+                    .filter_map(|k| memory.get(table, k).map(|r| (k.clone(), r.value.clone())))
+                    .collect(),
+            }
+        };
+        rows.iter()
+            .map(|(key, stored)| decode(&self.metrics, table, key, stored))
             .collect()
     }
 
@@ -482,6 +510,44 @@ impl Transaction<'_> {
             }
         }
         rows.into_iter().collect()
+    }
+
+    /// The primary keys filed under `key` in a secondary index, seeing this transaction's
+    /// own writes, in key order.
+    pub fn keys_by(&self, index: Index, key: &str) -> Vec<String> {
+        let table = index.table();
+        let change = self.pending(table);
+        let mut keys: std::collections::BTreeSet<String> = match change {
+            Some(change) if change.cleared => std::collections::BTreeSet::new(),
+            _ => self
+                .store
+                .read_memory()
+                .keys_by(index, key)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        for (row_key, row) in change.iter().flat_map(|c| c.rows.iter()) {
+            let filed =
+                matches!(row, Some(Stored::Value(v)) if index.key_of(v).as_deref() == Some(key));
+            if filed {
+                keys.insert(row_key.clone());
+            } else {
+                keys.remove(row_key);
+            }
+        }
+        keys.into_iter().collect()
+    }
+
+    /// The values filed under `key` in a secondary index, seeing this transaction's writes.
+    pub fn list_by<T: DeserializeOwned>(&self, index: Index, key: &str) -> Result<Vec<T>> {
+        let table = index.table();
+        let mut out = Vec::new();
+        for row_key in self.keys_by(index, key) {
+            if let Some(stored) = self.lookup(table, &row_key) {
+                out.push(decode(&self.store.metrics, table, &row_key, &stored)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Reads one value, seeing this transaction's own writes.
@@ -872,6 +938,58 @@ mod tests {
                 .expect("list"),
             ["new-c"]
         );
+    }
+
+    #[test]
+    fn secondary_indexes_follow_every_change_and_reopen() {
+        use serde_json::json;
+        let dir = crate::testutil::TempDir::new("store-index");
+        let store = open(dir.path());
+        let by_name = |store: &Store, name: &str| store.keys_by(Index::ServiceName, name);
+        store
+            .write(|tx| {
+                tx.put(Table::Services, "a", &json!({"Service": "web"}))?;
+                tx.put(Table::Services, "b", &json!({"Service": "web"}))?;
+                tx.put(Table::Services, "c", &json!({"Service": "db"}))?;
+                // The transaction sees its own changes through the index.
+                assert_eq!(tx.keys_by(Index::ServiceName, "web"), ["a", "b"]);
+                Ok(())
+            })
+            .expect("write");
+        assert_eq!(by_name(&store, "web"), ["a", "b"]);
+        store
+            .write(|tx| {
+                tx.put(Table::Services, "b", &json!({"Service": "db"}))?;
+                tx.delete(Table::Services, "c")?;
+                assert_eq!(tx.keys_by(Index::ServiceName, "db"), ["b"]);
+                assert_eq!(tx.keys_by(Index::ServiceName, "web"), ["a"]);
+                Ok(())
+            })
+            .expect("write");
+        assert_eq!(
+            by_name(&store, "web"),
+            ["a"],
+            "a renamed row leaves its old key"
+        );
+        assert_eq!(
+            by_name(&store, "db"),
+            ["b"],
+            "a deleted row leaves the index"
+        );
+        let names: Vec<serde_json::Value> = store.list_by(Index::ServiceName, "db").expect("list");
+        assert_eq!(names, [json!({"Service": "db"})]);
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(by_name(&store, "web"), ["a"], "rebuilt at load");
+        store
+            .write(|tx| {
+                tx.clear(Table::Services)?;
+                assert!(tx.keys_by(Index::ServiceName, "web").is_empty());
+                tx.put(Table::Services, "d", &json!({"Service": "web"}))
+            })
+            .expect("write");
+        assert_eq!(by_name(&store, "web"), ["d"]);
+        assert!(by_name(&store, "db").is_empty());
     }
 
     #[test]
