@@ -358,6 +358,11 @@ mod tests {
         );
         assert_eq!(key(Index::SidecarOf, &sidecar).as_deref(), Some("web-1"));
         assert_eq!(key(Index::ProxyPort, &sidecar).as_deref(), Some("21500"));
+        assert_eq!(
+            key(Index::ServiceKind, &sidecar).as_deref(),
+            Some("connect-proxy")
+        );
+        assert_eq!(key(Index::ServiceKind, &service).as_deref(), Some(""));
         let native = plan_native();
         assert_eq!(key(Index::ConnectEndpoint, &native).as_deref(), Some("db"));
         let target = || CheckTarget {

@@ -112,7 +112,7 @@ const HEALTH_TABLES: [Table; 2] = [Table::Services, Table::Checks];
 
 /// The checks the health rows of `services` read: theirs, and those their alias checks
 /// mirror (what `shown_checks` and `service_status` look at), found through the index.
-fn checks_of(agent: &Agent, services: &[ServiceInstance]) -> Result<Vec<HealthCheck>> {
+pub(super) fn checks_of(agent: &Agent, services: &[ServiceInstance]) -> Result<Vec<HealthCheck>> {
     let mut queue: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();

@@ -25,6 +25,8 @@ pub enum Index {
     SidecarOf,
     /// `services` connect proxies by `Port` (decimal): which sidecar ports are taken.
     ProxyPort,
+    /// `services` by `Kind` ("" for typical services).
+    ServiceKind,
     /// `checks` by `ServiceID` ("" for node checks).
     CheckService,
     /// `checks` that have timers (TTL, TCP, HTTP, or `DeregisterCriticalServiceAfter`), all
@@ -34,11 +36,12 @@ pub enum Index {
 
 impl Index {
     /// Every index, in a fixed order (the position is the index into per-index arrays).
-    pub const ALL: [Index; 6] = [
+    pub const ALL: [Index; 7] = [
         Index::ServiceName,
         Index::ConnectEndpoint,
         Index::SidecarOf,
         Index::ProxyPort,
+        Index::ServiceKind,
         Index::CheckService,
         Index::TimedCheck,
     ];
@@ -46,9 +49,11 @@ impl Index {
     /// The table the index is over.
     pub fn table(self) -> Table {
         match self {
-            Index::ServiceName | Index::ConnectEndpoint | Index::SidecarOf | Index::ProxyPort => {
-                Table::Services
-            }
+            Index::ServiceName
+            | Index::ConnectEndpoint
+            | Index::SidecarOf
+            | Index::ProxyPort
+            | Index::ServiceKind => Table::Services,
             Index::CheckService | Index::TimedCheck => Table::Checks,
         }
     }
@@ -79,6 +84,7 @@ impl Index {
                 .and(value.get("Port"))
                 .and_then(Value::as_u64)
                 .map(|p| p.to_string()),
+            Index::ServiceKind => Some(kind().to_owned()),
             Index::CheckService => text(value, "ServiceID"),
             Index::TimedCheck => {
                 let timed_type = matches!(

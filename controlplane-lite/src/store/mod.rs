@@ -655,6 +655,9 @@ mod tests {
         for (i, table) in Table::ALL.iter().enumerate() {
             assert_eq!(table.position(), i, "{table:?}");
         }
+        for (i, index) in Index::ALL.iter().enumerate() {
+            assert_eq!(*index as usize, i, "{index:?}");
+        }
         assert!(Table::REPLICATED.iter().all(|t| Table::ALL.contains(t)));
         assert!(
             !Table::REPLICATED.contains(&Table::CaSigning),
