@@ -15,7 +15,7 @@ use crate::checks::{
     PASSING,
 };
 use crate::error::{Error, Result};
-use crate::store::Table;
+use crate::store::{Index, Table};
 
 /// Longest sleep with nothing due (the loop also wakes on every change to the checks).
 const IDLE: Duration = Duration::from_secs(60);
@@ -39,7 +39,7 @@ type Outcome = (String, &'static str, String);
 
 async fn store_write<R: Send + 'static>(
     agent: &Arc<Agent>,
-    body: impl FnOnce(&mut crate::store::Transaction<'_>) -> Result<R> + Send + 'static,
+    body: impl FnMut(&mut crate::store::Transaction<'_>) -> Result<R> + Send + 'static,
 ) -> Result<R> {
     let agent = agent.clone();
     tokio::task::spawn_blocking(move || agent.store.write(body))
@@ -91,7 +91,9 @@ async fn step(
     results: &mpsc::Sender<Outcome>,
     now: u64,
 ) -> Result<Duration> {
-    let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
+    // Only checks with timers (TTL, probes, deregistration): alias checks, one per sidecar,
+    // have nothing to schedule, and scanning them would cost every write the catalog's size.
+    let checks: Vec<HealthCheck> = agent.store.list_by(Index::TimedCheck, "")?;
     let expired = expired_ttls(&checks, now);
     let doomed = to_deregister(&checks, now);
     if !expired.is_empty() || !doomed.is_empty() {
@@ -99,12 +101,12 @@ async fn step(
             tracing::info!(service, "deregistering a service critical for too long");
         }
         store_write(agent, move |tx| {
-            for check in expired {
+            for check in expired.clone() {
                 let mut check = check;
                 check.modify_index = tx.index();
                 tx.put(Table::Checks, &check.check_id.clone(), &check)?;
             }
-            for service in doomed {
+            for service in doomed.clone() {
                 crate::http::deregister_service(tx, &service)?;
             }
             Ok(())
@@ -141,7 +143,7 @@ async fn record(agent: &Arc<Agent>, scheduler: &mut Scheduler, outcome: Outcome)
     store_write(agent, move |tx| {
         // Written only if the check is still the one probed (not deregistered meanwhile).
         if tx.get::<HealthCheck>(Table::Checks, &check_id)?.is_some() {
-            let mut next = next;
+            let mut next = next.clone();
             next.modify_index = tx.index();
             tx.put(Table::Checks, &check_id, &next)?;
         }

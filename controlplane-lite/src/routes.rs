@@ -296,7 +296,7 @@ mod tests {
 
     fn register(body: serde_json::Value, taken: &mut BTreeSet<u16>) -> Vec<ServiceInstance> {
         let definition = parse_definitions(body).expect("parse").remove(0);
-        let plan = plan_registration(definition, taken, None).expect("plan");
+        let plan = plan_registration(definition, |p| taken.contains(&p), None).expect("plan");
         let mut out = vec![plan.service];
         if let Some(sidecar) = plan.sidecar {
             taken.insert(sidecar.port);

@@ -50,11 +50,11 @@ pub struct RegistrationPlan {
 
 /// Turns a definition into the instances to store.
 ///
-/// `taken_ports` are the ports of sidecars already registered (excluding this service's own
-/// sidecar); `previous_sidecar_port` keeps a re-registered sidecar on its port.
+/// `port_taken` says whether a port is taken by a sidecar already registered (excluding this
+/// service's own sidecar); `previous_sidecar_port` keeps a re-registered sidecar on its port.
 pub fn plan_registration(
     definition: ServiceDefinition,
-    taken_ports: &BTreeSet<u16>,
+    port_taken: impl Fn(u16) -> bool,
     previous_sidecar_port: Option<u16>,
 ) -> Result<RegistrationPlan> {
     let sidecar_definition = definition
@@ -89,7 +89,7 @@ pub fn plan_registration(
                     Some(port) => port,
                     None => SIDECAR_PORTS
                         .clone()
-                        .find(|p| !taken_ports.contains(p))
+                        .find(|p| !port_taken(*p))
                         .ok_or_else(|| {
                             Error::Conflict("no sidecar ports available in 21000-21255".to_owned())
                         })?,
@@ -327,7 +327,80 @@ mod tests {
 
     fn plan(body: Value) -> Result<RegistrationPlan> {
         let mut definitions = parse_definitions(body)?;
-        plan_registration(definitions.remove(0), &BTreeSet::from([21000]), None)
+        plan_registration(definitions.remove(0), |p| p == 21000, None)
+    }
+
+    /// The store's secondary indexes read fields of the stored JSON: they must match what
+    /// `ServiceInstance` and `HealthCheck` serialise to.
+    #[test]
+    fn store_indexes_find_the_fields_they_index() {
+        use crate::checks::{sidecar_alias, CheckDefinition, CheckTarget};
+        use crate::store::Index;
+        let plan = plan(
+            json!({"service": {"name": "web", "id": "web-1", "port": 8080,
+            "connect": {"sidecar_service": {"port": 21500}}}}),
+        )
+        .expect("plan");
+        let service = serde_json::to_value(&plan.service).expect("json");
+        let sidecar_instance = plan.sidecar.expect("sidecar");
+        let sidecar = serde_json::to_value(&sidecar_instance).expect("json");
+        let key = |index: Index, value: &Value| index.key_of(value);
+        assert_eq!(key(Index::ServiceName, &service).as_deref(), Some("web"));
+        assert_eq!(key(Index::ConnectEndpoint, &service), None, "not native");
+        assert_eq!(key(Index::SidecarOf, &service), None);
+        assert_eq!(
+            key(Index::ServiceName, &sidecar).as_deref(),
+            Some("web-sidecar-proxy")
+        );
+        assert_eq!(
+            key(Index::ConnectEndpoint, &sidecar).as_deref(),
+            Some("web")
+        );
+        assert_eq!(key(Index::SidecarOf, &sidecar).as_deref(), Some("web-1"));
+        assert_eq!(key(Index::ProxyPort, &sidecar).as_deref(), Some("21500"));
+        assert_eq!(
+            key(Index::ServiceKind, &sidecar).as_deref(),
+            Some("connect-proxy")
+        );
+        assert_eq!(key(Index::ServiceKind, &service).as_deref(), Some(""));
+        let native = plan_native();
+        assert_eq!(key(Index::ConnectEndpoint, &native).as_deref(), Some("db"));
+        let target = || CheckTarget {
+            id: &sidecar_instance.id,
+            name: &sidecar_instance.service,
+            tags: &sidecar_instance.tags,
+        };
+        let alias = serde_json::to_value(sidecar_alias("n", target(), "web-1")).expect("json");
+        assert_eq!(
+            key(Index::CheckService, &alias).as_deref(),
+            Some("web-1-sidecar-proxy")
+        );
+        assert_eq!(
+            key(Index::TimedCheck, &alias),
+            None,
+            "alias checks have no timers"
+        );
+        for definition in [
+            json!({"TTL": "10s"}),
+            json!({"TCP": "127.0.0.1:1", "Interval": "10s"}),
+        ] {
+            let check = CheckDefinition::parse(definition)
+                .and_then(|d| d.build("n", "c", Some(target()), 0))
+                .expect("check");
+            let check = serde_json::to_value(check).expect("json");
+            assert_eq!(
+                key(Index::TimedCheck, &check).as_deref(),
+                Some(""),
+                "{check}"
+            );
+        }
+    }
+
+    fn plan_native() -> Value {
+        let plan =
+            plan(json!({"service": {"name": "db", "port": 5432, "connect": {"native": true}}}))
+                .expect("plan");
+        serde_json::to_value(&plan.service).expect("json")
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::checks::{
 };
 use crate::error::{Error, Result};
 use crate::routes::FederationState;
-use crate::store::{Table, Transaction};
+use crate::store::{Index, Table, Transaction};
 
 /// `GET /v1/catalog/datacenters`: this datacenter first, then the primary and every datacenter
 /// with known gateways, by name. No ACL, like Consul.
@@ -111,10 +111,35 @@ fn catalog_row(agent: &Agent, s: &ServiceInstance, _checks: &[HealthCheck]) -> V
 /// The tables a health or catalog read depends on (checks move `passing`).
 const HEALTH_TABLES: [Table; 2] = [Table::Services, Table::Checks];
 
+/// The checks the health rows of `services` read: theirs, and those their alias checks
+/// mirror (what `shown_checks` and `service_status` look at), found through the index.
+pub(super) fn checks_of(agent: &Agent, services: &[ServiceInstance]) -> Result<Vec<HealthCheck>> {
+    let mut queue: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    // Each service ID is read once, so this ends after at most every check was read.
+    while let Some(id) = queue.pop() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        for check in agent
+            .store
+            .list_by::<HealthCheck>(Index::CheckService, &id)?
+        {
+            if check.check_type == "alias" {
+                queue.push(check.definition.alias_service.clone());
+            }
+            out.push(check);
+        }
+    }
+    Ok(out)
+}
+
 async fn rows(
     agent: AgentState,
     ctx: Ctx,
     name: String,
+    index: Index,
     keep: fn(&ServiceInstance, &str) -> bool,
     shape: fn(&Agent, &ServiceInstance, &[HealthCheck]) -> Value,
 ) -> Result<Response> {
@@ -132,8 +157,16 @@ async fn rows(
         .get("passing")
         .is_some_and(|v| v != "false" && v != "0");
     blocking_json(&agent, &ctx, &HEALTH_TABLES, |_| {
-        let (_, services) = visible(&agent, &ctx)?;
-        let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
+        // The candidates come from a secondary index (`keep` still decides), so a read costs
+        // the size of the answer, not of the catalog.
+        let authorizer = ctx.authorizer(&agent)?;
+        let services: Vec<ServiceInstance> = agent
+            .store
+            .list_by::<ServiceInstance>(index, &name)?
+            .into_iter()
+            .filter(|s| authorizer.service_read(&s.service))
+            .collect();
+        let checks = checks_of(&agent, &services)?;
         Ok(services
             .iter()
             .filter(|s| keep(s, &name))
@@ -159,7 +192,7 @@ pub async fn service_nodes(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, by_name, catalog_row).await
+    rows(agent, ctx, name, Index::ServiceName, by_name, catalog_row).await
 }
 
 /// `GET /v1/catalog/connect/:name`: Connect-capable instances (sidecars) of `name`.
@@ -168,7 +201,15 @@ pub async fn connect_nodes(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, connect_for, catalog_row).await
+    rows(
+        agent,
+        ctx,
+        name,
+        Index::ConnectEndpoint,
+        connect_for,
+        catalog_row,
+    )
+    .await
 }
 
 /// `GET /v1/health/service/:name`.
@@ -177,7 +218,7 @@ pub async fn health_service(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, by_name, health_row).await
+    rows(agent, ctx, name, Index::ServiceName, by_name, health_row).await
 }
 
 /// `GET /v1/health/connect/:name`: what gateways route `name`'s SNI to. With `?dc=` naming
@@ -187,7 +228,15 @@ pub async fn health_connect(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    rows(agent, ctx, name, connect_for, health_row).await
+    rows(
+        agent,
+        ctx,
+        name,
+        Index::ConnectEndpoint,
+        connect_for,
+        health_row,
+    )
+    .await
 }
 
 /// `GET /v1/agent/services`: this agent's instances by ID.
@@ -250,33 +299,22 @@ fn store_registration(
         Some(sidecar) => check_definitions(sidecar.check.clone(), sidecar.checks.clone())?,
         None => Vec::new(),
     };
-    let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
     let parent_id = definition
         .id
         .clone()
         .or_else(|| definition.name.clone())
         .unwrap_or_default();
-    let previous_sidecar = services
-        .iter()
-        .find(|s| {
-            s.kind == KIND_CONNECT_PROXY
-                && s.proxy
-                    .as_ref()
-                    .is_some_and(|p| p.destination_service_id == parent_id)
-        })
-        .cloned();
-    let taken: BTreeSet<u16> = services
-        .iter()
-        .filter(|s| {
-            s.kind == KIND_CONNECT_PROXY && previous_sidecar.as_ref().is_none_or(|p| p.id != s.id)
-        })
-        .map(|s| s.port)
-        .collect();
-    let plan = plan_registration(
-        definition,
-        &taken,
-        previous_sidecar.as_ref().map(|s| s.port),
-    )?;
+    // Secondary indexes, not scans: registering must not cost time proportional to the catalog.
+    let previous_sidecar = tx
+        .list_by::<ServiceInstance>(Index::SidecarOf, &parent_id)?
+        .into_iter()
+        .find(|s| s.kind == KIND_CONNECT_PROXY);
+    let taken = |port: u16| {
+        tx.keys_by(Index::ProxyPort, &port.to_string())
+            .iter()
+            .any(|id| previous_sidecar.as_ref().is_none_or(|p| &p.id != id))
+    };
+    let plan = plan_registration(definition, taken, previous_sidecar.as_ref().map(|s| s.port))?;
     let mut planned_checks = build_checks(&plan.service, service_checks, node, now_ms)?;
     if let Some(sidecar) = &plan.sidecar {
         planned_checks.extend(build_checks(sidecar, sidecar_checks, node, now_ms)?);
@@ -294,10 +332,11 @@ fn store_registration(
     instances.extend(plan.sidecar);
     // Replacing an instance (same ID) or dropping the old sidecar also needs write on what is
     // replaced; otherwise a token for `web` could overwrite the instance `socat`.
-    let replaced = services
-        .iter()
-        .filter(|s| instances.iter().any(|i| i.id == s.id))
-        .chain(previous_sidecar.iter());
+    let mut existing: Vec<ServiceInstance> = Vec::new();
+    for instance in &instances {
+        existing.extend(tx.get::<ServiceInstance>(Table::Services, &instance.id)?);
+    }
+    let replaced = existing.iter().chain(previous_sidecar.iter());
     for existing in replaced {
         require_instance_write(authorizer, existing, mesh_gateway_names)?;
     }
@@ -320,7 +359,7 @@ fn store_registration(
     replace_checks(tx, &instances, planned_checks)?;
     let mut ids = Vec::new();
     for mut instance in instances {
-        let existing = services.iter().find(|s| s.id == instance.id);
+        let existing = existing.iter().find(|s| s.id == instance.id);
         instance.create_index = existing.map_or(tx.index(), |e| e.create_index);
         instance.modify_index = tx.index();
         tx.put(Table::Services, &instance.id, &instance)?;
@@ -379,12 +418,15 @@ fn replace_checks(
     instances: &[ServiceInstance],
     planned: Vec<HealthCheck>,
 ) -> Result<()> {
-    let existing: Vec<HealthCheck> = tx.list(Table::Checks)?;
-    for old in existing
-        .iter()
-        .filter(|c| instances.iter().any(|i| i.id == c.service_id))
-    {
-        tx.delete(Table::Checks, &old.check_id)?;
+    // What the planned check IDs held before this registration (read before the deletes).
+    let mut existing: Vec<HealthCheck> = Vec::new();
+    for check in &planned {
+        existing.extend(tx.get::<HealthCheck>(Table::Checks, &check.check_id)?);
+    }
+    for instance in instances {
+        for check_id in tx.keys_by(Index::CheckService, &instance.id) {
+            tx.delete(Table::Checks, &check_id)?;
+        }
     }
     for mut check in planned {
         if let Some(old) = existing.iter().find(|c| c.check_id == check.check_id) {
@@ -408,21 +450,12 @@ fn replace_checks(
 /// caller has done it, or is the agent itself). Returns the removed instance.
 pub fn deregister_service(tx: &mut Transaction<'_>, id: &str) -> Result<Option<ServiceInstance>> {
     let instance = tx.get::<ServiceInstance>(Table::Services, id)?;
-    let services: Vec<ServiceInstance> = tx.list(Table::Services)?;
-    let mut removed: Vec<String> = services
-        .iter()
-        .filter(|s| {
-            s.kind == KIND_CONNECT_PROXY
-                && s.proxy
-                    .as_ref()
-                    .is_some_and(|p| p.destination_service_id == id)
-        })
-        .map(|s| s.id.clone())
-        .collect();
+    let mut removed = tx.keys_by(Index::SidecarOf, id);
     removed.push(id.to_owned());
-    let checks: Vec<HealthCheck> = tx.list(Table::Checks)?;
-    for check in checks.iter().filter(|c| removed.contains(&c.service_id)) {
-        tx.delete(Table::Checks, &check.check_id)?;
+    for service in &removed {
+        for check_id in tx.keys_by(Index::CheckService, service) {
+            tx.delete(Table::Checks, &check_id)?;
+        }
     }
     for service in &removed {
         tx.delete(Table::Services, service)?;
@@ -439,7 +472,7 @@ pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefiniti
     let now = crate::checks_runner::now_ms();
     write(agent, move |tx| {
         let authorizer = Authorizer::management();
-        for definition in definitions {
+        for definition in definitions.clone() {
             store_registration(tx, definition, &authorizer, &names, &node, now)?;
         }
         Ok(())
@@ -456,7 +489,7 @@ pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) ->
     let names = agent.config.mesh_gateway_names.clone();
     let now = crate::checks_runner::now_ms();
     write(&agent, move |tx| {
-        for definition in definitions {
+        for definition in definitions.clone() {
             store_registration(tx, definition, &authorizer, &names, &node, now)?;
         }
         Ok(())

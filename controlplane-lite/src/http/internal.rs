@@ -9,7 +9,8 @@ use super::{
     blocking_json, json_body, json_with_index, remote, wait_blocking, write, AgentState, Ctx,
 };
 use crate::acl::require;
-use crate::catalog::{from_value, validate_name, ServiceInstance};
+use crate::agent::Agent;
+use crate::catalog::{from_value, validate_name, ServiceInstance, KIND_MESH_GATEWAY};
 use crate::checks::{routable, HealthCheck};
 use crate::config_entries::ConfigEntry;
 use crate::error::{Error, Result};
@@ -17,7 +18,7 @@ use crate::remote_dc::{health_endpoints, remote_none_upstreams, REMOTE_POLL};
 use crate::routes::{
     mesh_gateway_routes, sidecar_config, FederationState, MeshView, SidecarConfig,
 };
-use crate::store::Table;
+use crate::store::{Index, Table};
 
 const ROUTE_TABLES: [Table; 4] = [
     Table::Services,
@@ -83,6 +84,32 @@ pub async fn routes(State(agent): State<AgentState>, ctx: Ctx) -> Result<Respons
     .await
 }
 
+/// The instances a sidecar's configuration can name: the proxy itself, the Connect endpoints
+/// of its upstreams and the mesh gateways, found through the store's indexes so that a sidecar
+/// answer costs the size of its upstreams, not of the catalog.
+fn sidecar_candidates(agent: &Agent, proxy_id: &str) -> Result<Vec<ServiceInstance>> {
+    let Some(proxy) = agent
+        .store
+        .get::<ServiceInstance>(Table::Services, proxy_id)?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut candidates = agent
+        .store
+        .list_by::<ServiceInstance>(Index::ServiceKind, KIND_MESH_GATEWAY)?;
+    for upstream in proxy.proxy.iter().flat_map(|p| p.upstreams.iter()) {
+        candidates.extend(
+            agent
+                .store
+                .list_by::<ServiceInstance>(Index::ConnectEndpoint, &upstream.destination_name)?,
+        );
+    }
+    candidates.push(proxy);
+    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    candidates.dedup_by(|a, b| a.id == b.id);
+    Ok(candidates)
+}
+
 /// `GET /v1/internal/sidecar/:proxy_id`: listeners and upstreams of one sidecar. Needs
 /// `service:write` on the service it fronts (the same right that signs its leaf).
 ///
@@ -98,8 +125,9 @@ pub async fn sidecar(
     let authorizer = ctx.authorizer(&agent)?;
     let compute = |generation| -> Result<SidecarConfig> {
         let trust_domain = agent.require_trust_domain()?;
-        let checks: Vec<HealthCheck> = agent.store.list(Table::Checks)?;
-        let services = routable(agent.store.list(Table::Services)?, &checks, &proxy_id);
+        let candidates = sidecar_candidates(&agent, &proxy_id)?;
+        let checks = super::catalog::checks_of(&agent, &candidates)?;
+        let services = routable(candidates, &checks, &proxy_id);
         let federation: Vec<FederationState> = agent.store.list(Table::FederationStates)?;
         let entries: Vec<ConfigEntry> = agent.store.list(Table::ConfigEntries)?;
         let config = sidecar_config(

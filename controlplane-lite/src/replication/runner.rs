@@ -20,7 +20,7 @@ use crate::ca::{self, CaRoot, SigningKey};
 use crate::catalog::ServiceInstance;
 use crate::error::{Error, Result};
 use crate::routes::FederationState;
-use crate::store::Table;
+use crate::store::{Index, Table};
 
 /// How often a datacenter re-publishes its federation state even if nothing seems to have
 /// changed (the primary may have lost it); Consul's anti-entropy runs on a similar timer.
@@ -366,7 +366,10 @@ fn publish_once(
     last_published: Option<&[crate::routes::GatewayAddresses]>,
 ) -> Result<Option<Vec<crate::routes::GatewayAddresses>>> {
     let datacenter = &agent.config.datacenter;
-    let services: Vec<ServiceInstance> = agent.store.list(Table::Services)?;
+    // Woken by every catalog write: read the mesh gateways through the index, not the catalog.
+    let services: Vec<ServiceInstance> = agent
+        .store
+        .list_by(Index::ServiceKind, crate::catalog::KIND_MESH_GATEWAY)?;
     let desired = local_gateways(&services, &agent.config.node_address);
     let stored: Option<FederationState> = agent.store.get(Table::FederationStates, datacenter)?;
     // In a secondary the stored copy changes only once replication brings our push back, so
@@ -385,7 +388,7 @@ fn publish_once(
                 if state.mesh_gateways.is_empty() {
                     tx.delete(Table::FederationStates, &key)?;
                 } else {
-                    let mut state = state;
+                    let mut state = state.clone();
                     state.modify_index = tx.index();
                     tx.put(Table::FederationStates, &key, &state)?;
                 }
