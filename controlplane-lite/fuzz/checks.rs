@@ -210,7 +210,7 @@ pub fn registration(data: &[u8]) {
     };
     let taken = BTreeSet::from([21000]);
     for definition in definitions {
-        let Ok(plan) = plan_registration(definition, &taken, None) else {
+        let Ok(plan) = plan_registration(definition, |port| taken.contains(&port), None) else {
             continue;
         };
         let mut instances = vec![plan.service];
