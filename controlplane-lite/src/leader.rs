@@ -209,6 +209,26 @@ impl Keys {
     }
 }
 
+/// The etcd cluster a datacenter's agents share: a client and this agent's election keys.
+#[derive(Clone)]
+pub struct Cluster {
+    /// The client (cheap to clone: one HTTP/2 channel).
+    pub client: etcd_client::Client,
+    /// The election keys under `-etcd-prefix`.
+    pub keys: Keys,
+    /// The lease TTL the election asks for.
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("keys", &self.keys)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the election publishes to the rest of the agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
@@ -237,7 +257,7 @@ pub async fn run(
     keys: Keys,
     address: String,
     ttl: Duration,
-    verdict: tokio::sync::watch::Sender<Verdict>,
+    verdict: &tokio::sync::watch::Sender<Verdict>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};

@@ -22,14 +22,11 @@ async fn candidate(endpoints: &str, prefix: &str, node: &str, ttl: Duration) -> 
         .expect("etcd answers over its unix sockets");
     let (verdict_tx, verdict) = tokio::sync::watch::channel(Verdict::default());
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(leader::run(
-        client,
-        Keys::new(prefix, node),
-        format!("{node}.example:8500"),
-        ttl,
-        verdict_tx,
-        stop_rx,
-    ));
+    let keys = Keys::new(prefix, node);
+    let address = format!("{node}.example:8500");
+    let task = tokio::spawn(async move {
+        leader::run(client, keys, address, ttl, &verdict_tx, stop_rx).await;
+    });
     Candidate {
         verdict,
         stop,
