@@ -40,7 +40,7 @@ type Outcome = (String, &'static str, String);
 
 async fn store_write<R: Send + 'static>(
     agent: &Arc<Agent>,
-    body: impl FnOnce(&mut crate::store::Transaction<'_>) -> Result<R> + Send + 'static,
+    body: impl FnMut(&mut crate::store::Transaction<'_>) -> Result<R> + Send + 'static,
 ) -> Result<R> {
     let agent = agent.clone();
     tokio::task::spawn_blocking(move || agent.store.write(body))
@@ -100,12 +100,12 @@ async fn step(
             tracing::info!(service, "deregistering a service critical for too long");
         }
         store_write(agent, move |tx| {
-            for check in expired {
+            for check in expired.clone() {
                 let mut check = check;
                 check.modify_index = tx.index();
                 tx.put(Table::Checks, &check.check_id.clone(), &check)?;
             }
-            for service in doomed {
+            for service in doomed.clone() {
                 crate::http::deregister_service(tx, &service)?;
             }
             Ok(())
@@ -142,7 +142,7 @@ async fn record(agent: &Arc<Agent>, scheduler: &mut Scheduler, outcome: Outcome)
     store_write(agent, move |tx| {
         // Written only if the check is still the one probed (not deregistered meanwhile).
         if tx.get::<HealthCheck>(Table::Checks, &check_id)?.is_some() {
-            let mut next = next;
+            let mut next = next.clone();
             next.modify_index = tx.index();
             tx.put(Table::Checks, &check_id, &next)?;
         }

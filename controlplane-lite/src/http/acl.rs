@@ -55,7 +55,7 @@ pub async fn bootstrap(State(agent): State<AgentState>) -> Result<Response> {
             }],
             service_identities: Vec::new(),
             local: false,
-            create_time: now,
+            create_time: now.clone(),
             create_index: tx.index(),
             modify_index: tx.index(),
         };
@@ -145,10 +145,10 @@ pub async fn create_policy(
     let policy = write(&agent, move |tx| {
         let policy = Policy {
             id: uuid::Uuid::new_v4().to_string(),
-            name: request.name,
-            description: request.description,
-            rules: request.rules,
-            datacenters: request.datacenters,
+            name: request.name.clone(),
+            description: request.description.clone(),
+            rules: request.rules.clone(),
+            datacenters: request.datacenters.clone(),
             create_index: tx.index(),
             modify_index: tx.index(),
         };
@@ -192,10 +192,10 @@ pub async fn update_policy(
             .ok_or_else(|| Error::NotFound(POLICY_NOT_FOUND.to_owned()))?;
         let policy = Policy {
             id: id.clone(),
-            name: request.name,
-            description: request.description,
-            rules: request.rules,
-            datacenters: request.datacenters,
+            name: request.name.clone(),
+            description: request.description.clone(),
+            rules: request.rules.clone(),
+            datacenters: request.datacenters.clone(),
             create_index: existing.create_index,
             modify_index: tx.index(),
         };
@@ -440,8 +440,12 @@ pub async fn create_token(
     let token = write(&agent, move |tx| {
         let links = resolve_links(tx, &request.policies)?;
         let tokens: Vec<Token> = tx.list(Table::AclTokens)?;
-        let accessor_id = accessor_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let secret_id = secret_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let accessor_id = accessor_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let secret_id = secret_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if tokens
             .iter()
             .any(|t| t.accessor_id == accessor_id || t.secret_id == secret_id)
@@ -453,11 +457,11 @@ pub async fn create_token(
         let token = Token {
             accessor_id,
             secret_id,
-            description: request.description,
+            description: request.description.clone(),
             policies: links,
-            service_identities: request.service_identities,
+            service_identities: request.service_identities.clone(),
             local: request.local,
-            create_time: now,
+            create_time: now.clone(),
             create_index: tx.index(),
             modify_index: tx.index(),
         };
@@ -505,9 +509,9 @@ pub async fn update_token(
         }
         let links = resolve_links(tx, &request.policies)?;
         let token = Token {
-            description: request.description,
+            description: request.description.clone(),
             policies: links,
-            service_identities: request.service_identities,
+            service_identities: request.service_identities.clone(),
             modify_index: tx.index(),
             ..existing
         };

@@ -415,7 +415,7 @@ pub async fn register_local(agent: &AgentState, definitions: Vec<ServiceDefiniti
     let now = crate::checks_runner::now_ms();
     write(agent, move |tx| {
         let authorizer = Authorizer::management();
-        for definition in definitions {
+        for definition in definitions.clone() {
             store_registration(tx, definition, &authorizer, &node, now)?;
         }
         Ok(())
@@ -431,7 +431,7 @@ pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) ->
     let node = agent.config.node_name.clone();
     let now = crate::checks_runner::now_ms();
     write(&agent, move |tx| {
-        for definition in definitions {
+        for definition in definitions.clone() {
             store_registration(tx, definition, &authorizer, &node, now)?;
         }
         Ok(())

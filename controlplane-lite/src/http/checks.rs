@@ -69,7 +69,7 @@ pub async fn register(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) ->
             name: &s.service,
             tags: &s.tags,
         });
-        let mut check = definition.build(&node, &name, target, now)?;
+        let mut check = definition.clone().build(&node, &name, target, now)?;
         require_check_write(&authorizer, &check)?;
         if let Some(old) = tx.get::<HealthCheck>(Table::Checks, &check.check_id)? {
             require_check_write(&authorizer, &old)?;

@@ -74,7 +74,7 @@ pub async fn create(State(agent): State<AgentState>, ctx: Ctx, body: Bytes) -> R
         intention.create_index = tx.index();
         intention.modify_index = tx.index();
         tx.put(Table::Intentions, &intention.id, &intention)?;
-        Ok(intention.id)
+        Ok(intention.id.clone())
     })
     .await?;
     Ok(json_with_index(

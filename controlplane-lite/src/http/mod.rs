@@ -286,7 +286,7 @@ pub fn json_body(body: &[u8]) -> Result<Value> {
 /// Runs a store write on a blocking thread (the commit waits for `fsync`).
 pub async fn write<R: Send + 'static>(
     agent: &AgentState,
-    body: impl FnOnce(&mut Transaction<'_>) -> Result<R> + Send + 'static,
+    body: impl FnMut(&mut Transaction<'_>) -> Result<R> + Send + 'static,
 ) -> Result<R> {
     let agent = agent.clone();
     tokio::task::spawn_blocking(move || agent.store.write(body))

@@ -388,7 +388,7 @@ fn publish_once(
                 if state.mesh_gateways.is_empty() {
                     tx.delete(Table::FederationStates, &key)?;
                 } else {
-                    let mut state = state;
+                    let mut state = state.clone();
                     state.modify_index = tx.index();
                     tx.put(Table::FederationStates, &key, &state)?;
                 }
