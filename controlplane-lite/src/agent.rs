@@ -22,9 +22,30 @@ pub const CLUSTER_ID_KEY: &str = "cluster_id";
 /// Key of the ACL bootstrap marker in the `system` table.
 pub const ACL_BOOTSTRAP_KEY: &str = "acl_bootstrap";
 
+/// Where the agent keeps its state (`-store`).
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    /// A redb file in the data dir: one agent per datacenter.
+    Redb,
+    /// An etcd cluster shared by the datacenter's agents ([`crate::store::etcd`]).
+    Etcd {
+        /// The cluster's members.
+        endpoints: Vec<crate::etcd::Endpoint>,
+        /// The key prefix of this datacenter's state.
+        prefix: String,
+        /// The election lease's TTL.
+        lease_ttl: std::time::Duration,
+    },
+}
+
+/// How long the agent waits for etcd at start.
+const ETCD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The agent's flags, parsed.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// Where state lives.
+    pub store: StoreChoice,
     /// This datacenter's name.
     pub datacenter: String,
     /// The primary datacenter (owner of the CA root, ACLs, intentions, config entries).
@@ -87,9 +108,26 @@ impl Agent {
         config: AgentConfig,
         cluster: Option<crate::leader::Cluster>,
     ) -> Result<Arc<Agent>> {
-        let state_file = crate::datadir::prepare(&config.data_dir)?;
         let metrics = Arc::new(Metrics::default());
-        let store = Store::open(&state_file, metrics.clone())?;
+        let (store, follower) = match &config.store {
+            StoreChoice::Redb => {
+                let state_file = crate::datadir::prepare(&config.data_dir)?;
+                (Store::open(&state_file, metrics.clone())?, None)
+            }
+            StoreChoice::Etcd {
+                endpoints, prefix, ..
+            } => {
+                let (backend, follower) = crate::store::etcd::EtcdBackend::connect(
+                    endpoints,
+                    prefix,
+                    ETCD_START_TIMEOUT,
+                )?;
+                (
+                    Store::with_backend(Box::new(backend), metrics.clone())?,
+                    Some(follower),
+                )
+            }
+        };
         let shutdown = tokio::sync::watch::channel(false).0;
         let primary = match (
             &config.primary_address,
@@ -119,6 +157,18 @@ impl Agent {
             leadership,
             cluster,
         });
+        if let Some(follower) = follower {
+            // Commits made through other agents reach memory through the store's one path.
+            let weak = Arc::downgrade(&agent);
+            follower.start(
+                move |changes| {
+                    if let Some(agent) = weak.upgrade() {
+                        agent.store.apply(changes);
+                    }
+                },
+                agent.shutdown.subscribe(),
+            );
+        }
         agent.initialise(OffsetDateTime::now_utc())?;
         if let Some(root) = agent.active_root()? {
             if let Ok(time) = OffsetDateTime::parse(
@@ -281,7 +331,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             "secondary datacenter without -primary-address: nothing replicates and the Connect CA stays unavailable"
         );
     }
-    let agent = tokio::task::spawn_blocking(move || Agent::open(config, None))
+    let cluster = match &config.store {
+        StoreChoice::Redb => None,
+        StoreChoice::Etcd {
+            endpoints,
+            prefix,
+            lease_ttl,
+        } => Some(crate::leader::Cluster {
+            client: crate::etcd::connect(endpoints, ETCD_START_TIMEOUT)
+                .await
+                .map_err(|e| Error::Startup(e.to_string()))?,
+            keys: crate::leader::Keys::new(prefix, &config.node_name),
+            ttl: *lease_ttl,
+        }),
+    };
+    let agent = tokio::task::spawn_blocking(move || Agent::open(config, cluster))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     let definitions = agent.read_config_dir()?;
@@ -344,9 +408,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         let address = agent.advertised_http_address();
         tokio::spawn(async move {
             let shutdown = elector.shutdown.subscribe();
+            // Registered under its advertised address, unique among the datacenter's agents.
+            let keys = crate::leader::Keys::new(&cluster.keys.prefix, &address);
             crate::leader::run(
                 cluster.client,
-                cluster.keys,
+                keys,
                 address,
                 cluster.ttl,
                 &elector.leadership,

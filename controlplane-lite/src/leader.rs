@@ -189,6 +189,8 @@ impl Election {
 /// The keys of one datacenter's election under `-etcd-prefix`.
 #[derive(Clone, Debug)]
 pub struct Keys {
+    /// The datacenter's prefix, without a trailing `/`.
+    pub prefix: String,
     /// `<prefix>/leader`: the leader's advertised address, bound to its lease.
     pub leader: String,
     /// `<prefix>/agents/`: one key per agent, its advertised address, bound to its lease.
@@ -202,6 +204,7 @@ impl Keys {
     pub fn new(prefix: &str, node: &str) -> Keys {
         let prefix = prefix.trim_end_matches('/');
         Keys {
+            prefix: prefix.to_owned(),
             leader: format!("{prefix}/leader"),
             agents: format!("{prefix}/agents/"),
             me: format!("{prefix}/agents/{node}"),
