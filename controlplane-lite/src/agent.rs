@@ -22,9 +22,30 @@ pub const CLUSTER_ID_KEY: &str = "cluster_id";
 /// Key of the ACL bootstrap marker in the `system` table.
 pub const ACL_BOOTSTRAP_KEY: &str = "acl_bootstrap";
 
+/// Where the agent keeps its state (`-store`).
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    /// A redb file in the data dir: one agent per datacenter.
+    Redb,
+    /// An etcd cluster shared by the datacenter's agents ([`crate::store::etcd`]).
+    Etcd {
+        /// The cluster's members.
+        endpoints: Vec<crate::etcd::Endpoint>,
+        /// The key prefix of this datacenter's state.
+        prefix: String,
+        /// The election lease's TTL.
+        lease_ttl: std::time::Duration,
+    },
+}
+
+/// How long the agent waits for etcd at start.
+const ETCD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The agent's flags, parsed.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// Where state lives.
+    pub store: StoreChoice,
     /// This datacenter's name.
     pub datacenter: String,
     /// The primary datacenter (owner of the CA root, ACLs, intentions, config entries).
@@ -75,15 +96,41 @@ pub struct Agent {
     pub http_address: std::sync::OnceLock<String>,
     /// One permit per blocking query held open (`-http-max-blocking-queries`).
     pub blocking_slots: tokio::sync::Semaphore,
+    /// Whether this agent runs the once-per-datacenter duties: always with one agent on redb;
+    /// with several on etcd, the one that won the lease election ([`crate::leader`]).
+    pub leadership: tokio::sync::watch::Sender<crate::leader::Verdict>,
+    /// The etcd cluster this agent's datacenter shares, if any: the election and the
+    /// `status/leader|peers` registry live there.
+    pub cluster: Option<crate::leader::Cluster>,
 }
 
 impl Agent {
     /// Opens the store and performs first-start initialisation: the built-in management policy,
     /// the anonymous token and, in the primary datacenter, the cluster id and CA root.
-    pub fn open(config: AgentConfig) -> Result<Arc<Agent>> {
-        let state_file = crate::datadir::prepare(&config.data_dir)?;
+    pub fn open(
+        config: AgentConfig,
+        cluster: Option<crate::leader::Cluster>,
+    ) -> Result<Arc<Agent>> {
         let metrics = Arc::new(Metrics::default());
-        let store = Store::open(&state_file, metrics.clone())?;
+        let (store, follower) = match &config.store {
+            StoreChoice::Redb => {
+                let state_file = crate::datadir::prepare(&config.data_dir)?;
+                (Store::open(&state_file, metrics.clone())?, None)
+            }
+            StoreChoice::Etcd {
+                endpoints, prefix, ..
+            } => {
+                let (backend, follower) = crate::store::etcd::EtcdBackend::connect(
+                    endpoints,
+                    prefix,
+                    ETCD_START_TIMEOUT,
+                )?;
+                (
+                    Store::with_backend(Box::new(backend), metrics.clone())?,
+                    Some(follower),
+                )
+            }
+        };
         let shutdown = tokio::sync::watch::channel(false).0;
         let primary = match (
             &config.primary_address,
@@ -96,6 +143,12 @@ impl Agent {
             _ => None,
         };
         let blocking_slots = tokio::sync::Semaphore::new(config.limits.max_blocking_queries);
+        // Alone on its store, the agent leads from the start; on a shared cluster the election
+        // decides (it starts as a follower).
+        let leadership = tokio::sync::watch::channel(crate::leader::Verdict {
+            leader: cluster.is_none(),
+        })
+        .0;
         let agent = Arc::new(Agent {
             config,
             store,
@@ -104,7 +157,21 @@ impl Agent {
             shutdown,
             http_address: std::sync::OnceLock::new(),
             blocking_slots,
+            leadership,
+            cluster,
         });
+        if let Some(follower) = follower {
+            // Commits made through other agents reach memory through the store's one path.
+            let weak = Arc::downgrade(&agent);
+            follower.start(
+                move |changes| {
+                    if let Some(agent) = weak.upgrade() {
+                        agent.store.apply(changes);
+                    }
+                },
+                agent.shutdown.subscribe(),
+            );
+        }
         agent.initialise(OffsetDateTime::now_utc())?;
         if let Some(root) = agent.active_root()? {
             if let Ok(time) = OffsetDateTime::parse(
@@ -115,6 +182,14 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// The address this agent advertises to its peers (federation state, `status/leader|peers`).
+    pub fn advertised_http_address(&self) -> String {
+        self.http_address
+            .get()
+            .cloned()
+            .unwrap_or_else(|| self.config.http_addr.to_string())
     }
 
     /// Whether this is the primary datacenter.
@@ -259,7 +334,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             "secondary datacenter without -primary-address: nothing replicates and the Connect CA stays unavailable"
         );
     }
-    let agent = tokio::task::spawn_blocking(move || Agent::open(config))
+    let cluster = match &config.store {
+        StoreChoice::Redb => None,
+        StoreChoice::Etcd {
+            endpoints,
+            prefix,
+            lease_ttl,
+        } => Some(crate::leader::Cluster {
+            client: crate::etcd::connect(endpoints, ETCD_START_TIMEOUT)
+                .await
+                .map_err(|e| Error::Startup(e.to_string()))?,
+            keys: crate::leader::Keys::new(prefix, &config.node_name),
+            ttl: *lease_ttl,
+        }),
+    };
+    let agent = tokio::task::spawn_blocking(move || Agent::open(config, cluster))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     let definitions = agent.read_config_dir()?;
@@ -317,8 +406,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         https_local.unwrap_or(local),
         &agent.config.node_address,
     ));
-    crate::replication::runner::spawn(&agent);
-    crate::checks_runner::spawn(&agent);
+    if let Some(cluster) = agent.cluster.clone() {
+        let elector = agent.clone();
+        let address = agent.advertised_http_address();
+        tokio::spawn(async move {
+            let shutdown = elector.shutdown.subscribe();
+            // Registered under its advertised address, unique among the datacenter's agents.
+            let keys = crate::leader::Keys::new(&cluster.keys.prefix, &address);
+            crate::leader::run(
+                cluster.client,
+                keys,
+                address,
+                cluster.ttl,
+                &elector.leadership,
+                shutdown,
+            )
+            .await;
+        });
+    }
+    spawn_duties(&agent);
     spawn_store_recovery(&agent);
     let stopping = agent.clone();
     let limits = agent.config.limits;
@@ -334,6 +440,38 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+/// Runs the once-per-datacenter duties (replication, the intermediate CA, federation-state
+/// publication, health checks) while this agent leads, and stops them when it no longer does.
+/// With one agent on redb it leads from start to shutdown.
+fn spawn_duties(agent: &Arc<Agent>) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let mut verdict = agent.leadership.subscribe();
+        let mut shutdown = agent.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                led = verdict.wait_for(|v| v.leader) => if led.is_err() { return },
+                _ = shutdown.wait_for(|stopping| *stopping) => return,
+            }
+            tracing::info!("leading this datacenter: starting replication, CA and checks duties");
+            let mut tasks = crate::replication::runner::spawn(&agent);
+            tasks.push(crate::checks_runner::spawn(&agent));
+            let stop = tokio::select! {
+                lost = verdict.wait_for(|v| !v.leader) => lost.is_err(),
+                _ = shutdown.wait_for(|stopping| *stopping) => true,
+            };
+            if stop {
+                // The duties end on their own at shutdown (they watch it too).
+                return;
+            }
+            for task in &tasks {
+                task.abort();
+            }
+            tracing::warn!("no longer leading this datacenter: duties stopped");
+        }
+    });
 }
 
 /// Brings a read-only store (after a disk error) back on its own once the disk takes writes,

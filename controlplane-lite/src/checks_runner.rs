@@ -29,9 +29,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Starts the runner on the current tokio runtime.
-pub fn spawn(agent: &Arc<Agent>) {
-    tokio::spawn(run(agent.clone()));
+/// Starts the runner on the current tokio runtime. Only the datacenter's leader runs it (two
+/// agents probing and writing one check would make it flap), and aborts it when it stops leading.
+pub fn spawn(agent: &Arc<Agent>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(agent.clone()))
 }
 
 /// A probe's outcome: check ID, status, output.

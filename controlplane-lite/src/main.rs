@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use controlplane_lite::acl::DefaultPolicy;
-use controlplane_lite::agent::{self, AgentConfig};
+use controlplane_lite::agent::{self, AgentConfig, StoreChoice};
 use controlplane_lite::cli::{self, AgentFlags, Cli, Command};
 use controlplane_lite::replication::client::CrossDcTransport;
 use controlplane_lite::server::Limits;
@@ -16,7 +16,7 @@ use controlplane_lite::tls::{ClientTls, ServerTls};
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::consul_style_args(std::env::args()));
     let result = match cli.command {
-        Command::Agent(flags) => run_agent(flags).map(|()| ExitCode::SUCCESS),
+        Command::Agent(flags) => run_agent(*flags).map(|()| ExitCode::SUCCESS),
         other => cli::run(other).map_err(anyhow::Error::from),
     };
     match result {
@@ -40,7 +40,34 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
         .unwrap_or(&flags.http_addr);
     let client_cert = flags.cert_file.clone();
     let client_key = flags.key_file.clone();
+    let store = match flags.store.as_str() {
+        "redb" => {
+            if flags.etcd_endpoints.is_some() {
+                anyhow::bail!("-etcd-endpoints needs -store etcd");
+            }
+            StoreChoice::Redb
+        }
+        "etcd" => {
+            let endpoints = flags
+                .etcd_endpoints
+                .as_deref()
+                .context("-store etcd needs -etcd-endpoints URL,URL,URL")?;
+            if !(2..=3600).contains(&flags.etcd_lease_ttl) {
+                anyhow::bail!("-etcd-lease-ttl must be 2 to 3600 seconds");
+            }
+            StoreChoice::Etcd {
+                endpoints: controlplane_lite::etcd::parse_endpoints(endpoints)?,
+                prefix: flags
+                    .etcd_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("/meshgw/{}", flags.datacenter)),
+                lease_ttl: std::time::Duration::from_secs(flags.etcd_lease_ttl),
+            }
+        }
+        other => anyhow::bail!("-store {other:?}: expected redb or etcd"),
+    };
     let config = AgentConfig {
+        store,
         primary_datacenter: flags
             .primary_datacenter
             .clone()

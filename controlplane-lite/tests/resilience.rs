@@ -7,6 +7,10 @@ use std::process::Command;
 
 use common::{refused_start, Agent, TempDir};
 
+/// These tests are about redb's own file (its disk errors, checksums, permissions): they keep
+/// `-store redb` when the suite runs on etcd (`MESHGW_TEST_STORE=etcd`).
+const REDB: &[&str] = &["-store", "redb"];
+
 const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
 
 fn trust_domain(agent: &Agent, token: &str) -> String {
@@ -22,7 +26,7 @@ fn empty_state_file_is_refused_and_a_snapshot_restores_the_datacenter() {
     let dir = TempDir::new("resilience-snapshot");
     let data = dir.path().join("data");
     let backup = dir.path().join("backup.snap");
-    let deny = ["-acl-default-policy", "deny"];
+    let deny = ["-acl-default-policy", "deny", "-store", "redb"];
     let (token, domain) = {
         let agent = Agent::start_in(&data, "primary", &deny);
         let token = agent.bootstrap();
@@ -130,7 +134,7 @@ fn a_byte_changed_on_disk_is_counted_and_never_served() {
     let dir = TempDir::new("resilience-corrupt");
     let data = dir.path().join("data");
     let id = {
-        let mut agent = Agent::start_in(&data, "primary", &[]);
+        let mut agent = Agent::start_in(&data, "primary", REDB);
         let created = agent.request(
             "POST",
             "/v1/connect/intentions",
@@ -155,7 +159,7 @@ fn a_byte_changed_on_disk_is_counted_and_never_served() {
     assert!(flipped > 0, "the intention is not in the file as text");
     std::fs::write(&state, &bytes).expect("write state");
 
-    let agent = Agent::start_in(&data, "primary", &[]);
+    let agent = Agent::start_in(&data, "primary", REDB);
     let read = agent.get(&format!("/v1/connect/intentions/{id}"), None);
     assert_eq!(read.status, 500, "served a changed record: {}", read.text);
     assert!(read.text.contains("checksum mismatch"), "{}", read.text);
@@ -262,7 +266,7 @@ fn disk_full_makes_the_store_read_only_until_space_is_freed() {
         return;
     };
     let data = tmpfs.0.join("data");
-    let mut agent = Agent::start_in(&data, "primary", &[]);
+    let mut agent = Agent::start_in(&data, "primary", REDB);
     assert_eq!(metric(&agent, "controlplane_store_healthy"), "1");
     let filler = tmpfs.0.join("filler");
     fill(&filler, 8 << 20);
@@ -343,7 +347,7 @@ fn disk_full_makes_the_store_read_only_until_space_is_freed() {
     // And every acknowledged write is still there after a restart.
     agent.kill9();
     drop(agent);
-    let agent = Agent::start_in(&data, "primary", &[]);
+    let agent = Agent::start_in(&data, "primary", REDB);
     let services = agent.get("/v1/catalog/services", None).json();
     let lost: Vec<&String> = acknowledged
         .iter()

@@ -10,6 +10,10 @@ use std::process::Command;
 
 use common::{Agent, TempDir, BINARY};
 
+/// These tests are about redb's own file (its disk errors, checksums, permissions): they keep
+/// `-store redb` when the suite runs on etcd (`MESHGW_TEST_STORE=etcd`).
+const REDB: &[&str] = &["-store", "redb"];
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
 }
@@ -18,7 +22,7 @@ fn mode(path: &Path) -> u32 {
 fn fresh_data_dir_is_private() {
     let dir = TempDir::new("modes");
     let data = dir.path().join("data");
-    let agent = Agent::start_in(&data, "primary", &[]);
+    let agent = Agent::start_in(&data, "primary", REDB);
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("state.redb")), 0o600);
     drop(agent);
@@ -44,7 +48,7 @@ fn refused(data: &Path) -> String {
 fn refuses_group_or_world_readable_data() {
     let dir = TempDir::new("modes-refuse");
     let data = dir.path().join("data");
-    drop(Agent::start_in(&data, "primary", &[]));
+    drop(Agent::start_in(&data, "primary", REDB));
 
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let stderr = refused(&data);

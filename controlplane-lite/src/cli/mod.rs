@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent (HTTP API, store, CA).
-    Agent(AgentFlags),
+    Agent(Box<AgentFlags>),
     /// ACL bootstrap, policies and tokens.
     #[command(subcommand)]
     Acl(AclCommand),
@@ -183,6 +183,20 @@ pub struct AgentFlags {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log-level", default_value = "info")]
     pub log_level: String,
+    /// Where state lives: `redb` (a file in -data-dir, one agent per datacenter) or `etcd`
+    /// (an etcd cluster that several agents of the datacenter share; needs -etcd-endpoints).
+    #[arg(long = "store", default_value = "redb")]
+    pub store: String,
+    /// The etcd cluster's client URLs, comma-separated: `unix://PATH` or `http://HOST:PORT`.
+    #[arg(long = "etcd-endpoints")]
+    pub etcd_endpoints: Option<String>,
+    /// The key prefix of this datacenter's state in etcd (default `/meshgw/<datacenter>`).
+    #[arg(long = "etcd-prefix")]
+    pub etcd_prefix: Option<String>,
+    /// The TTL in seconds of the lease that keeps this agent registered and, if it leads, in
+    /// the lead; the once-per-datacenter duties move within about this long of a leader's death.
+    #[arg(long = "etcd-lease-ttl", default_value_t = 5)]
+    pub etcd_lease_ttl: u64,
     /// Where the HTTPS API listens (`host:port`; port 0 picks a free one). Needs -cert-file
     /// and -key-file.
     #[arg(long = "https-addr")]

@@ -16,11 +16,7 @@ use crate::store::Table;
 
 /// The address other agents and tools reach this one at (the advertised HTTP address).
 fn own_address(agent: &Agent) -> String {
-    agent
-        .http_address
-        .get()
-        .cloned()
-        .unwrap_or_else(|| agent.config.http_addr.to_string())
+    agent.advertised_http_address()
 }
 
 /// A service in Consul's `api.AgentService` shape: the stored instance plus `Datacenter`.
@@ -102,19 +98,40 @@ fn replication_stats(agent: &Agent) -> Value {
     })
 }
 
-/// `GET /v1/status/leader`: this agent (no ACL, like Consul), or `""` while the store is
-/// read-only after a disk error: Consul answers `""` when no server can commit writes, which
-/// is what a read-only store means (`agent/self` `Stats.store` says why).
+/// `GET /v1/status/leader`: the address of the agent that leads this datacenter (no ACL, like
+/// Consul), or `""` when no agent can commit writes. With one agent that is this agent, `""`
+/// while its store is read-only after a disk error (`agent/self` `Stats.store` says why). With
+/// agents sharing an etcd cluster it is the holder of the election key, read from etcd, and
+/// `""` when etcd does not answer (this agent cannot commit writes then either).
 pub async fn status_leader(State(agent): State<AgentState>) -> Result<Response> {
     if agent.store.read_only().is_some() {
         return Ok(json_with_index(0, &""));
     }
-    Ok(json_with_index(0, &own_address(&agent)))
+    let Some(cluster) = &agent.cluster else {
+        return Ok(json_with_index(0, &own_address(&agent)));
+    };
+    let mut client = cluster.client.clone();
+    match crate::leader::leader_address(&mut client, &cluster.keys).await {
+        Ok(address) => Ok(json_with_index(0, &address)),
+        Err(error) => {
+            tracing::debug!(%error, "status/leader: etcd did not answer");
+            Ok(json_with_index(0, &""))
+        }
+    }
 }
 
-/// `GET /v1/status/peers`: this agent only.
+/// `GET /v1/status/peers`: the agents serving this datacenter: this agent alone, or every
+/// agent registered in the shared etcd cluster (each under its lease, so a dead one leaves
+/// within one TTL). 503 when etcd does not answer.
 pub async fn status_peers(State(agent): State<AgentState>) -> Result<Response> {
-    Ok(json_with_index(0, &[own_address(&agent)]))
+    let Some(cluster) = &agent.cluster else {
+        return Ok(json_with_index(0, &[own_address(&agent)]));
+    };
+    let mut client = cluster.client.clone();
+    let peers = crate::leader::peer_addresses(&mut client, &cluster.keys)
+        .await
+        .map_err(|e| Error::Unavailable(format!("etcd: {e}")))?;
+    Ok(json_with_index(0, &peers))
 }
 
 /// `GET /v1/agent/service/:id` (`service:read`); Consul's 404 text for an unknown ID.

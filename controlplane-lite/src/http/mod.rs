@@ -322,6 +322,7 @@ pub async fn wait_blocking(
     tables: &[Table],
     cap: Option<std::time::Duration>,
 ) -> Result<u64> {
+    read_mode(agent, ctx).await?;
     let mut query = BlockingQuery::parse(
         ctx.query.get("index").map(String::as_str),
         ctx.query.get("wait").map(String::as_str),
@@ -348,6 +349,32 @@ pub async fn wait_blocking(
         }
     }
     Ok(agent.store.max_index(tables))
+}
+
+/// Consul's read modes. `?stale`: any agent answers from its memory, whatever its link to the
+/// store. `?consistent`: memory first catches up with the store's current index, read with a
+/// quorum (a linearizable read; fails when the agent cannot reach one). Default: answered
+/// from memory, which follows the store; an agent sharing an etcd cluster that cannot reach
+/// a quorum refuses it (Consul's "No cluster leader") rather than answer a state it cannot
+/// vouch for. With one agent on redb, memory is the store and all three are the same.
+async fn read_mode(agent: &AgentState, ctx: &Ctx) -> Result<()> {
+    if ctx.query.contains_key("stale") {
+        return Ok(());
+    }
+    if ctx.query.contains_key("consistent") {
+        let agent = agent.clone();
+        return tokio::task::spawn_blocking(move || agent.store.sync_consistent())
+            .await
+            .map_err(|e| Error::Internal(format!("consistent read: {e}")))?;
+    }
+    if agent.cluster.is_some() {
+        if let Some(cause) = agent.store.read_only() {
+            return Err(Error::Unavailable(format!(
+                "No cluster leader: {cause}. Add ?stale to read this agent's last state"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Answers a possibly-blocking read: waits (per `?index=&wait=`) until one of `tables` moves

@@ -27,15 +27,18 @@ use crate::store::{Index, Table};
 const FEDERATION_RESYNC: Duration = Duration::from_secs(30);
 
 /// Starts replication (secondary with a primary address) and the federation-state publisher
-/// (every datacenter). Both stop when the agent shuts down.
-pub fn spawn(agent: &Arc<Agent>) {
+/// (every datacenter). Both stop when the agent shuts down; they are once-per-datacenter duties,
+/// so the agent aborts the returned tasks when it stops leading ([`crate::leader`]).
+pub fn spawn(agent: &Arc<Agent>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
     if let Some(client) = agent.primary.clone() {
-        tokio::spawn(replicate(agent.clone(), client.clone()));
-        tokio::spawn(heartbeat(agent.clone(), client));
+        tasks.push(tokio::spawn(replicate(agent.clone(), client.clone())));
+        tasks.push(tokio::spawn(heartbeat(agent.clone(), client)));
     }
     if agent.is_primary() || agent.primary.is_some() {
-        tokio::spawn(publish_federation_state(agent.clone()));
+        tasks.push(tokio::spawn(publish_federation_state(agent.clone())));
     }
+    tasks
 }
 
 /// How often a secondary checks that the primary answers at all, and the bound on one check.

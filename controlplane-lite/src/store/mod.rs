@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod codec;
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 
@@ -113,7 +114,7 @@ impl Table {
 
     /// The table's slot in per-table arrays: its declaration order, which `ALL` repeats (a
     /// unit test keeps the two in step).
-    fn position(self) -> usize {
+    pub(crate) fn position(self) -> usize {
         self as usize
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod etcd;
+
 pub const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
 
 /// A temporary directory removed on drop.
@@ -46,6 +48,37 @@ impl Drop for TempDir {
 /// The path of a file in `testdata/`.
 pub fn testdata(name: &str) -> String {
     format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The store backend the suite runs against: `MESHGW_TEST_STORE=etcd` starts every agent with
+/// `-store etcd` on the cluster `MESHGW_TEST_ETCD_ENDPOINTS` names (`.ci/run` starts one with
+/// `scripts/etcd-cluster`), under a prefix made of its data dir: unique per agent, and the same
+/// when a test restarts an agent on its data dir. Unset (or `redb`): the default, redb. A test
+/// that chooses `-store` itself is left alone.
+fn store_flags(data_dir: &Path, dc: &str, extra: &[&str]) -> Vec<String> {
+    let chosen = extra.iter().any(|a| a.trim_start_matches('-') == "store");
+    match std::env::var("MESHGW_TEST_STORE").as_deref() {
+        Ok("etcd") if !chosen => {
+            let endpoints = std::env::var("MESHGW_TEST_ETCD_ENDPOINTS").expect(
+                "MESHGW_TEST_STORE=etcd needs MESHGW_TEST_ETCD_ENDPOINTS (scripts/etcd-cluster start DIR prints it)",
+            );
+            vec![
+                "-store".to_owned(),
+                "etcd".to_owned(),
+                "-etcd-endpoints".to_owned(),
+                endpoints,
+                "-etcd-prefix".to_owned(),
+                format!("/meshgw-test{}/{dc}", data_dir.display()),
+            ]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the suite runs on etcd (see [`store_flags`]): tests of redb's own file handling
+/// pin `-store redb`.
+pub fn on_etcd() -> bool {
+    std::env::var("MESHGW_TEST_STORE").as_deref() == Ok("etcd")
 }
 
 /// A running agent; killed on drop.
@@ -92,6 +125,7 @@ impl Agent {
             ])
             .arg(data_dir)
             .args(extra)
+            .args(store_flags(data_dir, dc, extra))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = command.spawn().expect("spawn agent");
