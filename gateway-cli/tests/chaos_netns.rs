@@ -12,13 +12,13 @@
 
 mod mesh_support;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use mesh_support::{controlplane_binary, GATEWAY};
+
+use crate::guide_netns::run_script;
 
 /// The run takes about two minutes on a quiet machine; this bounds a hung one.
 const LIMIT: Duration = Duration::from_secs(600);
@@ -54,56 +54,22 @@ fn chaos_suite_in_two_network_namespaces() {
     assert_eq!(controlplane.parent(), Some(bin_dir));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chaos");
 
-    let started = Instant::now();
-    let mut child = Command::new(&script)
-        .env("CHAOS_BIN_DIR", bin_dir)
-        .env_remove("CHAOS_SOAK_SECONDS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run scripts/chaos");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if started.elapsed() > LIMIT {
-            // SIGTERM: the script's trap removes its namespaces, tmpfs and processes.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
-                thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(200));
-    };
-    let (stdout, stderr) = (
-        out.join().expect("stdout reader"),
-        err.join().expect("stderr reader"),
+    let run = run_script(
+        Command::new(&script)
+            .env("CHAOS_BIN_DIR", bin_dir)
+            .env_remove("CHAOS_SOAK_SECONDS"),
+        LIMIT,
+        Duration::from_secs(20),
     );
+    let (stdout, stderr) = (run.stdout, run.stderr);
     eprintln!(
         "{stdout}\n--- stderr ---\n{stderr}\n(scripts/chaos took {:?})",
-        started.elapsed()
+        run.elapsed
     );
     let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    let status = status.unwrap_or_else(|| panic!("scripts/chaos ran over {LIMIT:?}\n{context}"));
+    let status = run
+        .status
+        .unwrap_or_else(|| panic!("scripts/chaos ran over {LIMIT:?}\n{context}"));
 
     let reported: Vec<&str> = stdout
         .lines()
@@ -133,7 +99,7 @@ fn chaos_suite_in_two_network_namespaces() {
     );
 
     // Everything the script created is gone.
-    let pid = child.id();
+    let pid = run.pid;
     let namespaces = Command::new("ip")
         .args(["netns", "list"])
         .output()

@@ -13,7 +13,7 @@ mod mesh_support;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,66 @@ pub(crate) fn prerequisites_missing() -> Option<String> {
     }
 }
 
+/// What a bounded run of a netns script left: its pid (to check what it created is gone), its
+/// exit status (`None` when it ran over its limit), its output and how long it took.
+pub(crate) struct ScriptRun {
+    pub pid: u32,
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs a netns script (`scripts/demo`, `scripts/chaos`) to completion within `limit`,
+/// capturing its output. Over the limit it gets SIGTERM (its trap removes its namespaces and
+/// processes), `grace` to finish, then SIGKILL.
+pub(crate) fn run_script(command: &mut Command, limit: Duration, grace: Duration) -> ScriptRun {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the script");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    ScriptRun {
+        pid: child.id(),
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+        elapsed: started.elapsed(),
+    }
+}
+
 #[test]
 fn the_guide_in_two_network_namespaces() {
     if let Some(reason) = prerequisites_missing() {
@@ -63,54 +123,18 @@ fn the_guide_in_two_network_namespaces() {
     assert_eq!(controlplane.parent(), Some(bin_dir));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo");
 
-    let started = Instant::now();
-    let mut child = Command::new(&script)
-        .env("GUIDE_DEMO_BIN_DIR", bin_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run scripts/demo");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if started.elapsed() > LIMIT {
-            // SIGTERM: the script's trap removes its namespaces and processes.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
-                thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let (stdout, stderr) = (
-        out.join().expect("stdout reader"),
-        err.join().expect("stderr reader"),
+    let run = run_script(
+        Command::new(&script).env("GUIDE_DEMO_BIN_DIR", bin_dir),
+        LIMIT,
+        Duration::from_secs(15),
     );
-    let elapsed = started.elapsed();
+    let (stdout, stderr, elapsed) = (run.stdout, run.stderr, run.elapsed);
     eprintln!("{stdout}\n--- stderr ---\n{stderr}\n(scripts/demo took {elapsed:?})");
     let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
 
-    let status = status.unwrap_or_else(|| panic!("guide-demo ran over {LIMIT:?}\n{context}"));
+    let status = run
+        .status
+        .unwrap_or_else(|| panic!("guide-demo ran over {LIMIT:?}\n{context}"));
     assert!(status.success(), "guide-demo failed: {status}\n{context}");
 
     // The echo: the typed line, then the same line back, through both gateways.
@@ -144,7 +168,7 @@ fn the_guide_in_two_network_namespaces() {
         .output()
         .expect("ip netns list");
     let namespaces = String::from_utf8_lossy(&namespaces.stdout);
-    let pid = child.id();
+    let pid = run.pid;
     assert!(
         !namespaces.contains(&format!("guide-primary-{pid}"))
             && !namespaces.contains(&format!("guide-secondary-{pid}")),
