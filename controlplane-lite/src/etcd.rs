@@ -21,6 +21,16 @@ pub const MAX_ENDPOINTS: usize = 16;
 const MAX_SOCKET_PATH: usize = 107;
 /// Dialing one member gives up after this, so a dead member costs little before the next.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often an HTTP/2 ping checks that the member is alive. etcd's server refuses pings
+/// closer together than its `--grpc-keepalive-min-time` (5 s by default): after three such
+/// pings on a connection with no traffic it sends GOAWAY and closes it, which broke an idle
+/// agent's watch every 8 s and made it refuse reads until it reconnected. grpc-go clients
+/// never ping more often than every 10 s, for the same reason; neither does the agent.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A ping unanswered this long breaks the connection, so a member that hangs (rather than
+/// dies, which closes its socket at once) is left within 15 s and the next request dials
+/// another one. Every call also has its own deadline, so no request waits that long.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an endpoint list or a connection was refused.
 #[derive(Debug, thiserror::Error)]
@@ -207,8 +217,8 @@ pub async fn client(endpoints: &[Endpoint]) -> Result<etcd_client::Client, EtcdE
     // The URI only names the HTTP/2 authority; the connector ignores it and dials the members.
     let channel = tonic::transport::Endpoint::from_static("http://etcd.invalid")
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
             dial(endpoints.clone(), last_good.clone())

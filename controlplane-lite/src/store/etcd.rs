@@ -413,9 +413,15 @@ impl Backend for EtcdBackend {
                 .or_else(vec![TxnOp::get(index_key, None)]);
             client.txn(txn).await
         })
-        .map_err(|e| {
-            set_unhealthy(&self.health, e.to_string());
-            CommitError::Failed(e)
+        .map_err(|_| {
+            // The transaction may still be in a member's queue and commit once a quorum
+            // answers, so the caller hears that the outcome is unknown, not that the write
+            // was refused (Consul's own raft-apply timeout is as ambiguous).
+            let cause = format!("etcd: no answer to this write within {CALL_TIMEOUT:?}");
+            set_unhealthy(&self.health, cause.clone());
+            CommitError::Failed(Error::Unavailable(format!(
+                "{cause}: its outcome is unknown (it may still be applied); read with ?consistent to learn it"
+            )))
         })?
         .map_err(|e| CommitError::Failed(self.unreachable("commit", e)))?;
         set_healthy(&self.health);

@@ -489,6 +489,19 @@ pub fn eventually(limit: Duration, what: &str, check: impl FnMut() -> bool) {
     eventually_every(Duration::from_millis(20), limit, what, check);
 }
 
+/// Polls `check` every 20 ms until it holds (true) or `limit` passes (false), for a caller that
+/// says more than [`eventually`] can when the condition never holds.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while !check() {
+        if started.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 /// Polls `check` every `interval` until it holds or `limit` passes (a short interval where the
 /// test measures how soon the condition holds).
 pub fn eventually_every(
