@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{Agent, TempDir};
+use common::{wait_until, Agent, TempDir};
 
 #[test]
 fn acknowledged_writes_survive_kill_9() {
@@ -35,21 +35,31 @@ fn acknowledged_writes_survive_kill_9() {
                     {
                         Ok(response) if response.status().as_u16() == 200 => {
                             acked.lock().expect("lock").push(name);
+                            n += 1;
                         }
-                        _ => break, // The agent died mid-request: this write was not acknowledged.
+                        // Refused (a store still settling after start): not acknowledged, and
+                        // the same name is tried again.
+                        Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                        // The agent died mid-request: this write was not acknowledged.
+                        Err(_) => break,
                     }
-                    n += 1;
                 }
             });
-            // Let some writes through, then kill without warning.
-            std::thread::sleep(Duration::from_millis(150 + 100 * round));
+            // Once writes flow, let some more through (a different amount each round), then
+            // kill without warning.
+            let flowing = wait_until(Duration::from_secs(30), || {
+                !acked.lock().expect("lock").is_empty()
+            });
+            if flowing {
+                std::thread::sleep(Duration::from_millis(50 + 100 * round));
+            }
             agent.kill9();
             stop.store(true, Ordering::Relaxed);
         });
         let acked = acked.into_inner().expect("lock");
         assert!(
             !acked.is_empty(),
-            "round {round}: no write was acknowledged"
+            "round {round}: no write was acknowledged within 30 s"
         );
         acknowledged.extend(acked);
     }
