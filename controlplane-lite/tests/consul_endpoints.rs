@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Agent, TempDir};
+use std::time::Duration;
+
+use common::{eventually, Agent, TempDir};
 use serde_json::json;
 
 const SOCAT: &str = r#"{"Name": "socat", "Port": 8181, "Tags": ["v1"],
@@ -19,13 +21,21 @@ fn agent_status_catalog_and_ca_endpoints() {
         200
     );
 
-    let leader = agent.get("/v1/status/leader", None);
+    // On etcd the agent campaigns after it starts listening, so the leader may be "" for a
+    // moment; it is this agent once the election is done.
+    let mut leader = agent.get("/v1/status/leader", None);
+    eventually(Duration::from_secs(20), "a leader is elected", || {
+        leader = agent.get("/v1/status/leader", None);
+        leader.status != 200 || leader.json() != json!("")
+    });
     assert_eq!(leader.status, 200, "{}", leader.text);
     assert_eq!(leader.json(), json!(agent.address));
-    assert_eq!(
-        agent.get("/v1/status/peers", None).json(),
-        json!([agent.address])
-    );
+    let mut peers = agent.get("/v1/status/peers", None).json();
+    eventually(Duration::from_secs(20), "the agent lists itself", || {
+        peers = agent.get("/v1/status/peers", None).json();
+        peers != json!([])
+    });
+    assert_eq!(peers, json!([agent.address]));
     let me = agent.get("/v1/agent/self", None).json();
     assert_eq!(me["Config"]["Datacenter"], "primary");
     assert_eq!(me["Config"]["Server"], true);

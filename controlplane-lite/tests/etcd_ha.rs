@@ -145,12 +145,17 @@ fn failover_under_load_loses_no_acknowledged_write() {
             .unwrap_or_default();
         !leader.is_empty()
     });
-    let peers = http
-        .call("GET", &agents[0].address, "/v1/status/peers", None)
-        .expect("peers");
-    for agent in &agents {
-        assert!(peers.text.contains(&agent.address), "{}", peers.text);
-    }
+    // Each agent lists itself in etcd when it starts, so the list fills in shortly after the
+    // first leader is known.
+    let mut peers = String::new();
+    let all_listed = wait_until(Duration::from_secs(20), || {
+        peers = http
+            .call("GET", &agents[0].address, "/v1/status/peers", None)
+            .map(|r| r.text)
+            .unwrap_or_default();
+        agents.iter().all(|agent| peers.contains(&agent.address))
+    });
+    assert!(all_listed, "every agent is a peer: {peers}");
     let leader_slot = agents
         .iter()
         .position(|a| a.address == leader)
