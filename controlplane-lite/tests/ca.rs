@@ -358,25 +358,7 @@ fn ca_configuration_put_sets_the_leaf_ttl_within_bounds_for_operators_only() {
         assert!(answer.text.contains(message), "{body}: {}", answer.text);
     }
     // operator:write is needed: the anonymous token and an operator:read token are refused.
-    let policy = agent.put(
-        "/v1/acl/policy",
-        Some(&management),
-        &json!({"Name": "operator-read", "Rules": "operator = \"read\""}).to_string(),
-    );
-    assert_eq!(policy.status, 200, "{}", policy.text);
-    let out = agent.cli_ok(
-        &[
-            "acl",
-            "token",
-            "create",
-            "-description",
-            "reader",
-            "-policy-name",
-            "operator-read",
-        ],
-        Some(&management),
-    );
-    let reader = field(&out, "SecretID:");
+    let reader = common::policy_token(&agent, &management, "operator-read", "operator = \"read\"");
     assert_eq!(agent.get(CONFIGURATION, Some(&reader)).status, 200);
     let body = r#"{"Provider": "consul", "Config": {"LeafCertTTL": "3h"}}"#;
     for token in [None, Some(reader.as_str())] {

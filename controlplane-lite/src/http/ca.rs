@@ -15,7 +15,7 @@ use crate::ca::{self, CaRoot, CaSettings, SigningKey, CA_SETTINGS_KEY};
 use crate::catalog::{from_value, validate_name};
 use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
-use crate::store::Table;
+use crate::store::{Table, Transaction};
 
 /// `GET /v1/connect/ca/roots` (blocking; `?pem=true` for a PEM bundle). Public, like Consul.
 pub async fn roots(State(agent): State<AgentState>, ctx: Ctx) -> Result<Response> {
@@ -263,18 +263,7 @@ pub async fn set_configuration(
     let leaf_ttl_seconds = update.leaf_cert_ttl.as_secs();
     let Some(supplied) = rotation else {
         if leaf_ttl_seconds != settings.leaf_cert_ttl_seconds {
-            write(&agent, move |tx| {
-                let mut next = tx
-                    .get::<CaSettings>(Table::System, CA_SETTINGS_KEY)?
-                    .unwrap_or_default();
-                next.leaf_cert_ttl_seconds = leaf_ttl_seconds;
-                if next.create_index == 0 {
-                    next.create_index = tx.index();
-                }
-                next.modify_index = tx.index();
-                tx.put(Table::System, CA_SETTINGS_KEY, &next)
-            })
-            .await?;
+            write(&agent, move |tx| put_settings(tx, leaf_ttl_seconds, None)).await?;
             tracing::info!(leaf_cert_ttl = %ca::format_duration(update.leaf_cert_ttl), "CA configuration changed");
         }
         return Ok(empty_ok(&agent));
@@ -330,12 +319,13 @@ pub async fn set_configuration(
                 ))
             }
         };
-        let mut next = tx
+        let leaf_ttl = tx
             .get::<CaSettings>(Table::System, CA_SETTINGS_KEY)?
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .leaf_ttl();
         // Consul prunes an inactive root once twice the leaf TTL has passed since it was
         // rotated out: no leaf it signed can still be in use.
-        let keep_for = time::Duration::try_from(next.leaf_ttl() * 2).unwrap_or(time::Duration::MAX);
+        let keep_for = time::Duration::try_from(leaf_ttl * 2).unwrap_or(time::Duration::MAX);
         for root in tx.list::<CaRoot>(Table::CaRoots)? {
             let expired = root
                 .rotated_out_at
@@ -358,18 +348,33 @@ pub async fn set_configuration(
         generated.root.modify_index = tx.index();
         tx.put(Table::CaRoots, &generated.root.id, &generated.root)?;
         tx.put(Table::CaSigning, &generated.root.id, &generated.key)?;
-        next.leaf_cert_ttl_seconds = leaf_ttl_seconds;
-        next.root_supplied = supplied_root;
-        if next.create_index == 0 {
-            next.create_index = tx.index();
-        }
-        next.modify_index = tx.index();
-        tx.put(Table::System, CA_SETTINGS_KEY, &next)
+        put_settings(tx, leaf_ttl_seconds, Some(supplied_root))
     })
     .await?;
     agent.metrics.set_root_expiry(not_after_unix);
     tracing::info!(old = %active.id, new = %new_id, supplied = supplied_root, "rotated the CA root");
     Ok(empty_ok(&agent))
+}
+
+/// Stores this datacenter's CA settings: the leaf TTL and, at a rotation, whether the new
+/// root's key was supplied.
+fn put_settings(
+    tx: &mut Transaction<'_>,
+    leaf_ttl_seconds: u64,
+    root_supplied: Option<bool>,
+) -> Result<()> {
+    let mut next = tx
+        .get::<CaSettings>(Table::System, CA_SETTINGS_KEY)?
+        .unwrap_or_default();
+    next.leaf_cert_ttl_seconds = leaf_ttl_seconds;
+    if let Some(supplied) = root_supplied {
+        next.root_supplied = supplied;
+    }
+    if next.create_index == 0 {
+        next.create_index = tx.index();
+    }
+    next.modify_index = tx.index();
+    tx.put(Table::System, CA_SETTINGS_KEY, &next)
 }
 
 /// Whether `private_key_pem` is the key of `root_cert_pem`.
