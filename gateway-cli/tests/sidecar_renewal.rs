@@ -205,7 +205,7 @@ fn mesh(cp: ControlPlane) -> Mesh {
 
 const CONFIGURATION: &str = "/v1/connect/ca/configuration";
 
-/// With a 40 s `LeafCertTTL` (the agent's `-ca-leaf-ttl-min` lowers Consul's 1h floor for
+/// With a 60 s `LeafCertTTL` (the agent's `-ca-leaf-ttl-min` lowers Consul's 1h floor for
 /// this), the sidecar presents a new leaf — another serial, a new key — while the first one
 /// is still valid, and connections keep working across the change.
 #[test]
@@ -213,7 +213,7 @@ fn a_short_lived_leaf_is_renewed_before_it_expires() {
     require_tool("openssl");
     require_tool("socat");
     let cp = ControlPlane::start_with("renew-ttl", &["-ca-leaf-ttl-min", "10s"]);
-    let ttl = r#"{"Provider": "consul", "Config": {"LeafCertTTL": "40s"}}"#;
+    let ttl = r#"{"Provider": "consul", "Config": {"LeafCertTTL": "60s"}}"#;
     cp.ok("PUT", CONFIGURATION, Some(ttl));
     let mesh = mesh(cp);
     let dir = temp_dir("renew-ttl-files");
@@ -233,9 +233,10 @@ fn a_short_lived_leaf_is_renewed_before_it_expires() {
     let (_, first_dates) = x509(&first, &["-startdate", "-enddate"]);
     assert!(!first_serial.is_empty());
 
-    // Renewal falls between 60 % and 90 % of the lifetime (at most ~26 s from issue here);
-    // the wait is bounded well past the leaf's expiry, so a sidecar that never renews fails.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The leaf is backdated 15 s (a quarter of its life) and lives 60 s: renewal falls 21 to
+    // 39 s after issue, expiry at 45 s, so a renewal is seen at least 6 s before expiry. The
+    // wait is bounded well past the expiry, so a sidecar that never renews fails.
+    let deadline = Instant::now() + Duration::from_secs(90);
     let renewed = loop {
         assert!(
             Instant::now() < deadline,
