@@ -270,6 +270,23 @@ impl Agent {
             .unwrap_or_default())
     }
 
+    /// The active root and this datacenter's key for it: the root's own key in the primary,
+    /// the intermediate's in a secondary (503 while either is missing).
+    pub fn active_signer(&self) -> Result<(CaRoot, ca::SigningKey)> {
+        let root = self
+            .active_root()?
+            .ok_or_else(|| Error::Unavailable("no active CA root".to_owned()))?;
+        let key = self
+            .store
+            .get::<ca::SigningKey>(Table::CaSigning, &root.id)?
+            .ok_or_else(|| {
+                Error::Unavailable(
+                    "this datacenter holds no signing key for the active root".to_owned(),
+                )
+            })?;
+        Ok((root, key))
+    }
+
     /// The active CA root.
     pub fn active_root(&self) -> Result<Option<CaRoot>> {
         Ok(self

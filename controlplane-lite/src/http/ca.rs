@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::{blocking_json, json_body, json_with_index, write, AgentState, Ctx};
 use crate::acl::require;
-use crate::ca::{self, CaRoot, CaSettings, SigningKey, CA_SETTINGS_KEY};
+use crate::ca::{self, CaRoot, CaSettings, CA_SETTINGS_KEY};
 use crate::catalog::{from_value, validate_name};
 use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
@@ -105,17 +105,7 @@ async fn sign_for(
         format!("service:write on {service}")
     })?;
     let trust_domain = agent.require_trust_domain()?;
-    let root = agent
-        .active_root()?
-        .ok_or_else(|| Error::Unavailable("no active CA root".to_owned()))?;
-    let key: SigningKey = agent
-        .store
-        .get(Table::CaSigning, &root.id)?
-        .ok_or_else(|| {
-            Error::Unavailable(
-                "this datacenter holds no signing key for the active root".to_owned(),
-            )
-        })?;
+    let (root, key) = agent.active_signer()?;
     let expected = SpiffeId::service(&trust_domain, &agent.config.datacenter, service);
     let mut serial = [0u8; 16];
     SystemRandom::new()
@@ -268,14 +258,7 @@ pub async fn set_configuration(
         }
         return Ok(empty_ok(&agent));
     };
-    let old_key: SigningKey = agent
-        .store
-        .get(Table::CaSigning, &active.id)?
-        .ok_or_else(|| {
-            Error::Unavailable(
-                "this datacenter holds no signing key for the active root".to_owned(),
-            )
-        })?;
+    let (active, old_key) = agent.active_signer()?;
     let mut serial = [0u8; 16];
     SystemRandom::new()
         .fill(&mut serial)
