@@ -75,6 +75,9 @@ pub struct AgentConfig {
     /// Service names a token may register as a mesh gateway with an exact `service:write`
     /// rule alone (`-mesh-gateway-names`); any other name needs `mesh:write`.
     pub mesh_gateway_names: Vec<String>,
+    /// The smallest `LeafCertTTL` the CA configuration accepts (`-ca-leaf-ttl-min`): Consul's
+    /// 1h, lowered only by tests that watch leaves renew.
+    pub ca_leaf_ttl_min: std::time::Duration,
 }
 
 /// One running agent.
@@ -257,6 +260,31 @@ impl Agent {
                 "Connect CA not initialised in this datacenter yet: a secondary gets it from the primary through replication (is -primary-address set and the primary reachable?)".to_owned(),
             )
         })
+    }
+
+    /// This datacenter's CA configuration (Consul's defaults until a `PUT` changes it).
+    pub fn ca_settings(&self) -> Result<ca::CaSettings> {
+        Ok(self
+            .store
+            .get::<ca::CaSettings>(Table::System, ca::CA_SETTINGS_KEY)?
+            .unwrap_or_default())
+    }
+
+    /// The active root and this datacenter's key for it: the root's own key in the primary,
+    /// the intermediate's in a secondary (503 while either is missing).
+    pub fn active_signer(&self) -> Result<(CaRoot, ca::SigningKey)> {
+        let root = self
+            .active_root()?
+            .ok_or_else(|| Error::Unavailable("no active CA root".to_owned()))?;
+        let key = self
+            .store
+            .get::<ca::SigningKey>(Table::CaSigning, &root.id)?
+            .ok_or_else(|| {
+                Error::Unavailable(
+                    "this datacenter holds no signing key for the active root".to_owned(),
+                )
+            })?;
+        Ok((root, key))
     }
 
     /// The active CA root.

@@ -20,10 +20,17 @@ use time::OffsetDateTime;
 use crate::error::{Error, Result};
 use crate::spiffe::SpiffeId;
 
+mod config;
 mod intermediate;
+mod rotate;
+pub use config::{
+    format_duration, parse_update, CaSettings, ConfigUpdate, SuppliedRoot, CA_SETTINGS_KEY,
+    MIN_LEAF_TTL,
+};
 pub use intermediate::{
     check_intermediate, intermediate_csr, sign_intermediate, IntermediateCsr, INTERMEDIATE_TTL,
 };
+pub use rotate::{cross_sign, root_from_supplied, same_public_key};
 
 /// Root lifetime (Consul's built-in provider: ten years).
 pub const ROOT_TTL: StdDuration = StdDuration::from_secs(10 * 365 * 24 * 3600);
@@ -33,6 +40,15 @@ pub const LEAF_TTL: StdDuration = StdDuration::from_secs(72 * 3600);
 pub const MAX_LEAF_TTL: StdDuration = StdDuration::from_secs(365 * 24 * 3600);
 /// Leaves are backdated by a minute to absorb clock skew (Consul does the same).
 pub(crate) const BACKDATE: time::Duration = time::Duration::minutes(1);
+
+/// How far a leaf of lifetime `ttl` is backdated: [`BACKDATE`], but never more than a quarter
+/// of the lifetime. Consul always backdates a minute, which is harmless for its 1h minimum;
+/// a shorter leaf (the agent's `-ca-leaf-ttl-min`, or `TTL` on the sign endpoint) would
+/// otherwise be issued already expired, or due for renewal at once.
+pub(crate) fn backdate_for(ttl: StdDuration) -> time::Duration {
+    let quarter = time::Duration::try_from(ttl / 4).unwrap_or(BACKDATE);
+    quarter.min(BACKDATE)
+}
 
 /// A CA root in Consul's `/v1/connect/ca/roots` shape (public part only).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -68,6 +84,11 @@ pub struct CaRoot {
     pub create_index: u64,
     /// Raft index of the last change.
     pub modify_index: u64,
+    /// RFC 3339: when a rotation made this root inactive (Consul's `RotatedOutAt`). Inactive
+    /// roots stay listed, so leaves they signed keep verifying until renewed, and are pruned
+    /// at a later rotation once twice the leaf TTL has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_out_at: Option<String>,
 }
 
 /// The private key this datacenter signs leaves with, stored only in the local `ca_signing`
@@ -116,10 +137,21 @@ pub(crate) fn ca_params(common_name: String, constraints: BasicConstraints) -> C
     params
 }
 
-/// Generates the root for `cluster_id` at `now`.
+/// Generates the root for `cluster_id` at `now`, with a new key.
 pub fn generate_root(cluster_id: &str, now: OffsetDateTime, serial: u64) -> Result<GeneratedRoot> {
-    let trust_domain = format!("{}.consul", cluster_id.to_ascii_lowercase());
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    root_with_key(cluster_id, now, serial, key)
+}
+
+/// Makes the self-signed root for `cluster_id` at `now` with `key` (a generated key, or one
+/// an operator supplied in the CA configuration's `PrivateKey`).
+pub fn root_with_key(
+    cluster_id: &str,
+    now: OffsetDateTime,
+    serial: u64,
+    key: KeyPair,
+) -> Result<GeneratedRoot> {
+    let trust_domain = format!("{}.consul", cluster_id.to_ascii_lowercase());
     let mut params = ca_params(
         format!("Consul CA {serial}"),
         BasicConstraints::Unconstrained,
@@ -152,6 +184,7 @@ pub fn generate_root(cluster_id: &str, now: OffsetDateTime, serial: u64) -> Resu
             private_key_bits: 256,
             create_index: 0,
             modify_index: 0,
+            rotated_out_at: None,
         },
         key: SigningKey {
             root_id: id,
@@ -171,8 +204,11 @@ pub struct SignedLeaf {
     /// The leaf, PEM.
     #[serde(rename = "CertPEM")]
     pub cert_pem: String,
-    /// Certificates between the leaf and the root: empty in the primary, the datacenter's
-    /// intermediate in a secondary. A sidecar presents `CertPEM` followed by these.
+    /// Certificates between the leaf and the root: the datacenter's intermediate in a
+    /// secondary; in the primary, the active root's `IntermediateCerts` (after a rotation,
+    /// the new root cross-signed by the old one, so that peers which still trust only the
+    /// old root accept new leaves, as Consul does). A sidecar presents `CertPEM` followed by
+    /// these.
     #[serde(rename = "IntermediatePEMs")]
     pub intermediate_pems: Vec<String>,
     /// The service.
@@ -229,7 +265,7 @@ pub fn sign_leaf(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = now - BACKDATE;
+    params.not_before = now - backdate_for(ttl);
     params.not_after = params.not_before + ttl;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.use_authority_key_identifier_extension = true;
@@ -243,7 +279,10 @@ pub fn sign_leaf(
     Ok(SignedLeaf {
         serial_number: colon_hex(&serial),
         cert_pem: certificate.pem(),
-        intermediate_pems: key.intermediate_pem.iter().cloned().collect(),
+        intermediate_pems: match &key.intermediate_pem {
+            Some(intermediate) => vec![intermediate.clone()],
+            None => root.intermediate_certs.clone().unwrap_or_default(),
+        },
         service: expected.service.clone(),
         service_uri: expected.to_string(),
         valid_after: rfc3339(csr.params.not_before),

@@ -66,6 +66,13 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
         }
         other => anyhow::bail!("-store {other:?}: expected redb or etcd"),
     };
+    let ca_leaf_ttl_min = controlplane_lite::blocking::parse_duration(&flags.ca_leaf_ttl_min)
+        .map_err(|e| anyhow::anyhow!("-ca-leaf-ttl-min {:?}: {e}", flags.ca_leaf_ttl_min))?;
+    if ca_leaf_ttl_min < std::time::Duration::from_secs(1)
+        || ca_leaf_ttl_min > controlplane_lite::ca::MAX_LEAF_TTL
+    {
+        anyhow::bail!("-ca-leaf-ttl-min must be between 1s and 8760h");
+    }
     let config = AgentConfig {
         store,
         primary_datacenter: flags
@@ -124,6 +131,7 @@ fn run_agent(flags: AgentFlags) -> anyhow::Result<()> {
             .map(|name| name.trim().to_owned())
             .filter(|name| !name.is_empty())
             .collect(),
+        ca_leaf_ttl_min,
     };
     // Two cores in CI and production-like demos; the agent is I/O bound and fsyncs on a
     // blocking pool, so two workers are plenty.

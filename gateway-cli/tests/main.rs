@@ -57,6 +57,8 @@ mod security_handover;
 mod sidecar_mtls;
 #[path = "sidecar_redact.rs"]
 mod sidecar_redact;
+#[path = "sidecar_renewal.rs"]
+mod sidecar_renewal;
 
 #[test]
 fn every_test_file_is_listed() {

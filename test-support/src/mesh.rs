@@ -32,7 +32,12 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(tag: &str) -> ControlPlane {
-        let mut cp = ControlPlane::spawn(tag, "primary", &[]);
+        ControlPlane::start_with(tag, &[])
+    }
+
+    /// [`ControlPlane::start`] with `extra` agent flags.
+    pub fn start_with(tag: &str, extra: &[&str]) -> ControlPlane {
+        let mut cp = ControlPlane::spawn(tag, "primary", extra);
         let (status, body) = cp.request("PUT", "/v1/acl/bootstrap", None);
         assert_eq!(status, 200, "bootstrap: {body}");
         let value: serde_json::Value = serde_json::from_str(&body).expect("bootstrap JSON");

@@ -237,6 +237,11 @@ pub struct AgentFlags {
         default_value = "mesh-gateway"
     )]
     pub mesh_gateway_names: Vec<String>,
+    /// The smallest `LeafCertTTL` that `PUT /v1/connect/ca/configuration` accepts (a Go
+    /// duration; at least 1s). Consul's 1h is the default; lower it only for tests that
+    /// watch sidecars renew short-lived leaves.
+    #[arg(long = "ca-leaf-ttl-min", default_value = "1h")]
+    pub ca_leaf_ttl_min: String,
 }
 
 /// Flags every client command takes (Consul's names and environment variables).

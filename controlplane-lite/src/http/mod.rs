@@ -69,7 +69,10 @@ pub fn router(agent: AgentState) -> Router {
             .route("/v1/catalog/node/{node}", get(agent_info::catalog_node))
             .route("/v1/agent/connect/ca/roots", get(ca::roots))
             .route("/v1/agent/connect/ca/leaf/{service}", get(ca::agent_leaf))
-            .route("/v1/connect/ca/configuration", get(ca::configuration))
+            .route(
+                "/v1/connect/ca/configuration",
+                get(ca::configuration).put(ca::set_configuration),
+            )
             .route("/v1/agent/service/register", put(catalog::register))
             .route(
                 "/v1/agent/service/deregister/{id}",

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use super::{blocking_json, json_body, json_with_index, AgentState, Ctx};
 use crate::acl::render::render_token;
 use crate::acl::{require, Authorizer, Token};
-use crate::ca::{self, SigningKey};
+use crate::ca;
 use crate::catalog::from_value;
 use crate::error::{Error, Result};
 use crate::replication::snapshot::{Entry, TableSnapshot};
@@ -102,13 +102,7 @@ pub async fn sign_intermediate(
     let authorizer = ctx.authorizer(&agent)?;
     require(authorizer.operator_write(), || "operator:write".to_owned())?;
     let trust_domain = agent.require_trust_domain()?;
-    let root = agent
-        .active_root()?
-        .ok_or_else(|| Error::Unavailable("no active CA root".to_owned()))?;
-    let key: SigningKey = agent
-        .store
-        .get(Table::CaSigning, &root.id)?
-        .ok_or_else(|| Error::Unavailable("no signing key for the active root".to_owned()))?;
+    let (root, key) = agent.active_signer()?;
     let mut serial = [0u8; 16];
     SystemRandom::new()
         .fill(&mut serial)

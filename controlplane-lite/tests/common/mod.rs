@@ -546,26 +546,32 @@ pub fn primary_flags(more: Vec<String>) -> Vec<String> {
 pub fn start_primary(dir: &Path, more: Vec<String>) -> (Agent, String, String) {
     let primary = Agent::start_in(dir, "primary", &refs(&primary_flags(more)));
     let management = primary.bootstrap();
-    let policy = primary.put(
+    let replication = policy_token(&primary, &management, "replication", REPLICATION_POLICY);
+    (primary, management, replication)
+}
+
+/// Creates the policy `name` with `rules` and a token holding it (through the CLI, as the
+/// guide does); returns the token's secret.
+pub fn policy_token(agent: &Agent, management: &str, name: &str, rules: &str) -> String {
+    let policy = agent.put(
         "/v1/acl/policy",
-        Some(&management),
-        &json!({"Name": "replication", "Rules": REPLICATION_POLICY}).to_string(),
+        Some(management),
+        &json!({"Name": name, "Rules": rules}).to_string(),
     );
     assert_eq!(policy.status, 200, "{}", policy.text);
-    let out = primary.cli_ok(
+    let out = agent.cli_ok(
         &[
             "acl",
             "token",
             "create",
             "-description",
-            "replication",
+            name,
             "-policy-name",
-            "replication",
+            name,
         ],
-        Some(&management),
+        Some(management),
     );
-    let replication = field(&out, "SecretID:");
-    (primary, management, replication)
+    field(&out, "SecretID:")
 }
 
 /// The flags of a secondary that replicates from the primary at `primary_address` with the

@@ -244,11 +244,21 @@ def connect_ca():
     expect(agent_roots["ActiveRootID"] == roots["ActiveRootID"], agent_roots)
     config = p.connect.ca.configuration()
     expect(config["Provider"] == "consul", config)
+    # PUT /v1/connect/ca/configuration: a leaf TTL in Consul's bounds; no rotation.
+    expect(p.connect.ca.update_configuration("consul", {"LeafCertTTL": "12h"}), "update")
+    expect(p.connect.ca.configuration()["Config"]["LeafCertTTL"] == "12h", "LeafCertTTL")
+    expect(p.connect.ca.roots()["ActiveRootID"] == roots["ActiveRootID"], "no rotation")
+    raises(
+        consul.exceptions.BadRequest,
+        "between 1h and 8760h",
+        lambda: p.connect.ca.update_configuration("consul", {"LeafCertTTL": "1m"}),
+    )
     leaf = p.agent.connect.ca.leaf("web", token=state["web_token"]["SecretID"])
     expect(leaf["Service"] == "web", leaf)
     expect("BEGIN CERTIFICATE" in leaf["CertPEM"], leaf)
     expect("PRIVATE KEY" in leaf["PrivateKeyPEM"], "key")
     expect(leaf["ServiceURI"].endswith("/svc/web"), leaf["ServiceURI"])
+    expect(leaf["ValidBefore"] != leaf["ValidAfter"], leaf)
     raises(
         consul.ACLPermissionDenied,
         "Permission denied",
