@@ -1,0 +1,150 @@
+//! Fencing of a deposed leader on a real 3-member etcd cluster (unix sockets,
+//! `scripts/etcd-cluster`): a duty write carries the election key and the lease it was made
+//! under, and etcd refuses it once another agent leads, whatever the writer still believes.
+//! Needs etcd (scripts/install-test-deps).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdCluster;
+use controlplane_lite::error::Error;
+use controlplane_lite::leader::{self, Keys, Verdict};
+use controlplane_lite::metrics::Metrics;
+use controlplane_lite::store::etcd::EtcdBackend;
+use controlplane_lite::store::{LeaderFence, Store, Table};
+
+struct Candidate {
+    verdict: tokio::sync::watch::Receiver<Verdict>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn candidate(endpoints: &str, prefix: &str, node: &str, ttl: Duration) -> Candidate {
+    let list = controlplane_lite::etcd::parse_endpoints(endpoints).expect("endpoints");
+    let client = controlplane_lite::etcd::connect(&list, Duration::from_secs(10))
+        .await
+        .expect("etcd answers over its unix sockets");
+    let (verdict_tx, verdict) = tokio::sync::watch::channel(Verdict::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let keys = Keys::new(prefix, node);
+    let address = format!("{node}.example:8500");
+    let task = tokio::spawn(async move {
+        leader::run(client, keys, address, ttl, &verdict_tx, stop_rx).await;
+    });
+    Candidate {
+        verdict,
+        stop,
+        task,
+    }
+}
+
+async fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `value` under `key` in the system table, fenced on `fence`, on a blocking thread.
+async fn fenced_put(
+    store: &Arc<Store>,
+    fence: LeaderFence,
+    key: &'static str,
+    value: &'static str,
+) -> Result<(), Error> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        store.write_fenced(Some(&fence), |tx| tx.put(Table::System, key, &value))
+    })
+    .await
+    .expect("the write's thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_duty_write_is_refused_by_etcd() {
+    let cluster = EtcdCluster::start("fence");
+    let ttl = Duration::from_secs(2);
+    let prefix = "/meshgw/test-fence";
+    let endpoints = controlplane_lite::etcd::parse_endpoints(&cluster.endpoints).expect("list");
+    let metrics = Arc::new(Metrics::default());
+    let store = {
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let (backend, _follower) =
+                EtcdBackend::connect(&endpoints, prefix, Duration::from_secs(10))
+                    .expect("the store reaches etcd");
+            Store::with_backend(Box::new(backend), metrics).expect("the store opens")
+        })
+        .await
+        .expect("open")
+    };
+    let store = Arc::new(store);
+
+    let a = candidate(&cluster.endpoints, prefix, "a", ttl).await;
+    wait_for(Duration::from_secs(10), "a leads", || {
+        a.verdict.borrow().leader
+    })
+    .await;
+    let b = candidate(&cluster.endpoints, prefix, "b", ttl).await;
+    let key = format!("{prefix}/leader");
+    let fence_a = LeaderFence {
+        key: key.clone(),
+        lease: a.verdict.borrow().lease,
+    };
+    assert_ne!(fence_a.lease, 0, "a leader publishes its lease");
+    fenced_put(&store, fence_a.clone(), "duty", "from a")
+        .await
+        .expect("the leader's fenced write commits");
+
+    // `a` goes away (its lease ends, as it would for an agent paused past its TTL) and `b`
+    // takes over. `a`'s fence still names its old lease: a write made with it now is a write
+    // from a deposed leader.
+    a.stop.send_replace(true);
+    let _ = a.task.await;
+    wait_for(Duration::from_secs(15), "b takes over", || {
+        b.verdict.borrow().leader
+    })
+    .await;
+    let refused = fenced_put(&store, fence_a.clone(), "duty", "from deposed a").await;
+    assert!(
+        matches!(refused, Err(Error::NotLeader(_))),
+        "a deposed leader's write must be refused, got {refused:?}"
+    );
+    assert!(
+        metrics
+            .render()
+            .contains("controlplane_leader_fenced_writes_total 1\n"),
+        "the refusal is counted"
+    );
+    assert_eq!(
+        store
+            .get::<String>(Table::System, "duty")
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("from a"),
+        "nothing of the refused write was stored"
+    );
+
+    // The new leader's fence holds.
+    let fence_b = LeaderFence {
+        key,
+        lease: b.verdict.borrow().lease,
+    };
+    fenced_put(&store, fence_b, "duty", "from b")
+        .await
+        .expect("the new leader's fenced write commits");
+    assert_eq!(
+        store
+            .get::<String>(Table::System, "duty")
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("from b")
+    );
+    b.stop.send_replace(true);
+    let _ = b.task.await;
+}
