@@ -32,7 +32,12 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(tag: &str) -> ControlPlane {
-        let mut cp = ControlPlane::spawn(tag, "primary", &[]);
+        ControlPlane::start_with(tag, &[])
+    }
+
+    /// [`ControlPlane::start`] with `extra` agent flags (e.g. `-store etcd ...`).
+    pub fn start_with(tag: &str, extra: &[&str]) -> ControlPlane {
+        let mut cp = ControlPlane::spawn(tag, "primary", extra);
         let (status, body) = cp.request("PUT", "/v1/acl/bootstrap", None);
         assert_eq!(status, 200, "bootstrap: {body}");
         let value: serde_json::Value = serde_json::from_str(&body).expect("bootstrap JSON");
@@ -52,6 +57,14 @@ impl ControlPlane {
         })
         .to_string();
         cp.ok("PUT", "/v1/acl/token", Some(&body));
+        cp.token = other.token.clone();
+        cp
+    }
+
+    /// Another agent of `other`'s datacenter on the same shared store (`extra` names the same
+    /// etcd cluster and prefix): its ACLs are `other`'s, so `other`'s token works as is.
+    pub fn join(tag: &str, extra: &[&str], other: &ControlPlane) -> ControlPlane {
+        let mut cp = ControlPlane::spawn(tag, "primary", extra);
         cp.token = other.token.clone();
         cp
     }
