@@ -283,18 +283,22 @@ pub async fn run(
     let mut published = verdict.borrow().leader;
     loop {
         let now = Instant::now();
-        if published && !verdict.borrow().leader {
-            tracing::warn!(key = %keys.leader, "a fenced duty write was refused: stepping down");
-            election.deposed(now);
-        }
         let step = election.step(now);
-        let leader = election.is_leader(now);
-        let lease = if leader {
-            election.lease_id().unwrap_or(0)
-        } else {
-            0
-        };
+        let mut deposed = false;
+        // Checked and published under the channel's one lock, so a verdict the agent turns
+        // (a fenced write) between the check and the publication cannot be overwritten.
         verdict.send_if_modified(|v| {
+            if published && !v.leader {
+                election.deposed(now);
+                deposed = true;
+            }
+            let leader = election.is_leader(now);
+            let lease = if leader {
+                election.lease_id().unwrap_or(0)
+            } else {
+                0
+            };
+            published = leader;
             if v.leader == leader && v.lease == lease {
                 return false;
             }
@@ -305,7 +309,11 @@ pub async fn run(
             v.lease = lease;
             true
         });
-        published = leader;
+        if deposed {
+            tracing::warn!(key = %keys.leader, "a fenced duty write was refused: stepping down and campaigning now");
+            // Step again at once: the campaign is due now.
+            continue;
+        }
         match step {
             Step::Wait(until) => {
                 tokio::select! {
@@ -536,6 +544,20 @@ mod tests {
         assert_eq!(e.step(now), Step::KeepAlive(7));
         e.kept_alive(7, TTL, now);
         assert_eq!(e.step(now), Step::Campaign(7));
+        e.campaigned(7, false, now);
+        assert!(!e.is_leader(now));
+    }
+
+    #[test]
+    fn a_refused_fenced_write_ends_leadership_and_campaigns_at_once() {
+        let t0 = Instant::now();
+        let mut e = leader_at(t0);
+        let now = t0 + TTL / 10;
+        assert!(e.is_leader(now));
+        e.deposed(now);
+        assert!(!e.is_leader(now), "deposed before its lease ends");
+        assert_eq!(e.step(now), Step::Campaign(7), "it asks etcd who leads now");
+        // The key is another lease's: it stays a follower.
         e.campaigned(7, false, now);
         assert!(!e.is_leader(now));
     }

@@ -148,3 +148,94 @@ async fn a_deposed_leaders_duty_write_is_refused_by_etcd() {
     b.stop.send_replace(true);
     let _ = b.task.await;
 }
+
+/// The election's half of fencing: when the agent turns its verdict to "not leader" because
+/// etcd refused a fenced write (`Agent::duty_write`), the election steps down for good instead
+/// of publishing "leader" again from its clock, and learns who leads by campaigning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fenced_write_makes_the_election_step_down_at_once() {
+    let cluster = EtcdCluster::start("depose");
+    // Long enough that neither clock nor a routine campaign ends `a`'s leadership during the
+    // test (a leader re-checks the key every TTL/3 = 10 s).
+    let ttl = Duration::from_secs(30);
+    let prefix = "/meshgw/test-depose";
+    let list = controlplane_lite::etcd::parse_endpoints(&cluster.endpoints).expect("endpoints");
+    let mut client = controlplane_lite::etcd::connect(&list, Duration::from_secs(10))
+        .await
+        .expect("etcd");
+    let a_client = controlplane_lite::etcd::connect(&list, Duration::from_secs(10))
+        .await
+        .expect("etcd");
+    let (a_tx, a_verdict) = tokio::sync::watch::channel(Verdict::default());
+    let a_tx = Arc::new(a_tx);
+    let (a_stop, a_stop_rx) = tokio::sync::watch::channel(false);
+    let a_task = {
+        let a_tx = a_tx.clone();
+        tokio::spawn(async move {
+            let keys = Keys::new(prefix, "a");
+            leader::run(
+                a_client,
+                keys,
+                "a.example:8500".into(),
+                ttl,
+                &a_tx,
+                a_stop_rx,
+            )
+            .await;
+        })
+    };
+    wait_for(Duration::from_secs(10), "a leads", || {
+        a_verdict.borrow().leader
+    })
+    .await;
+    let b = candidate(&cluster.endpoints, prefix, "b", ttl).await;
+    // b registers under its lease; the key is then handed to that lease behind a's back, as
+    // happens when a's lease ended while it was paused and b won the election.
+    let b_lease = {
+        let start = Instant::now();
+        loop {
+            let answer = client
+                .get(format!("{prefix}/agents/b"), None)
+                .await
+                .expect("get");
+            if let Some(kv) = answer.kvs().first() {
+                break kv.lease();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "b never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    client
+        .put(
+            format!("{prefix}/leader"),
+            "b.example:8500",
+            Some(etcd_client::PutOptions::new().with_lease(b_lease)),
+        )
+        .await
+        .expect("hand the key to b");
+    assert!(a_verdict.borrow().leader, "a's clock still says it leads");
+
+    // What Agent::duty_write does when etcd refuses a fenced write.
+    a_tx.send_modify(|v| {
+        v.leader = false;
+        v.lease = 0;
+    });
+    // Until b leads (its next campaign, within TTL/10), a never claims the lead again.
+    let start = Instant::now();
+    while !b.verdict.borrow().leader {
+        assert!(
+            !a_verdict.borrow().leader,
+            "the deposed agent published itself leader again"
+        );
+        assert!(start.elapsed() < Duration::from_secs(15), "b never led");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!a_verdict.borrow().leader);
+    a_stop.send_replace(true);
+    b.stop.send_replace(true);
+    let _ = a_task.await;
+    let _ = b.task.await;
+}
