@@ -498,6 +498,7 @@ fn spawn_duties(agent: &Arc<Agent>) {
                 _ = shutdown.wait_for(|stopping| *stopping) => return,
             }
             tracing::info!("leading this datacenter: starting replication, CA and checks duties");
+            agent.metrics.set_leader(true);
             let mut tasks = crate::replication::runner::spawn(&agent);
             tasks.push(crate::checks_runner::spawn(&agent));
             let stop = tokio::select! {
@@ -511,6 +512,7 @@ fn spawn_duties(agent: &Arc<Agent>) {
             for task in &tasks {
                 task.abort();
             }
+            agent.metrics.set_leader(false);
             tracing::warn!("no longer leading this datacenter: duties stopped");
         }
     });

@@ -34,6 +34,7 @@ pub struct Metrics {
     ca_changes_refused: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
     fenced_writes: AtomicU64,
+    leader: std::sync::atomic::AtomicBool,
     store_corrupt: Mutex<BTreeMap<&'static str, u64>>,
     store_unhealthy: std::sync::atomic::AtomicBool,
     primary_contact_unix: Mutex<Option<f64>>,
@@ -174,6 +175,11 @@ impl Metrics {
         bump(&self.replication_resets, kind);
     }
 
+    /// Records whether this agent runs the once-per-datacenter duties now.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+
     /// Counts one leader-duty write the store refused because this agent no longer led.
     pub fn count_fenced_write(&self) {
         self.fenced_writes.fetch_add(1, Ordering::Relaxed);
@@ -263,6 +269,12 @@ impl Metrics {
             Kind::Counter,
             "Leader-duty writes the store refused because this agent no longer held the leadership they depended on (a deposed leader).",
             self.fenced_writes.load(Ordering::Relaxed),
+        );
+        w.single(
+            "controlplane_leader",
+            Kind::Gauge,
+            "1 while this agent runs its datacenter's once-per-datacenter duties (it leads), else 0.",
+            self.leader.load(Ordering::Relaxed),
         );
     }
 

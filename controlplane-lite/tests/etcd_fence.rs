@@ -239,3 +239,81 @@ async fn a_refused_fenced_write_makes_the_election_step_down_at_once() {
     let _ = a_task.await;
     let _ = b.task.await;
 }
+
+/// `name`'s value in `agent`'s `/metrics`, if it answers.
+fn metric(agent: &common::Agent, name: &str) -> Option<f64> {
+    let answer = agent.get("/metrics", None);
+    if answer.status != 200 {
+        return None;
+    }
+    answer.text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == name).then(|| value.parse().ok())?
+    })
+}
+
+fn signal(agent: &common::Agent, signal: &str) {
+    // kill(1): the crate forbids `unsafe`, so no libc::kill here.
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(agent.child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal}");
+}
+
+/// Two agents on one etcd store: the leader is SIGSTOPped past its lease TTL, the other takes
+/// over, and the old one, SIGCONTed, steps down instead of running its duties beside the new
+/// leader. (Its clock ends its leadership on resume; a duty write already in flight then is
+/// what the fence refuses, tested deterministically above.)
+#[test]
+fn a_leader_paused_past_its_lease_steps_down_when_it_resumes() {
+    let cluster = EtcdCluster::start("pause");
+    let dirs = [
+        common::TempDir::new("pause-a"),
+        common::TempDir::new("pause-b"),
+    ];
+    let flags: Vec<String> = [
+        "-store",
+        "etcd",
+        "-etcd-endpoints",
+        cluster.endpoints.as_str(),
+        "-etcd-prefix",
+        "/meshgw/pause/dc1",
+        "-etcd-lease-ttl",
+        "2",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let agents: Vec<common::Agent> = dirs
+        .iter()
+        .map(|dir| common::Agent::start_in(dir.path(), "dc1", &common::refs(&flags)))
+        .collect();
+    let leading = |agent: &common::Agent| metric(agent, "controlplane_leader") == Some(1.0);
+    common::eventually(Duration::from_secs(20), "one agent leads", || {
+        agents.iter().filter(|a| leading(a)).count() == 1
+    });
+    let Some(old) = agents.iter().position(&leading) else {
+        panic!("no leader");
+    };
+    let new = 1 - old;
+
+    signal(&agents[old], "STOP");
+    common::eventually(
+        Duration::from_secs(20),
+        "the other agent takes over",
+        || leading(&agents[new]),
+    );
+    signal(&agents[old], "CONT");
+    common::eventually(
+        Duration::from_secs(20),
+        "the resumed agent steps down",
+        || metric(&agents[old], "controlplane_leader") == Some(0.0),
+    );
+    assert!(leading(&agents[new]), "the new leader keeps its term");
+    let leader = agents[old].get("/v1/status/leader", None).json();
+    assert_eq!(leader.as_str(), Some(agents[new].address.as_str()));
+    let fenced = metric(&agents[old], "controlplane_leader_fenced_writes_total");
+    println!("the resumed old leader stepped down; its refused duty writes: {fenced:?}");
+}
