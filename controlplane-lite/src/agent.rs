@@ -150,6 +150,7 @@ impl Agent {
         // decides (it starts as a follower).
         let leadership = tokio::sync::watch::channel(crate::leader::Verdict {
             leader: cluster.is_none(),
+            lease: 0,
         })
         .0;
         let agent = Arc::new(Agent {
@@ -193,6 +194,47 @@ impl Agent {
             .get()
             .cloned()
             .unwrap_or_else(|| self.config.http_addr.to_string())
+    }
+
+    /// The fence of a duty write made now: `None` alone on a store (the agent leads while it
+    /// runs); on a shared etcd cluster the election key bound to the lease this agent leads
+    /// with, or [`Error::NotLeader`] when it does not lead.
+    pub fn duty_fence(&self) -> Result<Option<crate::store::LeaderFence>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let verdict = self.leadership.borrow().clone();
+        if !verdict.leader {
+            return Err(Error::NotLeader(
+                "this agent no longer leads its datacenter; the duty stops".to_owned(),
+            ));
+        }
+        Ok(Some(crate::store::LeaderFence {
+            key: cluster.keys.leader.clone(),
+            lease: verdict.lease,
+        }))
+    }
+
+    /// A write made because this agent leads (replication results, the CA from the primary,
+    /// federation-state publication, health-check status): committed only while the election
+    /// key is still bound to this agent's lease. A refused write turns the verdict to "not
+    /// leader" at once, which stops the duties and makes the election step down
+    /// ([`crate::leader::run`]). Blocking: call from a blocking context.
+    pub fn duty_write<R>(
+        &self,
+        body: impl FnMut(&mut crate::store::Transaction<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let fence = self.duty_fence()?;
+        let result = self.store.write_fenced(fence.as_ref(), body);
+        if fence.is_some() && matches!(result, Err(Error::NotLeader(_))) {
+            self.leadership.send_if_modified(|v| {
+                let was = v.leader;
+                v.leader = false;
+                v.lease = 0;
+                was
+            });
+        }
+        result
     }
 
     /// Whether this is the primary datacenter.
@@ -484,6 +526,7 @@ fn spawn_duties(agent: &Arc<Agent>) {
                 _ = shutdown.wait_for(|stopping| *stopping) => return,
             }
             tracing::info!("leading this datacenter: starting replication, CA and checks duties");
+            agent.metrics.set_leader(true);
             let mut tasks = crate::replication::runner::spawn(&agent);
             tasks.push(crate::checks_runner::spawn(&agent));
             let stop = tokio::select! {
@@ -497,6 +540,7 @@ fn spawn_duties(agent: &Arc<Agent>) {
             for task in &tasks {
                 task.abort();
             }
+            agent.metrics.set_leader(false);
             tracing::warn!("no longer leading this datacenter: duties stopped");
         }
     });

@@ -43,7 +43,8 @@ async fn store_write<R: Send + 'static>(
     body: impl FnMut(&mut crate::store::Transaction<'_>) -> Result<R> + Send + 'static,
 ) -> Result<R> {
     let agent = agent.clone();
-    tokio::task::spawn_blocking(move || agent.store.write(body))
+    // Check status is a leader's duty result: fenced on its leadership.
+    tokio::task::spawn_blocking(move || agent.duty_write(body))
         .await
         .map_err(|e| Error::Internal(format!("check write: {e}")))?
 }

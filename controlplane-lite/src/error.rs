@@ -35,6 +35,10 @@ pub enum Error {
     /// operator's to fix).
     #[error("{0}")]
     Startup(String),
+    /// A write made because this agent leads (a duty's result) was refused: another agent
+    /// leads now (HTTP 503; the duty stops, and the new leader's runs).
+    #[error("{0}")]
+    NotLeader(String),
     /// A bug or an impossible state inside controlplane-lite (HTTP 500, our fault).
     #[error("internal: {0}")]
     Internal(String),
@@ -56,7 +60,7 @@ impl Error {
             Error::PermissionDenied(_) | Error::AclNotFound => 403,
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
-            Error::Unavailable(_) => 503,
+            Error::Unavailable(_) | Error::NotLeader(_) => 503,
             Error::TooManyRequests(_) => 429,
             Error::Store(_) | Error::Internal(_) | Error::Startup(_) => 500,
         }

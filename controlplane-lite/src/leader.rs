@@ -180,6 +180,13 @@ impl Election {
             };
     }
 
+    /// etcd refused a write fenced on our lease (the election key is bound to another, or to
+    /// none): stop leading at once, and campaign now to learn whether the key is free again.
+    pub fn deposed(&mut self, now: Instant) {
+        self.holds_key = false;
+        self.next_campaign = now;
+    }
+
     /// An etcd call failed: retry after a pause. Leadership still lapses on the lease's clock.
     pub fn failed(&mut self, now: Instant) {
         self.backoff_until = Some(now + RETRY);
@@ -237,6 +244,9 @@ impl std::fmt::Debug for Cluster {
 pub struct Verdict {
     /// Whether this agent runs the once-per-datacenter duties now.
     pub leader: bool,
+    /// The lease the election key is bound to while this agent leads (0 otherwise): duty
+    /// writes are fenced on it ([`crate::store::LeaderFence`]).
+    pub lease: i64,
 }
 
 /// The bound on one etcd call of the election.
@@ -255,6 +265,10 @@ async fn bounded<T>(
 /// Runs the election until `shutdown` turns true, publishing each change of verdict on
 /// `verdict`. `address` is what this agent advertises (its HTTP address). On shutdown the lease
 /// is revoked, so a successor does not wait out the TTL.
+///
+/// The agent may also turn the verdict to "not leader" itself, when etcd refused a duty write
+/// fenced on the lease (`Agent::duty_write`): that is proof another agent leads, so the
+/// election steps down at once instead of waiting for its next campaign.
 pub async fn run(
     mut client: etcd_client::Client,
     keys: Keys,
@@ -265,22 +279,47 @@ pub async fn run(
 ) {
     use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
     let mut election = Election::new(ttl, Instant::now());
+    let mut changes = verdict.subscribe();
+    let mut published = verdict.borrow().leader;
     loop {
         let now = Instant::now();
         let step = election.step(now);
-        let leader = election.is_leader(now);
+        let mut deposed = false;
+        // Checked and published under the channel's one lock, so a verdict the agent turns
+        // (a fenced write) between the check and the publication cannot be overwritten.
         verdict.send_if_modified(|v| {
-            if v.leader == leader {
+            if published && !v.leader {
+                election.deposed(now);
+                deposed = true;
+            }
+            let leader = election.is_leader(now);
+            let lease = if leader {
+                election.lease_id().unwrap_or(0)
+            } else {
+                0
+            };
+            published = leader;
+            if v.leader == leader && v.lease == lease {
                 return false;
             }
-            tracing::info!(leader, key = %keys.leader, "leadership changed");
+            if v.leader != leader {
+                tracing::info!(leader, key = %keys.leader, "leadership changed");
+            }
             v.leader = leader;
+            v.lease = lease;
             true
         });
+        if deposed {
+            tracing::warn!(key = %keys.leader, "a fenced duty write was refused: stepping down and campaigning now");
+            // Step again at once: the campaign is due now.
+            continue;
+        }
         match step {
             Step::Wait(until) => {
                 tokio::select! {
                     () = tokio::time::sleep_until(until.into()) => {}
+                    // A change of verdict made by the agent (a fenced write) is acted on now.
+                    changed = changes.changed() => if changed.is_err() { break },
                     _ = shutdown.wait_for(|stopping| *stopping) => break,
                 }
             }
@@ -359,7 +398,10 @@ pub async fn run(
             }
         }
     }
-    verdict.send_replace(Verdict { leader: false });
+    verdict.send_replace(Verdict {
+        leader: false,
+        lease: 0,
+    });
     if let Some(id) = election.lease_id() {
         // Best effort: if etcd does not answer, the lease simply runs out.
         let _ = bounded(client.lease_revoke(id)).await;
@@ -502,6 +544,20 @@ mod tests {
         assert_eq!(e.step(now), Step::KeepAlive(7));
         e.kept_alive(7, TTL, now);
         assert_eq!(e.step(now), Step::Campaign(7));
+        e.campaigned(7, false, now);
+        assert!(!e.is_leader(now));
+    }
+
+    #[test]
+    fn a_refused_fenced_write_ends_leadership_and_campaigns_at_once() {
+        let t0 = Instant::now();
+        let mut e = leader_at(t0);
+        let now = t0 + TTL / 10;
+        assert!(e.is_leader(now));
+        e.deposed(now);
+        assert!(!e.is_leader(now), "deposed before its lease ends");
+        assert_eq!(e.step(now), Step::Campaign(7), "it asks etcd who leads now");
+        // The key is another lease's: it stays a follower.
         e.campaigned(7, false, now);
         assert!(!e.is_leader(now));
     }

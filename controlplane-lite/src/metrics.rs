@@ -33,6 +33,8 @@ pub struct Metrics {
     replication_resets: Mutex<BTreeMap<&'static str, u64>>,
     ca_changes_refused: Mutex<BTreeMap<&'static str, u64>>,
     forwarded: Mutex<BTreeMap<&'static str, u64>>,
+    fenced_writes: AtomicU64,
+    leader: std::sync::atomic::AtomicBool,
     store_corrupt: Mutex<BTreeMap<&'static str, u64>>,
     store_unhealthy: std::sync::atomic::AtomicBool,
     primary_contact_unix: Mutex<Option<f64>>,
@@ -173,6 +175,16 @@ impl Metrics {
         bump(&self.replication_resets, kind);
     }
 
+    /// Records whether this agent runs the once-per-datacenter duties now.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+
+    /// Counts one leader-duty write the store refused because this agent no longer led.
+    pub fn count_fenced_write(&self) {
+        self.fenced_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one write forwarded to the primary (`ok`: the primary answered; `error`: it could
     /// not be reached).
     pub fn count_forwarded(&self, result: &'static str) {
@@ -252,6 +264,18 @@ impl Metrics {
         for (name, help, label, counts) in by_label {
             counter_family(w, name, help, label, counts);
         }
+        w.single(
+            "controlplane_leader_fenced_writes_total",
+            Kind::Counter,
+            "Leader-duty writes the store refused because this agent no longer held the leadership they depended on (a deposed leader).",
+            self.fenced_writes.load(Ordering::Relaxed),
+        );
+        w.single(
+            "controlplane_leader",
+            Kind::Gauge,
+            "1 while this agent runs its datacenter's once-per-datacenter duties (it leads), else 0.",
+            self.leader.load(Ordering::Relaxed),
+        );
     }
 
     /// Renders every metric in the Prometheus text exposition format.
@@ -399,6 +423,7 @@ mod tests {
         metrics.count_replication_reset("intentions");
         metrics.count_ca_change_refused("root");
         metrics.count_forwarded("ok");
+        metrics.count_fenced_write();
         metrics.set_replication("intentions", true, 12, Some(5.5));
         metrics.set_replication("ca-roots", false, 0, None);
         assert_eq!(metrics.render(), include_str!("metrics_golden.prom"));

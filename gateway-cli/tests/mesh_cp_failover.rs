@@ -3,8 +3,18 @@
 //! through the gateway and the sidecars keep flowing, new ones are routed once the processes
 //! follow the survivor, and a route and an intention written to the survivor after the kill
 //! take effect. The times from the kill are measured and printed, never asserted.
+//!
+//! The same with two agents sharing one etcd store (one CA, one catalog): the gateway follows
+//! a route written through the survivor after the agent it used is SIGKILLed. Needs etcd
+//! (scripts/install-test-deps).
 
 mod mesh_support;
+
+/// The controlplane-lite tests' 3-member etcd cluster on unix sockets (`scripts/etcd-cluster`),
+/// the one home of how a test starts one.
+#[path = "../../controlplane-lite/tests/common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -211,5 +221,71 @@ fn gateway_and_sidecars_fail_over_to_the_surviving_agent_and_follow_its_changes(
          after {:?}, sidecars route new connections after {:?}; after the kill, a route written \
          to the survivor took {:?} and a deny {:?}",
         gateway_new, sidecars_new, route_change, intention_change
+    );
+}
+
+#[test]
+fn the_gateway_follows_a_route_written_through_the_survivor_of_two_agents_sharing_etcd() {
+    let cluster = etcd::EtcdCluster::start("gwfo");
+    let flags = [
+        "-store",
+        "etcd",
+        "-etcd-endpoints",
+        cluster.endpoints.as_str(),
+        "-etcd-prefix",
+        "/meshgw/gwfo/primary",
+        "-etcd-lease-ttl",
+        "2",
+    ];
+    let first = ControlPlane::start_with("gwfo-a", &flags);
+    let second = ControlPlane::join("gwfo-b", &flags, &first);
+    let domain = first.trust_domain();
+    assert_eq!(second.trust_domain(), domain, "one shared store, one CA");
+
+    let echo = echo_backend();
+    register_behind_gateway(&first, "echo", echo.address.port());
+    let http_addr = format!("{},{}", first.address, second.address);
+    let gateway = mesh_gateway_named(&http_addr, &first.token, "mesh-gateway", "gwfo-gw");
+    let gateway_admin = gateway.admin.to_string();
+    let agent_series =
+        |address: &str| format!("gateway_control_plane_agent{{address=\"http://{address}\"}}");
+    let (first_agent, second_agent) = (agent_series(&first.address), agent_series(&second.address));
+    wait_for("the gateway to use the first agent", || {
+        metric(&gateway_admin, "gateway_control_plane_connected") == Some(1.0)
+            && metric(&gateway_admin, &first_agent) == Some(1.0)
+    });
+    wait_for("a route from the shared store", || {
+        echo_through_gateway(gateway.listen, &sni("echo", &domain)).is_some()
+    });
+
+    let mut first = first;
+    first.proc.signal("KILL");
+    let killed = Instant::now();
+    first
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("the first agent died");
+
+    // A service registered through the survivor after the kill: only a gateway that moved to
+    // the second agent and resumed its watch there routes it.
+    let late = tag_backend("late-service");
+    register_behind_gateway(&second, "late", late.address.port());
+    let route_change = measure("the route written through the survivor", killed, || {
+        let Ok(mut stream) = TcpStream::connect(gateway.listen) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(&client_hello(&sni("late", &domain)));
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer == b"late-service"
+    });
+    assert_eq!(metric(&gateway_admin, &second_agent), Some(1.0));
+    assert!(failovers(&gateway_admin) >= 1.0);
+    // Routes learnt before the kill still work (one store: nothing was lost with the agent).
+    assert!(echo_through_gateway(gateway.listen, &sni("echo", &domain)).is_some());
+    println!(
+        "control-plane failover on a shared etcd store (SIGKILL of the agent in use): the \
+         gateway routed a service registered through the survivor {route_change:?} after the kill"
     );
 }

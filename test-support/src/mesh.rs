@@ -35,7 +35,7 @@ impl ControlPlane {
         ControlPlane::start_with(tag, &[])
     }
 
-    /// [`ControlPlane::start`] with `extra` agent flags.
+    /// [`ControlPlane::start`] with `extra` agent flags (e.g. `-store etcd ...`).
     pub fn start_with(tag: &str, extra: &[&str]) -> ControlPlane {
         let mut cp = ControlPlane::spawn(tag, "primary", extra);
         let (status, body) = cp.request("PUT", "/v1/acl/bootstrap", None);
@@ -57,6 +57,14 @@ impl ControlPlane {
         })
         .to_string();
         cp.ok("PUT", "/v1/acl/token", Some(&body));
+        cp.token = other.token.clone();
+        cp
+    }
+
+    /// Another agent of `other`'s datacenter on the same shared store (`extra` names the same
+    /// etcd cluster and prefix): its ACLs are `other`'s, so `other`'s token works as is.
+    pub fn join(tag: &str, extra: &[&str], other: &ControlPlane) -> ControlPlane {
+        let mut cp = ControlPlane::spawn(tag, "primary", extra);
         cp.token = other.token.clone();
         cp
     }

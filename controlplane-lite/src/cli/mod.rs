@@ -164,8 +164,9 @@ pub struct AgentFlags {
     /// The primary datacenter (defaults to this one).
     #[arg(long = "primary-datacenter")]
     pub primary_datacenter: Option<String>,
-    /// The primary's HTTP address (`host:port`); a secondary replicates from it and forwards
-    /// writes of replicated data to it.
+    /// The primary's HTTP address (`host:port`), or a comma-separated list of the primary's
+    /// agents sharing one etcd store (at most 8, failed over in order); a secondary replicates
+    /// from it and forwards writes of replicated data to it.
     #[arg(long = "primary-address")]
     pub primary_address: Option<String>,
     /// The token a secondary presents to the primary (`acl:write`, `operator:write`).

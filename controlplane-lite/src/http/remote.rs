@@ -41,7 +41,12 @@ pub async fn get(
             "no path to datacenter {dc:?}: no federation state with its agent address yet"
         ))
     })?;
-    let client = PrimaryClient::new(&address, None, &agent.config.cross_dc)?;
+    // A read for the primary goes through the secondary's own client of the primary, so it
+    // fails over along `-primary-address`'s list like replication does.
+    let client = match &agent.primary {
+        Some(primary) if dc == agent.config.primary_datacenter => primary.clone(),
+        _ => std::sync::Arc::new(PrimaryClient::new(&address, None, &agent.config.cross_dc)?),
+    };
     // The anonymous token (empty) when the caller sent none.
     let token = token.unwrap_or("").to_owned();
     tokio::task::spawn_blocking(move || {

@@ -1,7 +1,10 @@
 //! The secondary's HTTP client for the primary (blocking ureq calls, run on tokio's blocking
 //! pool by the callers). Every call has a deadline.
 
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use mesh_client::failover::{Failover, FailoverReason};
 
 use crate::error::{Error, Result};
 use crate::tls::ClientTls;
@@ -77,44 +80,112 @@ pub struct PrimaryAnswer {
     pub body: Vec<u8>,
 }
 
-/// Talks to the primary datacenter's agent.
+/// The most addresses `-primary-address` may list: a primary datacenter runs a handful of
+/// agents, and each one adds a connect timeout to the worst case of a request.
+pub const MAX_PRIMARY_ADDRESSES: usize = 8;
+
+/// Splits `-primary-address` into its addresses: one address, or a comma-separated list of at
+/// most [`MAX_PRIMARY_ADDRESSES`], none empty and none repeated. Each is then checked by
+/// [`CrossDcTransport::base_url`].
+pub fn split_addresses(list: &str) -> Result<Vec<&str>> {
+    let addresses: Vec<&str> = list.split(',').map(str::trim).collect();
+    if addresses.len() > MAX_PRIMARY_ADDRESSES {
+        return Err(Error::Unavailable(format!(
+            "{} addresses; at most {MAX_PRIMARY_ADDRESSES} are accepted",
+            addresses.len()
+        )));
+    }
+    for (position, address) in addresses.iter().enumerate() {
+        if address.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "address {} of {list:?} is empty",
+                position + 1
+            )));
+        }
+        if addresses[..position].contains(address) {
+            return Err(Error::Unavailable(format!("{address:?} is listed twice")));
+        }
+    }
+    Ok(addresses)
+}
+
+/// Whether a failed exchange says "this agent is gone" (the failover policy moves to the next
+/// address) rather than "this request is wrong" (every agent would refuse it alike).
+fn failover_reason(error: &ureq::Error) -> Option<FailoverReason> {
+    match error {
+        ureq::Error::Timeout(_) => Some(FailoverReason::Timeout),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => Some(FailoverReason::Connect),
+        ureq::Error::Io(io) => Some(match io.kind() {
+            std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::AddrNotAvailable
+            | std::io::ErrorKind::NotConnected => FailoverReason::Connect,
+            std::io::ErrorKind::TimedOut => FailoverReason::Timeout,
+            _ => FailoverReason::HungUp,
+        }),
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::TlsRequired => {
+            Some(FailoverReason::Tls)
+        }
+        ureq::Error::Protocol(_) | ureq::Error::BodyStalled => Some(FailoverReason::HungUp),
+        _ => None,
+    }
+}
+
+/// Talks to the primary datacenter's agents: one address, or several agents of the primary
+/// that share its store, asked in the order of mesh-client's failover policy (the one policy
+/// of every client of controlplane-lite): the address that answered last, and the next one
+/// on a connect error, TLS failure, timeout, hang-up or 5xx.
 pub struct PrimaryClient {
-    base: String,
+    bases: Vec<String>,
+    failover: Mutex<Failover>,
     replication_token: Option<String>,
     http: ureq::Agent,
 }
 
 impl PrimaryClient {
-    /// `address` is `host:port`, `https://host:port` or `http://host:port`. The scheme and
-    /// trust follow [`CrossDcTransport::base_url`]: HTTPS verified against `-ca-file`, plain
-    /// HTTP only with the explicit insecure flag.
+    /// `address` is `host:port`, `https://host:port` or `http://host:port`, or a comma list of
+    /// them ([`split_addresses`]). The scheme and trust follow [`CrossDcTransport::base_url`]:
+    /// HTTPS verified against `-ca-file`, plain HTTP only with the explicit insecure flag.
     pub fn new(
         address: &str,
         replication_token: Option<String>,
         transport: &CrossDcTransport,
     ) -> Result<PrimaryClient> {
-        let base = transport.base_url(address)?;
+        let bases = split_addresses(address)?
+            .into_iter()
+            .map(|a| transport.base_url(a))
+            .collect::<Result<Vec<String>>>()?;
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT));
-        if base.starts_with("https://") {
+        if bases.iter().any(|b| b.starts_with("https://")) {
             config = config.tls_config(transport.tls.ureq_config()?);
         }
         let http = config.build().into();
         Ok(PrimaryClient {
-            base,
+            failover: Mutex::new(Failover::new(bases.len())),
+            bases,
             replication_token: replication_token.filter(|t| !t.is_empty()),
             http,
         })
     }
 
-    /// The primary's base URL (for logs).
+    fn failover(&self) -> std::sync::MutexGuard<'_, Failover> {
+        // A few integers updated in one step: a panic elsewhere cannot leave them half-written,
+        // so a poisoned lock is still usable.
+        self.failover.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The base URL of the primary's agent in use (the one that answered last), for logs and
+    /// for `?dc=` reads sent to the primary.
     pub fn base(&self) -> &str {
-        &self.base
+        let current = self.failover().current();
+        self.bases.get(current).map_or("", String::as_str)
     }
 
     /// Sends one request. `token` is the caller's (forwarded writes) or, if `None`, the
-    /// replication token. `timeout` bounds the whole exchange.
+    /// replication token. `timeout` bounds each exchange; with several addresses each is asked
+    /// at most once, in the failover policy's order, until one answers with a status below
+    /// 500. When every address fails, the last error (or 5xx answer) is returned.
     pub fn send(
         &self,
         method: &str,
@@ -123,22 +194,70 @@ impl PrimaryClient {
         body: Option<Vec<u8>>,
         timeout: Option<Duration>,
     ) -> Result<PrimaryAnswer> {
-        let url = format!("{}{}", self.base, path_and_query);
+        let count = self.bases.len();
+        let mut asked = vec![false; count];
+        let mut last = None;
+        for _ in 0..count {
+            let index = self.failover().next_attempt(Instant::now());
+            let (Some(base), Some(false)) = (self.bases.get(index), asked.get(index).copied())
+            else {
+                break;
+            };
+            asked[index] = true;
+            let result = self.send_to(base, method, path_and_query, token, body.clone(), timeout);
+            let reason = match &result {
+                Ok(answer) if answer.status >= 500 => Some(FailoverReason::ServerError),
+                Ok(_) => None,
+                Err((_, reason)) => *reason,
+            };
+            let Some(reason) = reason else {
+                if self.failover().succeeded(index) && count > 1 {
+                    tracing::info!(primary = %base, "replication: now using this agent of the primary");
+                }
+                return result.map_err(|(error, _)| error);
+            };
+            let next = {
+                let mut failover = self.failover();
+                failover.failed(index, Instant::now());
+                failover.next_attempt(Instant::now())
+            };
+            if next != index {
+                if let Some(to) = self.bases.get(next) {
+                    tracing::warn!(from = %base, %to, reason = reason.label(), "primary failover");
+                }
+            }
+            last = Some(result.map_err(|(error, _)| error));
+        }
+        last.unwrap_or_else(|| Err(Error::Internal("no primary address".to_owned())))
+    }
+
+    /// One exchange with the agent at `base`; an error carries whether it is a failover reason.
+    fn send_to(
+        &self,
+        base: &str,
+        method: &str,
+        path_and_query: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<PrimaryAnswer, (Error, Option<FailoverReason>)> {
+        let url = format!("{base}{path_and_query}");
         let token = token.or(self.replication_token.as_deref());
         let bound = timeout.unwrap_or(WRITE_TIMEOUT);
         let unreachable = |e: ureq::Error| {
-            match e {
+            let reason = failover_reason(&e);
+            let error = match e {
             ureq::Error::Timeout(which) => Error::Unavailable(format!(
-                "no answer from the agent at {} within {} ({which} timed out): the link between the datacenters may be partitioned",
-                self.base,
+                "no answer from the agent at {base} within {} ({which} timed out): the link between the datacenters may be partitioned",
                 if matches!(which, ureq::Timeout::Connect) {
                     format!("{}s", CONNECT_TIMEOUT.as_secs())
                 } else {
                     format!("{}s", bound.as_secs())
                 }
             )),
-            other => Error::Unavailable(format!("agent at {}: {other}", self.base)),
-        }
+            other => Error::Unavailable(format!("agent at {base}: {other}")),
+        };
+            (error, reason)
         };
         let timeout = Some(bound);
         let mut response = match method {
@@ -174,7 +293,12 @@ impl PrimaryClient {
                     None => builder.send_empty(),
                 }
             }
-            other => return Err(Error::Internal(format!("cannot forward method {other}"))),
+            other => {
+                return Err((
+                    Error::Internal(format!("cannot forward method {other}")),
+                    None,
+                ))
+            }
         }
         .map_err(unreachable)?;
         let status = response.status().as_u16();
@@ -264,5 +388,80 @@ mod tests {
             Some("https://10.0.0.1:8500")
         );
         assert!(tls.base_url("http://10.0.0.1:8500").is_err());
+    }
+    #[test]
+    fn primary_address_is_one_address_or_a_bounded_comma_list() {
+        assert_eq!(
+            split_addresses("10.0.0.1:8500").ok(),
+            Some(vec!["10.0.0.1:8500"])
+        );
+        assert_eq!(
+            split_addresses("a:1, b:2,c:3").ok(),
+            Some(vec!["a:1", "b:2", "c:3"])
+        );
+        assert!(split_addresses("a:1,,b:2").is_err(), "an empty entry");
+        assert!(split_addresses("a:1,").is_err(), "a trailing comma");
+        assert!(split_addresses("a:1,a:1").is_err(), "a repeated address");
+        let many = (0..=MAX_PRIMARY_ADDRESSES)
+            .map(|i| format!("h{i}:1"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(split_addresses(&many).is_err(), "too many addresses");
+        // Each address is checked like a single one: plain http needs the insecure flag.
+        let none = CrossDcTransport::default();
+        assert!(PrimaryClient::new("https://a:1,b:2", None, &none).is_err());
+    }
+
+    #[test]
+    fn a_dead_address_fails_over_to_the_next_and_sticks_to_it() {
+        // The first address refuses connections (a listener bound then closed); the second
+        // answers. Bound to port 0 and closed, so nothing else is asked to pick a port.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.to_string());
+        let live = std::net::TcpListener::bind("127.0.0.1:0");
+        let (Ok(dead), Ok(live)) = (dead, live) else {
+            panic!("cannot bind on loopback");
+        };
+        let Ok(live_address) = live.local_addr() else {
+            panic!("no local address");
+        };
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            // Two requests: both must reach the live agent (the second without retrying the
+            // dead one first, which shows the client stuck to the address that answered).
+            for _ in 0..2 {
+                let Ok((mut stream, _)) = live.accept() else {
+                    return;
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nX-Consul-Index: 7\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        let insecure = CrossDcTransport {
+            allow_insecure_http: true,
+            ..CrossDcTransport::default()
+        };
+        let list = format!("{dead},{live_address}");
+        let Ok(client) = PrimaryClient::new(&list, None, &insecure) else {
+            panic!("a valid list");
+        };
+        assert_eq!(client.base(), format!("http://{dead}"));
+        for _ in 0..2 {
+            let answer = client.send(
+                "GET",
+                "/v1/status/leader",
+                None,
+                None,
+                Some(Duration::from_secs(5)),
+            );
+            assert!(matches!(answer, Ok(ref a) if a.status == 200 && a.index == Some(7)));
+            assert_eq!(client.base(), format!("http://{live_address}"));
+        }
+        let _ = server.join();
     }
 }

@@ -171,9 +171,9 @@ fn apply(agent: &Agent, client: &PrimaryClient, kind: Kind, payload: Value) -> R
     }
     let snapshot: TableSnapshot = serde_json::from_value(payload)
         .map_err(|e| Error::Unavailable(format!("primary sent a malformed snapshot: {e}")))?;
-    let changed = agent
-        .store
-        .write(|tx| snapshot::apply(tx, kind, &snapshot.entries))?;
+    // Replication results, the CA from the primary and federation states are leader duties:
+    // their writes are fenced on this agent's leadership (`Agent::duty_write`).
+    let changed = agent.duty_write(|tx| snapshot::apply(tx, kind, &snapshot.entries))?;
     if changed > 0 {
         tracing::debug!(
             kind = kind.name(),
@@ -267,7 +267,7 @@ fn apply_ca_roots(agent: &Agent, client: &PrimaryClient, payload: Value) -> Resu
             value,
         });
     }
-    agent.store.write(|tx| {
+    agent.duty_write(|tx| {
         if tx.get::<String>(Table::System, CLUSTER_ID_KEY)?.as_deref() != Some(&cluster_id) {
             tx.put(Table::System, CLUSTER_ID_KEY, &cluster_id)?;
         }
@@ -387,7 +387,7 @@ fn publish_once(
         None => {
             let state = state_for(datacenter, desired.clone(), agent_address);
             let key = datacenter.clone();
-            agent.store.write(move |tx| {
+            agent.duty_write(move |tx| {
                 if state.mesh_gateways.is_empty() {
                     tx.delete(Table::FederationStates, &key)?;
                 } else {

@@ -88,6 +88,19 @@ pub struct LoadedTable {
     pub rows: Vec<(String, Stored)>,
 }
 
+/// The leadership a duty write depends on: etcd's election key bound to this agent's lease.
+/// A leader's duty writes carry it, and a backend shared by several agents commits them only
+/// while the key is still bound to that lease, so a deposed leader (paused past its lease, cut
+/// off, or slow) cannot write a duty result after its successor's term began. A backend owned
+/// by one agent (redb) ignores it: that agent leads for as long as it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderFence {
+    /// The election key (`<prefix>/leader`).
+    pub key: String,
+    /// The lease the key must be bound to.
+    pub lease: i64,
+}
+
 /// Why a commit did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -102,6 +115,15 @@ pub enum CommitError {
     /// says so in [`Backend::health`]). The error goes to the client as is.
     #[error(transparent)]
     Failed(#[from] Error),
+    /// The write carried a [`LeaderFence`] and the election key is no longer bound to its
+    /// lease: this agent no longer leads; nothing was written.
+    #[error("fenced: this agent no longer holds the leadership its write depended on (the election key is bound to lease {holder}, not {ours})")]
+    Fenced {
+        /// The lease the election key is bound to now (0: nobody holds it).
+        holder: i64,
+        /// The lease the write depended on.
+        ours: i64,
+    },
 }
 
 /// A durable store behind [`Store`]. Implementations are blocking (the store calls them from
@@ -113,7 +135,11 @@ pub trait Backend: Send + Sync {
     /// Commits `changes` durably and atomically at `changes.index` and returns that index.
     /// Returns only once the commit survives a crash (the write is acknowledged after it).
     /// Must not touch memory: the store applies the change set itself afterwards.
-    fn commit(&self, changes: &ChangeSet) -> Result<u64, CommitError>;
+    ///
+    /// With a `fence` (a leader's duty write), a backend shared by several agents commits only
+    /// if the fence's key is still bound to its lease, in the same atomic step, and answers
+    /// [`CommitError::Fenced`] otherwise; a backend owned by one agent ignores it.
+    fn commit(&self, changes: &ChangeSet, fence: Option<&LeaderFence>) -> Result<u64, CommitError>;
 
     /// For a linearizable (`?consistent`) read: the index memory must have applied before the
     /// read is served, or `None` when memory is always current (one process owns the store).

@@ -42,7 +42,9 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 
-use super::backend::{Backend, ChangeSet, CommitError, Loaded, LoadedTable, TableChange};
+use super::backend::{
+    Backend, ChangeSet, CommitError, LeaderFence, Loaded, LoadedTable, TableChange,
+};
 use super::{codec, Stored, Table};
 use crate::error::{Error, Result};
 
@@ -340,7 +342,7 @@ impl Backend for EtcdBackend {
         Ok(loaded)
     }
 
-    fn commit(&self, changes: &ChangeSet) -> Result<u64, CommitError> {
+    fn commit(&self, changes: &ChangeSet, fence: Option<&LeaderFence>) -> Result<u64, CommitError> {
         let keys = self.keys.clone();
         let index = changes.index.to_string();
         let mut ops = vec![TxnOp::put(keys.index(), index.as_str(), None)];
@@ -394,8 +396,19 @@ impl Backend for EtcdBackend {
                 changes.base_index.to_string(),
             )
         };
+        // A leader's duty write also requires the election key to be bound to its lease, in the
+        // same transaction: a deposed leader's write is refused by etcd itself.
+        let mut compares = vec![compare];
+        let mut otherwise = vec![TxnOp::get(keys.index(), None)];
+        if let Some(fence) = fence {
+            compares.push(Compare::lease(
+                fence.key.as_str(),
+                CompareOp::Equal,
+                fence.lease,
+            ));
+            otherwise.push(TxnOp::get(fence.key.as_str(), None));
+        }
         let mut client = self.client.clone();
-        let index_key = keys.index();
         let answer = call(&self.handle, CALL_TIMEOUT, async move {
             for (_, rows_prefix, kept) in &to_clear {
                 let options = GetOptions::new().with_prefix().with_keys_only();
@@ -407,10 +420,7 @@ impl Backend for EtcdBackend {
                     }
                 }
             }
-            let txn = Txn::new()
-                .when(vec![compare])
-                .and_then(ops)
-                .or_else(vec![TxnOp::get(index_key, None)]);
+            let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
             client.txn(txn).await
         })
         .map_err(|_| {
@@ -428,13 +438,32 @@ impl Backend for EtcdBackend {
         if answer.succeeded() {
             return Ok(changes.index);
         }
-        let current = answer
+        let gets: Vec<_> = answer
             .op_responses()
-            .iter()
-            .find_map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| parse_index(kv.value())),
+            .into_iter()
+            .filter_map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get),
                 _ => None,
             })
+            .collect();
+        if let Some(fence) = fence {
+            // The second get is the election key's: a missing key (0) or another lease means
+            // this agent no longer leads, whatever the index did.
+            let holder = gets
+                .get(1)
+                .and_then(|get| get.kvs().first())
+                .map_or(0, |kv| kv.lease());
+            if holder != fence.lease {
+                return Err(CommitError::Fenced {
+                    holder,
+                    ours: fence.lease,
+                });
+            }
+        }
+        let current = gets
+            .first()
+            .and_then(|get| get.kvs().first())
+            .and_then(|kv| parse_index(kv.value()))
             .unwrap_or(0);
         Err(CommitError::Conflict { current })
     }

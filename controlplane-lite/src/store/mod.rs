@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-pub use self::backend::{Backend, ChangeSet, CommitError, TableChange};
+pub use self::backend::{Backend, ChangeSet, CommitError, LeaderFence, TableChange};
 pub use self::memory::Index;
 use self::memory::Memory;
 pub use self::redb::RECOVERY_INTERVAL;
@@ -309,7 +309,19 @@ impl Store {
     /// times: `body` must not have effects outside the transaction.
     ///
     /// This blocks on `fsync`: call it from a blocking context (see `http::write`).
-    pub fn write<R>(&self, mut body: impl FnMut(&mut Transaction<'_>) -> Result<R>) -> Result<R> {
+    pub fn write<R>(&self, body: impl FnMut(&mut Transaction<'_>) -> Result<R>) -> Result<R> {
+        self.write_fenced(None, body)
+    }
+
+    /// [`Store::write`] for a write made because this agent leads (a duty's result): with a
+    /// `fence`, a shared backend commits it only while the election key is still bound to the
+    /// fence's lease. A refused write is counted (`controlplane_leader_fenced_writes_total`),
+    /// logged, and answered [`Error::NotLeader`]; nothing was written.
+    pub fn write_fenced<R>(
+        &self,
+        fence: Option<&LeaderFence>,
+        mut body: impl FnMut(&mut Transaction<'_>) -> Result<R>,
+    ) -> Result<R> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -330,7 +342,7 @@ impl Store {
                 return Ok(result);
             }
             let started = Instant::now();
-            match self.backend.commit(&changes) {
+            match self.backend.commit(&changes, fence) {
                 Ok(index) if index == changes.index => {
                     self.metrics.observe_commit(started.elapsed());
                     self.apply(&changes);
@@ -358,6 +370,11 @@ impl Store {
                     self.wait_applied(current, CATCH_UP_WAIT)?;
                 }
                 Err(CommitError::Failed(error)) => return Err(error),
+                Err(fenced @ CommitError::Fenced { .. }) => {
+                    self.metrics.count_fenced_write();
+                    tracing::warn!(error = %fenced, index = changes.index, "a leader-duty write was refused: this agent was deposed");
+                    return Err(Error::NotLeader(fenced.to_string()));
+                }
             }
         }
     }
@@ -798,12 +815,16 @@ mod tests {
         fn load(&self) -> Result<backend::Loaded> {
             self.inner.load()
         }
-        fn commit(&self, changes: &ChangeSet) -> Result<u64, CommitError> {
+        fn commit(
+            &self,
+            changes: &ChangeSet,
+            _fence: Option<&LeaderFence>,
+        ) -> Result<u64, CommitError> {
             if self
                 .injected
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                return self.inner.commit(changes);
+                return self.inner.commit(changes, None);
             }
             let mut other = TableChange::new(Table::Intentions);
             other.rows.insert(
@@ -815,7 +836,7 @@ mod tests {
                 index: changes.base_index + 1,
                 tables: vec![other],
             };
-            let current = self.inner.commit(&remote)?;
+            let current = self.inner.commit(&remote, None)?;
             let sent = self
                 .follower
                 .lock()

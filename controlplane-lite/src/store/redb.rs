@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::backend::{Backend, ChangeSet, CommitError, Loaded, LoadedTable};
+use super::backend::{Backend, ChangeSet, CommitError, LeaderFence, Loaded, LoadedTable};
 use super::codec::{self, VALUE_MAGIC};
 use super::{Stored, Table};
 use crate::error::{Error, Result};
@@ -219,7 +219,13 @@ impl Backend for Redb {
         Ok(Loaded { index, tables })
     }
 
-    fn commit(&self, changes: &ChangeSet) -> Result<u64, CommitError> {
+    fn commit(
+        &self,
+        changes: &ChangeSet,
+        // One process owns a redb file: it leads for as long as it runs, so there is no
+        // deposed leader to fence.
+        _fence: Option<&LeaderFence>,
+    ) -> Result<u64, CommitError> {
         self.recover()?;
         let database = self.handle()?;
         match self.commit_on(&database, changes) {
