@@ -42,8 +42,8 @@ profile() {
     taskset -c 1 "$BENCH" "$@" --target "$ADDR" --hello "$HELLO" --duration 3 --warmup 0.2 --json > "$D/$name.json"
     wait "$perf_pid"
     echo "== $name"
-    perf report -i "$D/$name.data" --no-children --sort dso -q -g none 2>/dev/null | head -4
-    perf report -i "$D/$name.data" --no-children --sort sym -q -g none 2>/dev/null | head -16
+    perf report -i "$D/$name.data" --no-children --sort dso -q -g none 2>/dev/null | head -4 || true
+    perf report -i "$D/$name.data" --no-children --sort sym -q -g none 2>/dev/null | head -16 || true
 }
 profile rr64 rr --connections 64 --request 64
 profile connrate connrate --concurrency 64 --close fin
