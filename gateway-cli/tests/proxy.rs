@@ -656,3 +656,57 @@ fn a_client_reset_is_passed_on_as_a_reset() {
         "a client reset reaches the upstream as a reset"
     );
 }
+
+/// Round trips of 64 bytes on one connection, then a 4 MiB stream (sends that must wait for
+/// room), through a one-worker completion engine with `workers` extra keys and `env`.
+fn completion_engine_relays(workers: &str, env: &[(&str, &str)]) -> Gateway {
+    let backend = echo_backend();
+    let config = format!(
+        "[workers]\ncount = 1\n{workers}\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let mut env = env.to_vec();
+    env.extend([("GATEWAY_ENGINE", "uring"), ("GATEWAY_LOG", "info")]);
+    let gateway = Gateway::start_with_env(&config, &env);
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    let mut echoed = vec![0u8; hello.len()];
+    stream.read_exact(&mut echoed).expect("hello echoed");
+    assert!(echoed == hello, "the hello was replayed unchanged");
+    for round in 0..200u32 {
+        let message = pattern(64, u64::from(round));
+        stream.write_all(&message).expect("request");
+        let mut answer = vec![0u8; message.len()];
+        stream.read_exact(&mut answer).expect("response");
+        assert!(answer == message, "round {round}: bytes intact");
+    }
+    drop(stream);
+    let payload = pattern(4 << 20, 7);
+    let received = echo_exchange(&gateway, &hello, &payload);
+    assert!(received[hello.len()..] == payload[..], "stream intact");
+    gateway
+}
+
+#[test]
+fn the_completion_engine_busy_polls_when_asked_and_relays_every_byte() {
+    // Each answer arrives while the worker spins (2 ms is longer than a loopback round trip).
+    let gateway = completion_engine_relays("busy_poll = \"2ms\"", &[]);
+    let log = gateway.stderr();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("completion engine") && line.contains("busy_poll_us=2000")),
+        "the worker says it spins: {log}"
+    );
+}
+
+#[test]
+fn the_completion_engines_counted_wait_relays_every_byte() {
+    let gateway = completion_engine_relays("", &[("GATEWAY_URING_MIN_WAIT_US", "1000")]);
+    let log = gateway.stderr();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("completion engine") && line.contains("min_wait=1000")),
+        "the worker says it counts: {log}"
+    );
+}

@@ -53,7 +53,19 @@ pub struct Workers {
     /// `None`: one per CPU in the process's affinity mask.
     pub count: Option<usize>,
     pub pin: bool,
+    /// `[workers] busy_poll`: how long a worker spins, watching its ring, before it sleeps in
+    /// the kernel (HAProxy's `busy-polling`, but bounded). `None` (the default): it sleeps at
+    /// once. Only the completion engine (`GATEWAY_ENGINE=uring`) spins.
+    pub busy_poll: Option<Duration>,
 }
+
+/// `busy_poll = true`: spin this long. A loopback round trip through a peer takes tens of
+/// microseconds, so a spin of this length catches the answer to what was just sent.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+
+/// The longest spin `busy_poll` accepts: beyond it a worker would burn its CPU for nothing a
+/// sleep would not do as well.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -275,9 +287,10 @@ impl Config {
 
         let mut workers = Workers::default();
         if let Some(section) = sub_table(table, "workers", errors) {
-            errors.unknown_keys("workers", section, &["count", "pin"]);
+            errors.unknown_keys("workers", section, &["count", "pin", "busy_poll"]);
             workers.count = optional_integer(section, "workers", "count", 1, 1024, errors);
             workers.pin = optional_bool(section, "workers", "pin", errors).unwrap_or(false);
+            workers.busy_poll = busy_poll(section, errors);
         }
 
         let mut timeouts = Timeouts::default();
@@ -394,6 +407,49 @@ impl Config {
             drain,
         })
     }
+}
+
+/// `[workers] busy_poll`: `true` (the default spin), `false`, or a duration up to
+/// [`MAX_BUSY_POLL`], which may be given in microseconds ("50us").
+fn busy_poll(table: &Table, errors: &mut Errors) -> Option<Duration> {
+    let key = "workers.busy_poll";
+    let spin = match table.get("busy_poll")? {
+        Value::Boolean(false) => return None,
+        Value::Boolean(true) => DEFAULT_BUSY_POLL,
+        Value::String(text) => {
+            let parsed = match text.strip_suffix("us") {
+                Some(number) => match number.parse::<u64>() {
+                    Ok(0) => Err(format!("`{text}` must be greater than zero")),
+                    Ok(micros) => Ok(Duration::from_micros(micros)),
+                    Err(_) => Err(format!("`{text}` is not a whole number followed by a unit")),
+                },
+                None => parse_duration(text),
+            };
+            match parsed {
+                Ok(spin) => spin,
+                Err(error) => {
+                    errors.push(key, error);
+                    return None;
+                }
+            }
+        }
+        other => {
+            errors.wrong_type(
+                key,
+                "true, false or a duration string like \"200us\"",
+                other,
+            );
+            return None;
+        }
+    };
+    if spin > MAX_BUSY_POLL {
+        errors.push(
+            key,
+            format!("{spin:?} is longer than the {MAX_BUSY_POLL:?} a spin may last"),
+        );
+        return None;
+    }
+    Some(spin)
 }
 
 /// Parse "10s", "250ms", "5m", "1h" (a whole number and a unit).
@@ -740,6 +796,39 @@ endpoints = ["127.0.0.1:21000", "127.0.0.1:21001"]
 sni = "*.dc2.internal.11111111-2222-3333-4444-555555555555.consul"
 endpoints = ["127.0.0.1:9444"]
 "#;
+
+    #[test]
+    fn busy_poll_is_off_by_default_and_takes_a_bool_or_a_bounded_duration() {
+        let with = |value: &str| {
+            Config::parse(
+                &DESIGN_EXAMPLE.replace("pin = true", &format!("pin = true\nbusy_poll = {value}")),
+            )
+        };
+        let default = Config::parse(DESIGN_EXAMPLE).expect("valid");
+        assert_eq!(default.workers.busy_poll, None);
+        assert_eq!(with("false").expect("valid").workers.busy_poll, None);
+        assert_eq!(
+            with("true").expect("valid").workers.busy_poll,
+            Some(DEFAULT_BUSY_POLL)
+        );
+        assert_eq!(
+            with("\"50us\"").expect("valid").workers.busy_poll,
+            Some(Duration::from_micros(50))
+        );
+        assert_eq!(
+            with("\"2ms\"").expect("valid").workers.busy_poll,
+            Some(Duration::from_millis(2))
+        );
+        for bad in ["\"1s\"", "\"0us\"", "\"fast\"", "3"] {
+            let errors = with(bad).expect_err(bad);
+            assert!(
+                errors
+                    .iter()
+                    .any(|error| error.to_string().contains("workers.busy_poll")),
+                "{bad}: {errors:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_design_example_parses() {

@@ -222,6 +222,7 @@ pub fn serve(
         max_connections_per_worker: max_connections.div_ceil(workers),
         accepting: AtomicBool::new(true),
         redact_addresses: config.access_log.redact_addresses,
+        busy_poll: config.workers.busy_poll,
     });
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut worker_commands = Vec::with_capacity(workers);

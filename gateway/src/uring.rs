@@ -49,6 +49,47 @@ const BUFFER_GROUP: u16 = 0;
 /// Submission queue entries; the completion queue is four times larger so that bursts of
 /// multishot completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
+/// How long a wait that counts on submitted entries completing at once (see
+/// [`Completion::enter`]) may hold a completion back when one of them did not: a send to a
+/// socket whose buffer is full completes later, and the next event then waits this long at
+/// most. The kernel arms a timer of this length for every such wait, and one that fires
+/// before the awaited event costs a wake-up. Off by default (0): it halves the
+/// `io_uring_enter` calls per relayed message, but no CPU or latency gain showed in three
+/// same-run comparisons on the shared 2-vCPU machine (perf/RESULTS.md, "Counted wait"), and a
+/// wrong guess delays other connections' events. `GATEWAY_URING_MIN_WAIT_US=1000` turns it
+/// on for measurement.
+const MIN_WAIT_US: u32 = 0;
+/// Sends up to this size count on completing during their submission (see
+/// [`Completion::enter`]): a message. Larger ones are a stream's, whose destination is more
+/// often full, and a wrong guess there would hold every wait for `MIN_WAIT_US` (measured: bulk
+/// goodput fell by a third when every send counted).
+const SMALL_SEND: usize = 4096;
+/// While busy polling, the clock is read once per this many turns of the spin.
+const SPIN_TURNS_PER_CLOCK_READ: u32 = 64;
+
+// io_uring ABI values the io-uring 0.6 crate does not expose (include/uapi/linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+const IORING_ENTER_EXT_ARG: u32 = 1 << 3;
+const IORING_ENTER_REGISTERED_RING: u32 = 1 << 4;
+const IORING_REGISTER_RING_FDS: libc::c_long = 20;
+
+/// `struct io_uring_getevents_arg` (Linux 6.12+ reads `min_wait_usec`; older kernels call it
+/// padding).
+#[repr(C)]
+struct GeteventsArg {
+    sigmask: u64,
+    sigmask_sz: u32,
+    min_wait_usec: u32,
+    ts: u64,
+}
+
+/// `struct io_uring_rsrc_update`, to register the ring's own descriptor.
+#[repr(C)]
+struct RsrcUpdate {
+    offset: u32,
+    resv: u32,
+    data: u64,
+}
 
 /// Which engine runs the worker's data path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +283,8 @@ struct Conn {
     wanted: [bool; 2],
     /// The receive stopped for want of a buffer: re-armed at the next loop turn.
     starved: [bool; 2],
+    /// A send to this side is with the kernel (index: `side_index`).
+    sending: [bool; 2],
     /// The destination metric slot, once routed.
     slot: Option<usize>,
     /// Relaying started (destination gauge held).
@@ -275,6 +318,18 @@ pub struct Completion {
     worker: Rc<Worker>,
     /// Accepting paused after EMFILE/ENFILE/ENOMEM until this instant.
     accept_paused_until: Option<Instant>,
+    /// The ring's index among the thread's registered ring descriptors: `io_uring_enter`
+    /// then skips looking the ring's descriptor up in the (shared, so atomically counted)
+    /// file table.
+    registered_ring: Option<u32>,
+    /// The counted wait's `min_wait_usec`; 0 when it is off (the kernel is older than 6.12,
+    /// which ignores the field, or `GATEWAY_URING_MIN_WAIT_US=0`).
+    min_wait: u32,
+    /// Entries pushed since the last `io_uring_enter` that usually complete during the
+    /// submission itself (small sends, cancellations, closes).
+    expect_inline: u32,
+    /// `[workers] busy_poll`: spin this long before sleeping on the ring.
+    busy_poll: Option<Duration>,
 }
 
 impl Completion {
@@ -285,10 +340,13 @@ impl Completion {
         let setups = RingSetup::preference();
         let mut built = Err(io::Error::other("no io_uring setup to try"));
         for (index, setup) in setups.iter().enumerate() {
-            built = setup
-                .uring_builder()
-                .setup_cqsize(SQ_ENTRIES * 4)
-                .build(SQ_ENTRIES);
+            let mut builder = setup.uring_builder();
+            if worker.busy_poll().is_some() && *setup == RingSetup::Defer {
+                // The kernel then flags the shared ring when completion work is waiting for
+                // this thread, which a spin can watch without a system call.
+                builder.setup_taskrun_flag();
+            }
+            built = builder.setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES);
             match &built {
                 Ok(_) => {
                     tracing::info!(
@@ -312,7 +370,17 @@ impl Completion {
             ring.submitter()
                 .register_buf_ring(pool.entries as u64, BUFFERS, BUFFER_GROUP)?;
         }
+        let registered_ring = register_ring_fd(&ring);
+        let busy_poll = worker.busy_poll();
         Ok(Completion {
+            busy_poll,
+            registered_ring,
+            min_wait: if kernel_at_least(6, 12) {
+                min_wait_us()
+            } else {
+                0
+            },
+            expect_inline: 0,
             ring,
             conns: Vec::new(),
             free: Vec::new(),
@@ -339,6 +407,98 @@ impl Completion {
         }
     }
 
+    /// Submit what was pushed and wait for the next event, in one `io_uring_enter`.
+    ///
+    /// Entries that complete during the submission (a send to a socket with room, a
+    /// cancellation, a close) post their completions before the wait starts, and a plain
+    /// "wait for 1" would then return at once: one more `io_uring_enter` per relayed message
+    /// just to collect a send's completion. So the wait asks for those completions plus one,
+    /// with `min_wait_usec` bounding the cost of a guess that was wrong (a send that had to
+    /// wait for room): after it, the kernel returns as soon as anything new arrived.
+    fn enter(&mut self) -> io::Result<usize> {
+        let expected = std::mem::take(&mut self.expect_inline);
+        self.enter_waiting(1 + expected)
+    }
+
+    /// `io_uring_enter`: submit what is queued, run completion work due to this thread, and
+    /// wait until `want` completions are in the queue (`want` 0: do not wait).
+    fn enter_waiting(&mut self, want: u32) -> io::Result<usize> {
+        let to_submit = self.ring.submission().len() as u32;
+        let mut flags = IORING_ENTER_GETEVENTS;
+        let fd = match self.registered_ring {
+            Some(index) => {
+                flags |= IORING_ENTER_REGISTERED_RING;
+                index as libc::c_long
+            }
+            None => self.ring.as_raw_fd() as libc::c_long,
+        };
+        let arg = GeteventsArg {
+            sigmask: 0,
+            sigmask_sz: 0,
+            min_wait_usec: self.min_wait,
+            ts: 0,
+        };
+        let (want, arg_pointer, arg_size) = if want > 1 && self.min_wait > 0 {
+            flags |= IORING_ENTER_EXT_ARG;
+            (
+                want,
+                std::ptr::from_ref(&arg).cast::<libc::c_void>(),
+                std::mem::size_of::<GeteventsArg>(),
+            )
+        } else {
+            // Without `min_wait_usec` a wrong guess could hold an event back until the tick.
+            (want.min(1), std::ptr::null(), 0)
+        };
+        // SAFETY: the submission queue entries were written by `push` (their pointers are
+        // valid until completion, see there); `arg` lives until the call returns, and without
+        // `EXT_ARG` the null signal mask means "no mask".
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                libc::c_long::from(to_submit),
+                libc::c_long::from(want),
+                libc::c_long::from(flags),
+                arg_pointer,
+                arg_size,
+            )
+        };
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(result as usize)
+        }
+    }
+
+    /// `[workers] busy_poll`: submit what is queued, then spin for up to `budget` watching the
+    /// completion queue and the kernel's "completion work is waiting" flag, without a system
+    /// call, before the caller sleeps on the ring. True when completions are ready to be
+    /// read (the caller then skips its wait).
+    fn spin(&mut self, budget: Duration) -> bool {
+        self.expect_inline = 0;
+        if let Err(error) = self.enter_waiting(0) {
+            tracing::debug!(%error, "io_uring_enter (busy poll) failed");
+            return false;
+        }
+        let deadline = Instant::now() + budget;
+        let mut turns: u32 = 0;
+        loop {
+            if !self.ring.completion().is_empty() {
+                return true;
+            }
+            if self.ring.submission().taskrun() {
+                // Completions were raised for this thread: an enter that does not wait runs
+                // them into the queue.
+                return self.enter_waiting(0).is_ok();
+            }
+            std::hint::spin_loop();
+            turns = turns.wrapping_add(1);
+            if turns % SPIN_TURNS_PER_CLOCK_READ == 0 && Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
     /// Serve until the thread ends (as the readiness engine, a worker runs for the process's
     /// life).
     pub fn run(
@@ -353,6 +513,9 @@ impl Completion {
         let _ = started.send(Ok(self.worker.id));
         tracing::info!(
             worker = self.worker.id,
+            registered_ring = self.registered_ring.is_some(),
+            min_wait = self.min_wait,
+            busy_poll_us = self.busy_poll.map_or(0, |spin| spin.as_micros() as u64),
             "completion engine: multishot accept and receive, provided buffers"
         );
         self.push(
@@ -364,7 +527,13 @@ impl Completion {
         loop {
             self.pool.provide();
             self.rearm_starved();
-            match self.ring.submit_and_wait(1) {
+            if let Some(budget) = self.busy_poll {
+                if self.spin(budget) {
+                    self.drain_completions(&mut completions, &commands);
+                    continue;
+                }
+            }
+            match self.enter() {
                 Ok(_) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {}
@@ -373,21 +542,30 @@ impl Completion {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            completions.clear();
-            completions.extend(
-                self.ring
-                    .completion()
-                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
-            );
-            for &(data, result, flags) in &completions {
-                let kind = data >> KIND_SHIFT;
-                let index = (data & 0xffff_ffff) as usize;
-                match kind {
-                    ACCEPT => self.accepted(index, result, flags),
-                    TICK_TIMER => self.on_tick(&commands),
-                    UNTRACKED => {}
-                    _ => self.completed(kind, index, result, flags),
-                }
+            self.drain_completions(&mut completions, &commands);
+        }
+    }
+
+    /// Handle every completion in the queue (`completions` is the loop's reused buffer).
+    fn drain_completions(
+        &mut self,
+        completions: &mut Vec<(u64, i32, u32)>,
+        commands: &Receiver<WorkerCommand>,
+    ) {
+        completions.clear();
+        completions.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+        );
+        for &(data, result, flags) in completions.iter() {
+            let kind = data >> KIND_SHIFT;
+            let index = (data & 0xffff_ffff) as usize;
+            match kind {
+                ACCEPT => self.accepted(index, result, flags),
+                TICK_TIMER => self.on_tick(commands),
+                UNTRACKED => {}
+                _ => self.completed(kind, index, result, flags),
             }
         }
     }
@@ -545,6 +723,7 @@ impl Completion {
             receiving: [false; 2],
             wanted: [false; 2],
             starved: [false; 2],
+            sending: [false; 2],
             slot: None,
             relaying: false,
             closed: false,
@@ -623,6 +802,7 @@ impl Completion {
                 } else {
                     Side::Downstream
                 };
+                conn.sending[side_index(side)] = false;
                 if conn.closed {
                     None
                 } else if result >= 0 {
@@ -750,11 +930,15 @@ impl Completion {
                 let pending = conn.machine.pending(side);
                 let (pointer, length) = (pending.as_ptr(), pending.len() as u32);
                 conn.in_flight += 1;
+                conn.sending[side_index(side)] = true;
                 let kind = if side == Side::Upstream {
                     SEND_UPSTREAM
                 } else {
                     SEND_DOWNSTREAM
                 };
+                if length as usize <= SMALL_SEND {
+                    self.expect_inline += 1;
+                }
                 self.push(
                     opcode::Send::new(types::Fd(fd), pointer, length)
                         .flags(libc::MSG_NOSIGNAL)
@@ -917,22 +1101,50 @@ impl Completion {
     /// `maybe_free`): an operation the kernel runs later (a shutdown is always handed to a
     /// kernel worker) looks its descriptor up by number, and a number closed too early may
     /// already belong to the next accepted connection.
+    ///
+    /// Each pending operation is cancelled by its `user_data`, a hashed lookup in the kernel;
+    /// cancelling by descriptor walks every bucket of the ring's poll table (3.6 % of a
+    /// connection's CPU at 64 connections in flight, perf/RESULTS.md). A shutdown is not
+    /// cancelled: it runs to its end in a kernel worker.
     fn cancel_all(&mut self, index: usize, resets: bool) {
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
-        let fds: Vec<RawFd> = [Side::Downstream, Side::Upstream]
-            .into_iter()
-            .filter_map(|side| conn_fd(conn, side))
-            .collect();
-        conn.in_flight += fds.len() as u32;
-        for fd in fds {
-            if resets {
-                // A reset is passed on as a reset (and leaves no TIME_WAIT).
-                let _ = crate::sys::set_linger_zero(fd);
+        if resets {
+            for side in [Side::Downstream, Side::Upstream] {
+                if let Some(fd) = conn_fd(conn, side) {
+                    // A reset is passed on as a reset (and leaves no TIME_WAIT).
+                    let _ = crate::sys::set_linger_zero(fd);
+                }
             }
+        }
+        let mut pending = [0u64; 5];
+        let mut count = 0;
+        for side in [Side::Downstream, Side::Upstream] {
+            let at = side_index(side);
+            if conn.receiving[at] {
+                pending[count] = recv_kind(side);
+                count += 1;
+            }
+            if conn.sending[at] {
+                pending[count] = if side == Side::Upstream {
+                    SEND_UPSTREAM
+                } else {
+                    SEND_DOWNSTREAM
+                };
+                count += 1;
+            }
+        }
+        if conn.connect_to.is_some() {
+            // Its linked timeout ends with it.
+            pending[count] = CONNECT;
+            count += 1;
+        }
+        conn.in_flight += count as u32;
+        for &kind in &pending[..count] {
+            self.expect_inline += 1;
             self.push(
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                opcode::AsyncCancel::new(user_data(kind, index))
                     .build()
                     .user_data(user_data(CANCEL, index)),
             );
@@ -941,6 +1153,7 @@ impl Completion {
 
     /// Close a socket no pending operation refers to.
     fn close_fd(&mut self, fd: RawFd) {
+        self.expect_inline += 1;
         self.push(
             opcode::Close::new(types::Fd(fd))
                 .build()
@@ -1160,6 +1373,54 @@ fn classify_connect(errno: i32) -> ConnectFailure {
         libc::ENETUNREACH | libc::EHOSTUNREACH => ConnectFailure::Unreachable,
         _ => ConnectFailure::Other,
     }
+}
+
+/// Register the ring's descriptor for the calling thread (Linux 5.18+), so that
+/// `io_uring_enter` finds the ring without a file-table lookup. `None` when the kernel refuses:
+/// the engine then enters with the plain descriptor. (The io-uring crate, 0.7 included, keeps
+/// the registration in a `Submitter` that `IoUring::submitter` rebuilds on every call, so it is
+/// done here.)
+fn register_ring_fd(ring: &IoUring) -> Option<u32> {
+    let mut update = RsrcUpdate {
+        offset: u32::MAX,
+        resv: 0,
+        data: ring.as_raw_fd() as u64,
+    };
+    // SAFETY: `update` is a valid `io_uring_rsrc_update` for the duration of the call; the
+    // kernel writes the chosen index into `offset`.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            IORING_REGISTER_RING_FDS,
+            std::ptr::from_mut(&mut update),
+            1,
+        )
+    };
+    (result == 1).then_some(update.offset)
+}
+
+/// The counted wait's bound: [`MIN_WAIT_US`], or `GATEWAY_URING_MIN_WAIT_US` (a measurement
+/// knob, like `GATEWAY_RING_SETUP`).
+fn min_wait_us() -> u32 {
+    std::env::var("GATEWAY_URING_MIN_WAIT_US")
+        .ok()
+        .and_then(|value| value.parse::<u32>().ok())
+        .map_or(MIN_WAIT_US, |micros| micros.min(1_000_000))
+}
+
+/// Whether the running kernel's release is at least `major.minor` (`uname -r`); for ABI
+/// features the io-uring 0.6 crate cannot ask the ring about.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
 }
 
 /// Run a worker on the completion engine if this kernel allows it. `Err` gives the inputs

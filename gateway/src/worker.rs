@@ -81,6 +81,8 @@ pub struct Shared {
     /// `[access_log] redact_addresses`: no client address and no unrouted server name in any
     /// log line, at any level (the access log applies it to its own lines).
     pub redact_addresses: bool,
+    /// `[workers] busy_poll`: how long the completion engine spins before it sleeps.
+    pub busy_poll: Option<std::time::Duration>,
 }
 
 /// The snapshot a connection works with, plus this worker's round-robin cursors for it.
@@ -143,6 +145,10 @@ impl Worker {
     }
 
     /// Per-worker cap on open downstream connections.
+    pub fn busy_poll(&self) -> Option<std::time::Duration> {
+        self.shared.busy_poll
+    }
+
     pub fn max_connections_per_worker(&self) -> usize {
         self.shared.max_connections_per_worker
     }
