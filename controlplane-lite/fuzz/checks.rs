@@ -210,16 +210,26 @@ pub fn registration(data: &[u8]) {
     };
     let taken = BTreeSet::from([21000]);
     for definition in definitions {
+        // A port the definition names is used as given (as Consul does); only a port the
+        // agent picks must be free.
+        let asked_port = definition
+            .connect
+            .as_ref()
+            .and_then(|c| c.sidecar_service.as_ref())
+            .and_then(|s| s.port);
         let Ok(plan) = plan_registration(definition, |port| taken.contains(&port), None) else {
             continue;
         };
         let mut instances = vec![plan.service];
         if let Some(sidecar) = plan.sidecar {
-            assert!(
-                !taken.contains(&sidecar.port),
-                "a new sidecar got a taken port {}",
-                sidecar.port
-            );
+            match asked_port {
+                Some(port) => assert_eq!(sidecar.port, port, "the sidecar port asked for"),
+                None => assert!(
+                    !taken.contains(&sidecar.port),
+                    "a new sidecar got a taken port {}",
+                    sidecar.port
+                ),
+            }
             instances.push(sidecar);
         }
         for instance in instances {
