@@ -1423,9 +1423,13 @@ fn min_wait_us() -> u32 {
 /// measurement knob, like `GATEWAY_URING_MIN_WAIT_US`), rounded to a whole page and bounded
 /// to 4 KiB..=1 MiB.
 fn buffer_bytes() -> usize {
-    std::env::var("GATEWAY_URING_BUFFER_KIB")
-        .ok()
-        .and_then(|value| value.parse::<usize>().ok())
+    buffer_bytes_from(std::env::var("GATEWAY_URING_BUFFER_KIB").ok().as_deref())
+}
+
+/// [`buffer_bytes`] for a given knob value: the pool's layout needs a non-zero, page-aligned
+/// size, and the kernel a length that fits its 32-bit field.
+fn buffer_bytes_from(kib: Option<&str>) -> usize {
+    kib.and_then(|value| value.parse::<usize>().ok())
         .map_or(BUFFER_BYTES, |kib| (kib.clamp(4, 1024) / 4) * 4 * 1024)
 }
 
@@ -1468,5 +1472,22 @@ pub fn run(
             Ok(())
         }
         Err(error) => Err((error, listeners, commands, started)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_size_knob_is_bounded_and_page_aligned() {
+        assert_eq!(buffer_bytes_from(None), BUFFER_BYTES);
+        assert_eq!(buffer_bytes_from(Some("not a number")), BUFFER_BYTES);
+        assert_eq!(buffer_bytes_from(Some("64")), 64 * 1024);
+        // Zero would make an empty layout; a huge value an absurd pool.
+        assert_eq!(buffer_bytes_from(Some("0")), 4 * 1024);
+        assert_eq!(buffer_bytes_from(Some("99999999")), 1024 * 1024);
+        // Rounded down to a whole page.
+        assert_eq!(buffer_bytes_from(Some("70")), 68 * 1024);
     }
 }
