@@ -39,11 +39,15 @@ use crate::metrics::{self, AcceptError, ConnectFailure, HelloOutcome};
 use crate::outcome::{Close, Reason, Side};
 use crate::worker::{RingSetup, Shared, Worker, WorkerCommand, TICK};
 
-/// Size of one provided buffer: a loopback receive rarely returns more than 64 KiB, and half
-/// of that keeps the pool small while bulk flows still move large chunks.
-const BUFFER_BYTES: usize = 32 * 1024;
-/// Buffers in the worker's pool (a power of two, as the kernel requires): 8 MiB per worker,
-/// shared by all its connections and touched only as bytes are in flight.
+/// Size of one provided buffer. A receive takes a whole buffer whatever it reads, so a bulk
+/// flow moves at most this much per receive and per send: 128 KiB cut the completion engine's
+/// CPU per bulk GB to 0.75-0.86x of 32 KiB's in three same-run comparisons (64 KiB: no gain;
+/// 256 KiB: as 128), with request/response and idle memory per connection unchanged
+/// (perf/RESULTS.md, "Round 4"). `GATEWAY_URING_BUFFER_KIB` overrides it for measurement.
+const BUFFER_BYTES: usize = 128 * 1024;
+/// Buffers in the worker's pool (a power of two, as the kernel requires): 32 MiB of address
+/// space per worker, shared by all its connections; pages are touched only as bytes pass
+/// through them (an idle connection holds no buffer).
 const BUFFERS: u16 = 256;
 const BUFFER_GROUP: u16 = 0;
 /// Submission queue entries; the completion queue is four times larger so that bursts of
@@ -144,6 +148,8 @@ fn side_index(side: Side) -> usize {
 /// kernel through a ring of entries it takes from as receives complete.
 struct BufferPool {
     memory: *mut u8,
+    /// Bytes per buffer (see [`buffer_bytes`]).
+    buffer_bytes: usize,
     entries: *mut types::BufRingEntry,
     /// Our copy of the ring's tail (the kernel reads the shared one).
     tail: std::cell::Cell<u16>,
@@ -151,9 +157,10 @@ struct BufferPool {
     returned: RefCell<Vec<u16>>,
 }
 
-fn memory_layout() -> Layout {
-    // A valid layout: non-zero size, power-of-two alignment.
-    Layout::from_size_align(BUFFER_BYTES * BUFFERS as usize, 4096).expect("constant layout")
+fn memory_layout(buffer_bytes: usize) -> Layout {
+    // A valid layout: non-zero size (`buffer_bytes` is at least 4 KiB and at most 1 MiB, see
+    // `buffer_bytes`), power-of-two alignment.
+    Layout::from_size_align(buffer_bytes * BUFFERS as usize, 4096).expect("bounded layout")
 }
 
 fn ring_layout() -> Layout {
@@ -165,11 +172,11 @@ fn ring_layout() -> Layout {
 }
 
 impl BufferPool {
-    fn new() -> io::Result<BufferPool> {
+    fn new(buffer_bytes: usize) -> io::Result<BufferPool> {
         // SAFETY: both layouts have a non-zero size; a null result is checked.
         let (memory, entries) = unsafe {
             (
-                alloc::alloc(memory_layout()),
+                alloc::alloc(memory_layout(buffer_bytes)),
                 alloc::alloc_zeroed(ring_layout()).cast::<types::BufRingEntry>(),
             )
         };
@@ -178,6 +185,7 @@ impl BufferPool {
         }
         let pool = BufferPool {
             memory,
+            buffer_bytes,
             entries,
             tail: std::cell::Cell::new(0),
             returned: RefCell::new((0..BUFFERS).collect()),
@@ -200,8 +208,8 @@ impl BufferPool {
             // published. `bid < BUFFERS`, so the address is inside `memory`.
             unsafe {
                 let entry = &mut *self.entries.add(index);
-                entry.set_addr(self.memory.add(usize::from(bid) * BUFFER_BYTES) as u64);
-                entry.set_len(BUFFER_BYTES as u32);
+                entry.set_addr(self.memory.add(usize::from(bid) * self.buffer_bytes) as u64);
+                entry.set_len(self.buffer_bytes as u32);
                 entry.set_bid(bid);
             }
             tail = tail.wrapping_add(1);
@@ -222,7 +230,7 @@ impl Drop for BufferPool {
         // SAFETY: allocated in `new` with these layouts. The pool is dropped only after the
         // ring (see `Engine` field order), so the kernel no longer uses it.
         unsafe {
-            alloc::dealloc(self.memory, memory_layout());
+            alloc::dealloc(self.memory, memory_layout(self.buffer_bytes));
             alloc::dealloc(self.entries.cast::<u8>(), ring_layout());
         }
     }
@@ -237,12 +245,14 @@ pub struct RingBuffer {
 
 impl AsRef<[u8]> for RingBuffer {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: the kernel wrote `len <= BUFFER_BYTES` bytes into buffer `bid` and will not
+        // SAFETY: the kernel wrote `len <= buffer_bytes` bytes into buffer `bid` and will not
         // write it again before it is provided again, which happens only after this value is
         // dropped. The pool (and its memory) lives as long as this `Rc`.
         unsafe {
             std::slice::from_raw_parts(
-                self.pool.memory.add(usize::from(self.bid) * BUFFER_BYTES),
+                self.pool
+                    .memory
+                    .add(usize::from(self.bid) * self.pool.buffer_bytes),
                 self.len,
             )
         }
@@ -363,7 +373,7 @@ impl Completion {
             }
         }
         let ring = built?;
-        let pool = Rc::new(BufferPool::new()?);
+        let pool = Rc::new(BufferPool::new(buffer_bytes())?);
         // SAFETY: the ring of entries stays allocated until the pool is dropped, which is
         // after the ring (field order), so for as long as the registration exists.
         unsafe {
@@ -1409,6 +1419,20 @@ fn min_wait_us() -> u32 {
         .map_or(MIN_WAIT_US, |micros| micros.min(1_000_000))
 }
 
+/// The provided buffers' size: [`BUFFER_BYTES`], or `GATEWAY_URING_BUFFER_KIB` (a
+/// measurement knob, like `GATEWAY_URING_MIN_WAIT_US`), rounded to a whole page and bounded
+/// to 4 KiB..=1 MiB.
+fn buffer_bytes() -> usize {
+    buffer_bytes_from(std::env::var("GATEWAY_URING_BUFFER_KIB").ok().as_deref())
+}
+
+/// [`buffer_bytes`] for a given knob value: the pool's layout needs a non-zero, page-aligned
+/// size, and the kernel a length that fits its 32-bit field.
+fn buffer_bytes_from(kib: Option<&str>) -> usize {
+    kib.and_then(|value| value.parse::<usize>().ok())
+        .map_or(BUFFER_BYTES, |kib| (kib.clamp(4, 1024) / 4) * 4 * 1024)
+}
+
 /// Whether the running kernel's release is at least `major.minor` (`uname -r`); for ABI
 /// features the io-uring 0.6 crate cannot ask the ring about.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
@@ -1448,5 +1472,22 @@ pub fn run(
             Ok(())
         }
         Err(error) => Err((error, listeners, commands, started)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_size_knob_is_bounded_and_page_aligned() {
+        assert_eq!(buffer_bytes_from(None), BUFFER_BYTES);
+        assert_eq!(buffer_bytes_from(Some("not a number")), BUFFER_BYTES);
+        assert_eq!(buffer_bytes_from(Some("64")), 64 * 1024);
+        // Zero would make an empty layout; a huge value an absurd pool.
+        assert_eq!(buffer_bytes_from(Some("0")), 4 * 1024);
+        assert_eq!(buffer_bytes_from(Some("99999999")), 1024 * 1024);
+        // Rounded down to a whole page.
+        assert_eq!(buffer_bytes_from(Some("70")), 68 * 1024);
     }
 }
