@@ -56,22 +56,6 @@ impl Http {
     }
 }
 
-fn etcd_flags(cluster_endpoints: &str, prefix: &str) -> Vec<String> {
-    [
-        "-store",
-        "etcd",
-        "-etcd-endpoints",
-        cluster_endpoints,
-        "-etcd-prefix",
-        prefix,
-        "-etcd-lease-ttl",
-        "2",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
-}
-
 fn start(dir: &TempDir, flags: &[String]) -> Agent {
     Agent::start_in(dir.path(), "dc1", &common::refs(flags))
 }
@@ -129,7 +113,7 @@ fn watch(address: String, stop: Arc<AtomicBool>, into: Arc<Mutex<Watched>>) {
 #[test]
 fn failover_under_load_loses_no_acknowledged_write() {
     let cluster = EtcdCluster::start("ha");
-    let flags = etcd_flags(&cluster.endpoints, "/meshgw-test/ha/dc1");
+    let flags = common::etcd::agent_flags(&cluster.endpoints, "/meshgw-test/ha/dc1");
     let dirs: Vec<TempDir> = (0..3).map(|i| TempDir::new(&format!("ha{i}"))).collect();
     let mut agents: Vec<Agent> = dirs.iter().map(|d| start(d, &flags)).collect();
     let addresses: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
@@ -326,7 +310,7 @@ fn an_agent_cut_off_from_a_quorum_refuses_writes_and_answers_only_stale_reads() 
     // The agent reaches member 3 only; killing 1 and 2 leaves it with a member that has no
     // quorum: cut off, though its socket still answers.
     let only_m3 = cluster.endpoint_list()[2].clone();
-    let flags = etcd_flags(&only_m3, "/meshgw-test/iso/dc1");
+    let flags = common::etcd::agent_flags(&only_m3, "/meshgw-test/iso/dc1");
     let dir = TempDir::new("iso");
     let agent = start(&dir, &flags);
     let http = Http::new(Duration::from_secs(15));
@@ -429,7 +413,7 @@ fn an_idle_agent_keeps_its_etcd_connection_and_answers_every_read() {
     // idle; the agent's watch then broke every 8 s and default reads were refused until it
     // reconnected. Idle for three of those periods, every read must be answered.
     let cluster = EtcdCluster::start("idle");
-    let flags = etcd_flags(&cluster.endpoints, "/meshgw-test/idle/dc1");
+    let flags = common::etcd::agent_flags(&cluster.endpoints, "/meshgw-test/idle/dc1");
     let dir = TempDir::new("idle");
     let agent = start(&dir, &flags);
     let http = Http::new(Duration::from_secs(15));

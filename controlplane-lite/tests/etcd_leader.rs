@@ -6,33 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::election::{candidate, Candidate};
 use common::etcd::EtcdCluster;
-use controlplane_lite::leader::{self, Keys, Verdict};
-
-struct Candidate {
-    verdict: tokio::sync::watch::Receiver<Verdict>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn candidate(endpoints: &str, prefix: &str, node: &str, ttl: Duration) -> Candidate {
-    let list = controlplane_lite::etcd::parse_endpoints(endpoints).expect("endpoints");
-    let client = controlplane_lite::etcd::connect(&list, Duration::from_secs(10))
-        .await
-        .expect("etcd answers over its unix sockets");
-    let (verdict_tx, verdict) = tokio::sync::watch::channel(Verdict::default());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let keys = Keys::new(prefix, node);
-    let address = format!("{node}.example:8500");
-    let task = tokio::spawn(async move {
-        leader::run(client, keys, address, ttl, &verdict_tx, stop_rx).await;
-    });
-    Candidate {
-        verdict,
-        stop,
-        task,
-    }
-}
+use controlplane_lite::leader::{self, Keys};
 
 fn leaders(candidates: &[&Candidate]) -> usize {
     candidates

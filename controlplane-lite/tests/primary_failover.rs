@@ -12,22 +12,6 @@ use common::{
     eventually, owned, primary_flags, refs, secondary_flags, start_primary, Agent, TempDir,
 };
 
-fn etcd_flags(endpoints: &str, prefix: &str) -> Vec<String> {
-    [
-        "-store",
-        "etcd",
-        "-etcd-endpoints",
-        endpoints,
-        "-etcd-prefix",
-        prefix,
-        "-etcd-lease-ttl",
-        "2",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
-}
-
 /// Creates an intention through `agent` and returns its ID.
 fn create_intention(agent: &Agent, token: &str, source: &str) -> String {
     let body = format!(r#"{{"SourceName":"{source}","DestinationName":"socat","Action":"deny"}}"#);
@@ -42,7 +26,7 @@ fn create_intention(agent: &Agent, token: &str, source: &str) -> String {
 #[test]
 fn a_secondary_fails_over_along_its_primary_address_list() {
     let cluster = EtcdCluster::start("pfo");
-    let etcd = etcd_flags(&cluster.endpoints, "/meshgw/pfo/primary");
+    let etcd = common::etcd::agent_flags(&cluster.endpoints, "/meshgw/pfo/primary");
     let (dir_a, dir_b, dir_s) = (
         TempDir::new("pfo-a"),
         TempDir::new("pfo-b"),
@@ -101,7 +85,7 @@ fn a_secondarys_replication_resumes_on_the_survivor_after_its_leader_dies() {
         &replication,
         owned(
             &["-primary-insecure-http"],
-            etcd_flags(&cluster.endpoints, "/meshgw/slag/secondary"),
+            common::etcd::agent_flags(&cluster.endpoints, "/meshgw/slag/secondary"),
         ),
     );
     let mut agents = vec![

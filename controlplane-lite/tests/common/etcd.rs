@@ -10,6 +10,24 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster")
 }
 
+/// The flags that put an agent on the cluster at `endpoints` under `prefix`, with a 2 s lease
+/// so elections settle fast.
+pub fn agent_flags(endpoints: &str, prefix: &str) -> Vec<String> {
+    [
+        "-store",
+        "etcd",
+        "-etcd-endpoints",
+        endpoints,
+        "-etcd-prefix",
+        prefix,
+        "-etcd-lease-ttl",
+        "2",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
 /// A running cluster; stopped on drop.
 pub struct EtcdCluster {
     dir: PathBuf,

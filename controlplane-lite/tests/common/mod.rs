@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod election;
 pub mod etcd;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_controlplane-lite");
