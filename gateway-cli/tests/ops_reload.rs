@@ -155,8 +155,13 @@ fn fifty_reloads_under_load_fail_truncate_or_misroute_nothing() {
         })
         .collect();
     // The long-lived connections keep talking, each to the backend it started with.
+    let probe_rounds = Arc::new(AtomicUsize::new(0));
     let prober = {
-        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+        let (stop, failures, published) = (
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&probe_rounds),
+        );
         thread::spawn(move || {
             let mut rounds = 0u64;
             while !stop.load(Ordering::Relaxed) && rounds < 1000 {
@@ -169,6 +174,7 @@ fn fifty_reloads_under_load_fail_truncate_or_misroute_nothing() {
                     }
                 }
                 rounds += 1;
+                published.store(rounds as usize, Ordering::Relaxed);
             }
             (long, rounds)
         })
@@ -191,7 +197,27 @@ fn fifty_reloads_under_load_fail_truncate_or_misroute_nothing() {
             "reload {reload}: a new connection uses the new route"
         );
         finish(stream).expect("clean close");
-        thread::sleep(Duration::from_millis(20));
+        // The next reload waits until the load has moved since this one: at least three new
+        // connections, and a probe of every long-lived one each tenth reload. A fixed pause
+        // here once let a loaded machine run all fifty reloads before the load had done two
+        // rounds, and the test measured nothing it claimed to.
+        let (fresh_before, probes_before) = (
+            fresh_done.load(Ordering::Relaxed),
+            probe_rounds.load(Ordering::Relaxed),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fresh_done.load(Ordering::Relaxed) < fresh_before + 3
+            || (reload % 10 == 0 && probe_rounds.load(Ordering::Relaxed) <= probes_before)
+        {
+            assert!(
+                Instant::now() < deadline && failures.lock().expect("lock").is_empty(),
+                "reload {reload}: the load stopped moving ({} new connections, {} probe rounds; failures: {:?})",
+                fresh_done.load(Ordering::Relaxed),
+                probe_rounds.load(Ordering::Relaxed),
+                failures.lock().expect("lock").first()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
     }
     // One more through SIGHUP.
     write_routes(&gateway, &sni, a);
