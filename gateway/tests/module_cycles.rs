@@ -3,6 +3,8 @@
 //! the cycle"). This test reads the crate's own `src/` at test time, collects every
 //! `crate::module` reference of every module (in `use` lines and in paths), and fails naming
 //! the cycle when the graph has one. A cycle kept on purpose goes into `ALLOWED`, with why.
+//! Only `crate::` paths are followed: a `super::` path that climbs out of a top-level module
+//! would be missed (there is none; the crate's style is `crate::` paths between modules).
 //!
 //! `scripts/check-module-cycles` runs this test on its own.
 
