@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use crate::config::{AccessLog, AccessLogTarget};
+use crate::outcome::Close;
 
 /// Facts gathered for one connection's line (both engines fill one in); this module is the
 /// one owner of the line's format.
@@ -35,6 +36,41 @@ pub struct Record<'a> {
     pub bytes_sent: u64,
     pub termination: &'static str,
     pub flags: &'static str,
+}
+
+impl<'a> Record<'a> {
+    /// The record of a connection accepted at `started` by worker `worker` on the listener
+    /// named `listener`; the rest is filled in as the connection goes on.
+    pub fn new(
+        listener: &'a str,
+        worker: usize,
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+        started: Instant,
+    ) -> Record<'a> {
+        Record {
+            listener,
+            worker,
+            client,
+            local,
+            started,
+            started_wall: SystemTime::now(),
+            server_name: None,
+            route: None,
+            upstream: None,
+            upstream_connect: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+            termination: "",
+            flags: "-",
+        }
+    }
+
+    /// Say how the connection ended (its termination and Envoy's response flags).
+    pub fn end(&mut self, close: Close) {
+        self.termination = close.termination();
+        self.flags = close.flag();
+    }
 }
 
 /// Lines buffered between the workers and the writer (about 30 MB of lines at worst).

@@ -3,7 +3,7 @@
 //! bytes, relay both ways, count, log.
 //!
 //! Every decision comes from the pure cores (`clienthello::parse`, `RouteTable::lookup`,
-//! `EndpointPicker`); this file only does the IO around them.
+//! `balance::Balancer`); this file only does the IO around them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 
 use crate::access_log::Record;
+use crate::balance::WorkerSnapshot;
 use crate::clienthello::{self, ClientHello, Verdict};
-use crate::metrics::{self, ConnectFailure, DestinationStats, HelloOutcome};
-use crate::outcome::{Close, Reason, Side};
+use crate::context::WorkerContext;
+use crate::metrics::{self, ConnectFailure, DestinationStats};
+use crate::outcome::{Close, HelloOutcome, Reason, Side};
 use crate::relay::{self, Direction, End};
 use crate::routes::Lookup;
 use crate::sys;
-use crate::worker::{Worker, WorkerSnapshot};
 
 /// The bytes to replay upstream and what the parser found in them.
 struct FirstFlight {
@@ -28,33 +29,7 @@ struct FirstFlight {
     hello: ClientHello,
 }
 
-impl<'a> Record<'a> {
-    fn new(
-        worker: &'a Worker,
-        listener_index: usize,
-        local: Option<SocketAddr>,
-        peer: SocketAddr,
-        started: Instant,
-    ) -> Record<'a> {
-        Record {
-            listener: worker.listener_name(listener_index),
-            worker: worker.id,
-            client: peer,
-            local,
-            started,
-            started_wall: std::time::SystemTime::now(),
-            server_name: None,
-            route: None,
-            upstream: None,
-            upstream_connect: None,
-            bytes_received: 0,
-            bytes_sent: 0,
-            termination: "",
-            flags: "-",
-        }
-    }
-}
-
+/// Serve one accepted connection until it closes.
 ///
 /// Written as a function returning an `async move` block rather than an `async fn`: an
 /// `async fn` moves its arguments into locals, keeping two copies of the 80-byte stream in
@@ -62,7 +37,7 @@ impl<'a> Record<'a> {
 /// `-Zprint-type-sizes`: 952 → 728 bytes per connection).
 #[allow(clippy::manual_async_fn)]
 pub fn serve(
-    worker: Rc<Worker>,
+    worker: Rc<WorkerContext>,
     listener_index: usize,
     client: TcpStream,
     peer: SocketAddr,
@@ -76,7 +51,7 @@ pub fn serve(
         // of every connection otherwise.
         let mut record = worker.access_log_enabled().then(|| {
             let local = client.local_addr().ok();
-            Box::new(Record::new(&worker, listener_index, local, peer, started))
+            Box::new(worker.access_record(listener_index, local, peer, started))
         });
 
         // Phase 1, boxed: its state (the first flight, the deadline and connect timers) is freed
@@ -103,7 +78,7 @@ pub fn serve(
         let _pair = ActiveGuard::new(&[&destination.active]);
         let (to_upstream, to_downstream) = monoio::join!(
             relay::pump(
-                &worker,
+                &worker.scratch,
                 &client,
                 &upstream,
                 &shared,
@@ -111,7 +86,7 @@ pub fn serve(
                 destination
             ),
             relay::pump(
-                &worker,
+                &worker.scratch,
                 &upstream,
                 &client,
                 &shared,
@@ -143,7 +118,7 @@ struct Established {
 /// Read the ClientHello, route it, connect, replay. `None` when the connection ended here (it
 /// was counted and logged).
 async fn establish(
-    worker: &Rc<Worker>,
+    worker: &Rc<WorkerContext>,
     listener_index: usize,
     client: &TcpStream,
     peer: SocketAddr,
@@ -276,7 +251,7 @@ async fn establish(
 
 /// Count and log the end of a proxied pair.
 fn finish(
-    worker: &Worker,
+    worker: &WorkerContext,
     listener_index: usize,
     started: Instant,
     destination: &DestinationStats,
@@ -293,30 +268,10 @@ fn finish(
     log(worker, record, close);
 }
 
-/// The access-log line of a connection refused right after accept (e.g. `max_connections`,
-/// Envoy's UO): the same record as every other connection, so the fields cannot drift apart.
-pub fn log_refused(
-    worker: &Worker,
-    listener_index: usize,
-    local: Option<SocketAddr>,
-    peer: SocketAddr,
-    close: Close,
-) {
-    let mut record = Some(Box::new(Record::new(
-        worker,
-        listener_index,
-        local,
-        peer,
-        Instant::now(),
-    )));
-    log(worker, &mut record, close);
-}
-
 /// Write the access-log line, if there is an access log.
-fn log(worker: &Worker, record: &mut Option<Box<Record<'_>>>, close: Close) {
+fn log(worker: &WorkerContext, record: &mut Option<Box<Record<'_>>>, close: Close) {
     if let Some(record) = record.as_mut() {
-        record.termination = close.termination();
-        record.flags = close.flag();
+        record.end(close);
         worker.log_access(record);
     }
 }
@@ -347,7 +302,7 @@ fn close_reason(a: End, b: End, shared: &relay::Shared) -> Close {
 /// Read until the parser has a verdict. The first read goes into the worker's scratch buffer;
 /// only a ClientHello split over several reads is accumulated in a buffer of its own.
 async fn read_first_flight(
-    worker: &Worker,
+    worker: &WorkerContext,
     client: &TcpStream,
     max_bytes: usize,
     deadline: Instant,
@@ -410,7 +365,7 @@ async fn read_first_flight(
 /// ones if every healthy one failed (or there were none). On failure, the close: `UH` when no
 /// endpoint was healthy to begin with, `UF` when connects failed.
 async fn connect(
-    worker: &Worker,
+    worker: &WorkerContext,
     snapshot: &WorkerSnapshot,
     cluster_index: usize,
     stats: &DestinationStats,

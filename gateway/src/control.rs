@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::access_log::AccessLogControl;
 use crate::config::{Config, ConfigError, Listener};
+use crate::context::{Shared, WorkerCommand};
 use crate::handover::{Offer, OfferedListener};
 use crate::logging::LogFilter;
 use crate::metrics::{Metrics, ReloadSource};
@@ -20,10 +21,9 @@ use crate::notify::Notifier;
 use crate::route_source::RouteOrigin;
 use crate::routes::{RouteSpec, RouteTable};
 use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::worker::{Shared, WorkerCommand};
 
 /// A worker whose heartbeat has not moved for this long is reported unhealthy (it beats
-/// every `worker::TICK`).
+/// every `context::TICK`).
 const HEARTBEAT_STALE: Duration = Duration::from_secs(3);
 
 /// An open listener: its metric slot and the control thread's own copies (dups) of the
@@ -241,8 +241,11 @@ impl Control {
 
     /// `/metrics`: the gateway's own, with the route source's.
     pub fn render_metrics(&self) -> String {
-        self.metrics
-            .render(&self.snapshot.load(), self.routes.source())
+        self.metrics.render(&self.snapshot.load(), |out| {
+            if let Some(source) = self.routes.source() {
+                source.render_metrics(out);
+            }
+        })
     }
 
     /// Work out which listeners to close and which to open, binding the new ones now so a

@@ -6,8 +6,10 @@ pub use gateway_proto::{clienthello, routes};
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod connection;
+pub mod context;
 pub mod control;
 pub mod handover;
 pub mod lifecycle;
@@ -19,6 +21,7 @@ pub mod outcome;
 pub mod passfd;
 pub mod process_metrics;
 pub mod relay;
+pub mod ring_setup;
 pub mod route_source;
 pub mod run;
 pub mod snapshot;

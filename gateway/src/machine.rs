@@ -16,11 +16,11 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::balance::{EndpointOrder, WorkerSnapshot};
 use crate::clienthello::{self, Verdict};
-use crate::metrics::{ConnectFailure, HelloOutcome};
-use crate::outcome::{Close, Reason, Side};
+use crate::metrics::ConnectFailure;
+use crate::outcome::{Close, HelloOutcome, Reason, Side};
 use crate::routes::Lookup;
-use crate::worker::{EndpointOrder, WorkerSnapshot};
 
 /// Buffers queued for one side before the machine stops receiving from the other: a peer
 /// that reads slowly holds at most this many of the worker's shared buffers.

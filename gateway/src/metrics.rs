@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::clienthello::Reject;
 use crate::config::MAX_LISTENERS;
-use crate::outcome::Close;
+use crate::outcome::{Close, HelloOutcome};
 
 pub use registry::{Registry, MAX_DESTINATIONS};
 
@@ -37,22 +37,9 @@ pub fn sub(counter: &AtomicU64, amount: u64) {
     );
 }
 
-/// Outcome of reading the first flight, beyond the parser's own rejections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HelloOutcome {
-    SniFound,
-    SniMissing,
-    Rejected(Reject),
-    /// The deadline passed before a whole ClientHello arrived.
-    Timeout,
-    /// The client closed before a whole ClientHello arrived.
-    Eof,
-    /// Reading from the client failed (reset).
-    ReadError,
-}
-
 const HELLO_OUTCOMES: usize = Reject::ALL.len() + 5;
 
+/// The metric index and label of each outcome (the type itself lives in `outcome`).
 impl HelloOutcome {
     fn index(self) -> usize {
         match self {

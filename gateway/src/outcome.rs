@@ -3,7 +3,22 @@
 //! linkerd's `errno` are the models). Every path that ends a connection, whatever engine runs
 //! it, builds one of these; nothing else spells a flag or a termination literal.
 
-use crate::metrics::HelloOutcome;
+use crate::clienthello::Reject;
+
+/// Outcome of reading the first flight, beyond the parser's own rejections (counted per
+/// listener in `metrics`; its failures end a connection as `Reason::Hello`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloOutcome {
+    SniFound,
+    SniMissing,
+    Rejected(Reject),
+    /// The deadline passed before a whole ClientHello arrived.
+    Timeout,
+    /// The client closed before a whole ClientHello arrived.
+    Eof,
+    /// Reading from the client failed (reset).
+    ReadError,
+}
 
 /// Which party a close is attributed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Moving bytes both ways after the ClientHello was forwarded.
 //!
-//! Readiness first, then a non-blocking `recv` into the worker's one scratch buffer and an
+//! Readiness first, then a non-blocking `recv` into the worker's one [`Scratch`] buffer and an
 //! immediate non-blocking `send` of what was read. Only when the destination cannot take all
 //! of it (backpressure) is the rest copied into a buffer owned by this direction, and that
 //! buffer is freed once it drains. So an idle proxied connection holds no data buffer at all:
@@ -35,7 +35,33 @@ use monoio::net::TcpStream;
 use crate::metrics::{self, DestinationStats};
 use crate::outcome::Side;
 use crate::sys;
-use crate::worker::Worker;
+
+/// The size of a worker's [`Scratch`] buffer: 64 KiB matches the largest chunk a loopback TCP
+/// receive usually returns in one call and the ClientHello cap.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// A worker's one copy buffer: every relay read lands here first (and the first ClientHello
+/// read, see `connection`). The relay defines it; the worker owns one and lends it to each
+/// [`pump`] and ClientHello read. It is borrowed only between awaits, never across one.
+pub struct Scratch(RefCell<Box<[u8]>>);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch(RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()))
+    }
+
+    /// The buffer, for one read and the send of what it read (panics if already borrowed,
+    /// which would mean a borrow held across an await: a bug).
+    pub fn borrow_mut(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
+        self.0.borrow_mut()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch::new()
+    }
+}
 
 /// How many full scratch-buffer reads one direction performs before it yields back to its
 /// readiness wait, so that one bulk flow cannot starve the worker's other connections.
@@ -325,7 +351,7 @@ impl Shared {
 
 /// Relay one direction until it ends.
 pub async fn pump(
-    worker: &Worker,
+    scratch: &Scratch,
     source: &TcpStream,
     destination: &TcpStream,
     shared: &Shared,
@@ -372,7 +398,7 @@ pub async fn pump(
         for _ in 0..READS_PER_WAKE {
             // The scratch buffer is borrowed only between awaits.
             let outcome = {
-                let mut scratch = worker.scratch.borrow_mut();
+                let mut scratch = scratch.borrow_mut();
                 match sys::recv(source_fd, &mut scratch) {
                     Ok(0) => Read::Eof,
                     Ok(read) => {

@@ -9,13 +9,14 @@ use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::context::Shared;
 use crate::control::{Control, ControlParts, ListenerEntry};
 use crate::logging::LogFilter;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::route_source::RouteOrigin;
 use crate::snapshot::Snapshot;
-use crate::worker::{self, Shared};
+use crate::worker;
 
 /// Tell whoever started us the addresses we bound, one line each on stdout, then
 /// `gateway bound: done`. A listener or admin address with port 0 is only known here, so

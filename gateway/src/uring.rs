@@ -34,10 +34,11 @@ use std::time::{Duration, Instant, SystemTime};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::access_log::Record;
+use crate::context::{Shared, WorkerCommand, WorkerContext, TICK};
 use crate::machine::{Action, Input, Machine, Note, Output};
-use crate::metrics::{self, AcceptError, ConnectFailure, HelloOutcome};
-use crate::outcome::{Close, Reason, Side};
-use crate::worker::{RingSetup, Shared, Worker, WorkerCommand, TICK};
+use crate::metrics::{self, AcceptError, ConnectFailure};
+use crate::outcome::{Close, HelloOutcome, Reason, Side};
+use crate::ring_setup::RingSetup;
 
 /// Size of one provided buffer. A receive takes a whole buffer whatever it reads, so a bulk
 /// flow moves at most this much per receive and per send: 128 KiB cut the completion engine's
@@ -325,7 +326,7 @@ pub struct Completion {
     tick: Box<types::Timespec>,
     /// The machines' actions and notes, one buffer reused for every connection.
     out: Output,
-    worker: Rc<Worker>,
+    worker: Rc<WorkerContext>,
     /// Accepting paused after EMFILE/ENFILE/ENOMEM until this instant.
     accept_paused_until: Option<Instant>,
     /// The ring's index among the thread's registered ring descriptors: `io_uring_enter`
@@ -346,7 +347,7 @@ impl Completion {
     /// Set up the ring (the best setup this kernel accepts, as the readiness engine:
     /// `SINGLE_ISSUER|DEFER_TASKRUN` first) and the buffer pool. An error means this kernel
     /// lacks something the engine needs; the caller falls back to readiness.
-    pub fn new(worker: Rc<Worker>) -> io::Result<Completion> {
+    pub fn new(worker: Rc<WorkerContext>) -> io::Result<Completion> {
         let setups = RingSetup::preference();
         let mut built = Err(io::Error::other("no io_uring setup to try"));
         for (index, setup) in setups.iter().enumerate() {
@@ -690,8 +691,7 @@ impl Completion {
             metrics::add(&listener_stats.rejected_max_connections, 1);
             if self.worker.access_log_enabled() {
                 if let Ok(peer) = stream.peer_addr() {
-                    crate::connection::log_refused(
-                        &self.worker,
+                    self.worker.log_refused(
                         listener,
                         stream.local_addr().ok(),
                         peer,
@@ -1316,7 +1316,7 @@ impl Completion {
 /// The debug lines of a connection that ended before relaying, as the readiness engine writes
 /// them. Never the raw name at info level: it is client-controlled; with redaction on, no
 /// address and no unrouted name at debug level either.
-fn debug_close(worker: &Worker, conn: &Conn, close: Close) {
+fn debug_close(worker: &WorkerContext, conn: &Conn, close: Close) {
     let client = conn
         .client
         .as_ref()
@@ -1465,7 +1465,7 @@ pub fn run(
         std::sync::mpsc::Sender<Result<usize, String>>,
     ),
 > {
-    let worker = Rc::new(Worker::new(id, shared));
+    let worker = Rc::new(WorkerContext::new(id, shared));
     match Completion::new(worker) {
         Ok(engine) => {
             engine.run(listeners, commands, started);

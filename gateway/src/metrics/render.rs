@@ -12,7 +12,6 @@ use super::{
     CONNECT_FAILURES, HELLO_OUTCOMES,
 };
 use crate::outcome::Close;
-use crate::route_source::RouteSource;
 use crate::routes::DestinationLabels;
 use crate::snapshot::Snapshot;
 
@@ -27,8 +26,10 @@ type Header = Option<(Kind, &'static str)>;
 
 impl Metrics {
     /// Render the Prometheus text exposition format (version 0.0.4). `snapshot` is the one in
-    /// force, for endpoint membership; `source` adds a route source's own metrics.
-    pub fn render(&self, snapshot: &Snapshot, source: Option<&dyn RouteSource>) -> String {
+    /// force, for endpoint membership; `extra` appends metrics from outside the gateway's own
+    /// stats (the route source's, see `Control::render_metrics`), so that metrics needs to
+    /// know nothing of who adds them.
+    pub fn render(&self, snapshot: &Snapshot, extra: impl FnOnce(&mut Writer<'_>)) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let mut w = Writer::new(&mut out);
         let listeners = self.registry.named_listeners();
@@ -351,9 +352,7 @@ impl Metrics {
             "Access-log lines dropped because the writer could not keep up.",
             control.access_log_dropped.load(Ordering::Relaxed),
         );
-        if let Some(source) = source {
-            source.render_metrics(&mut w);
-        }
+        extra(&mut w);
         self.render_endpoints(&mut w, snapshot, &destinations);
         crate::process_metrics::render(&mut w, self.start_unix);
         out
@@ -501,7 +500,7 @@ mod tests {
             .config_generation
             .store(3, Ordering::Relaxed);
 
-        let text = metrics.render(&snapshot, None);
+        let text = metrics.render(&snapshot, |_| {});
         let (ours, process) = text
             .split_once("# HELP process_")
             .expect("process metrics at the end");
