@@ -110,11 +110,23 @@ fn chaos_suite_in_two_network_namespaces() {
             && !namespaces.contains(&format!("chaos-secondary-{pid}")),
         "namespaces left behind: {namespaces}"
     );
+    // Only this run's tmpfs: another checkout's suite may be running its own chaos run on the
+    // same machine (a CI clone next to a developer's tests), and its mount is not ours.
+    let work = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("(cleaned up: "))
+        .and_then(|line| line.rsplit(", ").next())
+        .and_then(|dir| dir.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("scripts/chaos did not report its cleanup\n{context}"));
+    assert!(
+        work.starts_with("/tmp/chaos."),
+        "unexpected work directory {work:?}"
+    );
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     assert!(
         !mounts
             .lines()
-            .any(|l| l.starts_with("chaos-data ") && l.contains("/chaos.")),
-        "a chaos tmpfs is still mounted: {mounts}"
+            .any(|l| l.starts_with("chaos-data ") && l.contains(&format!("{work}/"))),
+        "this run's chaos tmpfs ({work}) is still mounted: {mounts}"
     );
 }
