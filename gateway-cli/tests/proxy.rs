@@ -443,6 +443,12 @@ fn a_busy_port_is_a_clear_error() {
         stderr.contains("cannot bind") && stderr.contains(&gateway.listen.to_string()),
         "{stderr}"
     );
+    // It tried again for a while first (a gateway killed a moment ago can still hold the
+    // address), and said so.
+    assert!(
+        stderr.contains("listener address in use; trying again"),
+        "{stderr}"
+    );
 }
 
 #[test]

