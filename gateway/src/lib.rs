@@ -19,6 +19,7 @@ pub mod outcome;
 pub mod passfd;
 pub mod process_metrics;
 pub mod relay;
+pub mod relay_mode;
 pub mod route_source;
 pub mod run;
 pub mod snapshot;
