@@ -183,8 +183,9 @@ struct Queue<B> {
     stalled_since: Option<Instant>,
     /// Receiving from the source is paused for backpressure (or because it splices).
     paused: bool,
-    /// The source is spliced through a pipe (a bulk flow).
-    bulk: Option<Bulk>,
+    /// The source is spliced through a pipe (a bulk flow). Boxed: only a bulk flow pays for
+    /// it, and every idle connection's machine stays as small as before splicing existed.
+    bulk: Option<Box<Bulk>>,
 }
 
 /// A spliced direction's state.
@@ -251,7 +252,7 @@ pub struct Machine<B> {
     begun: bool,
     /// Copy, splice, or splice once a receive fills a buffer of `full_receive` bytes.
     mode: Mode,
-    full_receive: usize,
+    full_receive: u32,
 }
 
 /// Where [`Machine::handle_with`] puts what a machine asks for.
@@ -293,7 +294,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             names,
             server_name: None,
             mode: Mode::Copy,
-            full_receive: usize::MAX,
+            full_receive: u32::MAX,
         }
     }
 
@@ -302,7 +303,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
     /// whole buffer).
     pub fn with_relay_mode(mut self, mode: Mode, full_receive: usize) -> Machine<B> {
         self.mode = mode;
-        self.full_receive = full_receive;
+        self.full_receive = u32::try_from(full_receive).unwrap_or(u32::MAX);
         self
     }
 
@@ -468,7 +469,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             return;
         }
         self.last_activity = now;
-        let filled = buffer.as_ref().len() >= self.full_receive;
+        let filled = buffer.as_ref().len() >= self.full_receive as usize;
         let queue = &mut self.queues[slot(other(side))];
         queue.buffers.push_back((Data::Received(buffer), 0));
         if queue.buffers.len() >= MAX_QUEUED && !queue.paused {
@@ -487,10 +488,10 @@ impl<B: AsRef<[u8]>> Machine<B> {
     /// received are sent first), and a readiness poll waits for the next bytes.
     fn enter_bulk(&mut self, source: Side) {
         let queue = &mut self.queues[slot(other(source))];
-        queue.bulk = Some(Bulk {
+        queue.bulk = Some(Box::new(Bulk {
             polling: true,
             ..Bulk::default()
-        });
+        }));
         if !queue.paused {
             queue.paused = true;
             self.actions.push_back(Action::Pause(source));

@@ -314,8 +314,9 @@ struct Conn {
     /// The machine asked for a poll for bytes on this side while its receive was still
     /// ending: armed when the receive's last completion arrives.
     poll_after_receive: [bool; 2],
-    /// The pipe of the direction that reads this side, while it splices.
-    pipes: [Option<crate::sys::Pipe>; 2],
+    /// The pipe of the direction that reads each side, while it splices. Boxed: only a
+    /// connection that ever spliced pays for it (an idle connection's `Conn` stays small).
+    pipes: Option<Box<[Option<crate::sys::Pipe>; 2]>>,
     /// Both sockets were made non-blocking (splice(2) needs it).
     nonblocking: bool,
     /// The destination metric slot, once routed.
@@ -761,7 +762,7 @@ impl Completion {
             polling_in: [false; 2],
             polling_out: [false; 2],
             poll_after_receive: [false; 2],
-            pipes: [None, None],
+            pipes: None,
             nonblocking: false,
             slot: None,
             relaying: false,
@@ -1057,7 +1058,9 @@ impl Completion {
                 conn.poll_after_receive[at] = false;
                 // Empty (the machine leaves splicing only with nothing piped): closing it
                 // loses no byte.
-                conn.pipes[at] = None;
+                if let Some(pipes) = conn.pipes.as_mut() {
+                    pipes[at] = None;
+                }
                 if conn.polling_in[at] {
                     let kind = if side == Side::Upstream {
                         POLL_IN_UPSTREAM
@@ -1555,17 +1558,18 @@ fn splice_in(conn: &mut Conn, side: Side) -> Input<RingBuffer> {
     if prepare_splice(conn).is_err() {
         return Input::NoPipe(side);
     }
-    let at = side_index(side);
-    if conn.pipes[at].is_none() {
+    let pipes = conn.pipes.get_or_insert_with(|| Box::new([None, None]));
+    let pipe = &mut pipes[side_index(side)];
+    if pipe.is_none() {
         match crate::sys::Pipe::new(SPLICE_CHUNK) {
-            Ok(pipe) => conn.pipes[at] = Some(pipe),
+            Ok(made) => *pipe = Some(made),
             Err(error) => {
                 tracing::debug!(%error, "no pipe for a bulk flow; it stays on receives");
                 return Input::NoPipe(side);
             }
         }
     }
-    let Some(pipe) = conn.pipes[at].as_ref() else {
+    let Some(pipe) = pipe.as_ref() else {
         return Input::NoPipe(side);
     };
     match crate::sys::splice(fd, pipe.write.as_raw_fd(), SPLICE_CHUNK) {
@@ -1597,7 +1601,11 @@ fn splice_out(conn: &mut Conn, side: Side) -> Input<RingBuffer> {
         Side::Upstream
     };
     let bytes = conn.machine.piped(side);
-    let Some(pipe) = conn.pipes[side_index(source)].as_ref() else {
+    let Some(pipe) = conn
+        .pipes
+        .as_ref()
+        .and_then(|pipes| pipes[side_index(source)].as_ref())
+    else {
         return Input::Failed(side);
     };
     match crate::sys::splice(pipe.read.as_raw_fd(), fd, bytes) {
