@@ -756,3 +756,48 @@ fn the_completion_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
         );
     }
 }
+
+#[test]
+fn a_client_reset_during_a_spliced_upload_is_passed_on_as_a_reset() {
+    // The backend reads and drops everything, and reports how its read ended.
+    let (ended, endings) = std::sync::mpsc::channel();
+    let ended = std::sync::Mutex::new(ended);
+    let backend = spawn_backend(move |mut stream| {
+        let mut buffer = vec![0u8; 1 << 16];
+        let mut read = 0usize;
+        let outcome = loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break "fin",
+                Ok(n) => read += n,
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(_) => break "error",
+            }
+        };
+        let _ = ended.lock().map(|sender| sender.send((outcome, read)));
+    });
+    let config = format!(
+        "[workers]\ncount = 1\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start_with_env(
+        &config,
+        &[("GATEWAY_ENGINE", "uring"), ("GATEWAY_RELAY_MODE", "auto")],
+    );
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    stream.write_all(&pattern(8 << 20, 9)).expect("upload");
+    // The upload turned to splice before the reset (bounded wait on the counter).
+    assert!(gateway.wait_metric("gateway_relay_spliced_bytes_total", 1.0) >= 1.0);
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream); // RST
+    let (outcome, _read) = endings
+        .recv_timeout(Duration::from_secs(5))
+        .expect("backend saw the end");
+    assert_eq!(
+        outcome, "reset",
+        "a client reset reaches the upstream as a reset"
+    );
+}
