@@ -202,3 +202,44 @@ fn sigusr1_reopens_the_file_for_logrotate() {
         "the old file kept its line and got no more"
     );
 }
+
+#[test]
+fn the_completion_engines_spliced_bytes_are_in_the_access_log_line() {
+    let echo = echo_backend();
+    let sni = testdata_sni(HELLO);
+    let routes = route(&sni, &[echo.address]);
+    let gateway = Gateway::start_from(
+        |listen, admin, dir| {
+            base_config(
+                listen,
+                admin,
+                &format!(
+                    "[access_log]\npath = \"{}\"\n\n{routes}",
+                    dir.join("access.log").display()
+                ),
+            )
+        },
+        &[("GATEWAY_ENGINE", "uring"), ("GATEWAY_RELAY_MODE", "auto")],
+    );
+    let log = gateway.dir.join("access.log");
+    // 16 MiB each way (a bulk flow, spliced), then the client's FIN.
+    let mut sent = testdata(HELLO);
+    sent.extend_from_slice(&pattern(16 << 20, 5));
+    let mut stream = connect(gateway.listen);
+    let mut writer = stream.try_clone().expect("clone");
+    let total = sent.len();
+    let sender = thread::spawn(move || {
+        writer.write_all(&sent).expect("send");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    assert_eq!(read_to_end(&mut stream).len(), total);
+    sender.join().expect("sender");
+    let line = &wait_lines(&log, 1)[0];
+    assert_eq!(line["bytes_received"], total as u64, "{line}");
+    assert_eq!(line["bytes_sent"], total as u64, "{line}");
+    assert_eq!(line["response_flags"], "DC", "{line}");
+    assert!(
+        gateway.metric("gateway_relay_spliced_bytes_total") > 0.0,
+        "the flow was spliced"
+    );
+}

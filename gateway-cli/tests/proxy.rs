@@ -716,3 +716,94 @@ fn the_completion_engines_counted_wait_relays_every_byte() {
         "the worker says it counts: {log}"
     );
 }
+
+#[test]
+fn the_completion_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
+    let backend = echo_backend();
+    let config = format!(
+        "[workers]\ncount = 1\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    // Auto is the default relay mode; named here so the test does not depend on the
+    // environment it runs in.
+    let gateway = Gateway::start_with_env(
+        &config,
+        &[("GATEWAY_ENGINE", "uring"), ("GATEWAY_RELAY_MODE", "auto")],
+    );
+    let hello = testdata(HELLO);
+    // 32 MiB each way, then the client's FIN (echo_exchange half-closes and reads to the end).
+    let size = 32 << 20;
+    let payload = pattern(size, 11);
+    let received = echo_exchange(&gateway, &hello, &payload);
+    assert_eq!(received.len(), hello.len() + size, "every byte came back");
+    assert!(received[hello.len()..] == payload[..], "bytes intact");
+    // The pair ended with the client's FIN passed through and answered, not by a timeout.
+    let service = testdata_sni(HELLO);
+    let downstream_close = format!(
+        "gateway_connections_closed_total{{destination_service=\"{service}\",destination_datacenter=\"\",reason=\"downstream_close\"}}"
+    );
+    assert_eq!(gateway.wait_metric(&downstream_close, 1.0), 1.0);
+    // The bulk flow went through pipes: most of its bytes (both directions) were spliced,
+    // and the byte counters count spliced bytes as well as copied ones.
+    let spliced = gateway.metric("gateway_relay_spliced_bytes_total");
+    assert!(
+        spliced >= size as f64,
+        "at least half of the {} relayed bytes were spliced, saw {spliced}",
+        2 * size
+    );
+    for direction in ["to_upstream", "to_downstream"] {
+        let sample = format!(
+            "gateway_proxied_bytes_total{{destination_service=\"{service}\",destination_datacenter=\"\",direction=\"{direction}\"}}"
+        );
+        assert_eq!(
+            gateway.metric(&sample),
+            (hello.len() + size) as f64,
+            "{direction}: counted once each"
+        );
+    }
+}
+
+#[test]
+fn a_client_reset_during_a_spliced_upload_is_passed_on_as_a_reset() {
+    // The backend reads and drops everything, and reports how its read ended.
+    let (ended, endings) = std::sync::mpsc::channel();
+    let ended = std::sync::Mutex::new(ended);
+    let backend = spawn_backend(move |mut stream| {
+        let mut buffer = vec![0u8; 1 << 16];
+        let mut read = 0usize;
+        let outcome = loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break "fin",
+                Ok(n) => read += n,
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(_) => break "error",
+            }
+        };
+        let _ = ended.lock().map(|sender| sender.send((outcome, read)));
+    });
+    let config = format!(
+        "[workers]\ncount = 1\n\n{}",
+        route(&testdata_sni(HELLO), &[backend.address])
+    );
+    let gateway = Gateway::start_with_env(
+        &config,
+        &[("GATEWAY_ENGINE", "uring"), ("GATEWAY_RELAY_MODE", "auto")],
+    );
+    let hello = testdata(HELLO);
+    let mut stream = connect(gateway.listen);
+    stream.write_all(&hello).expect("hello");
+    stream.write_all(&pattern(8 << 20, 9)).expect("upload");
+    // The upload turned to splice before the reset (bounded wait on the counter).
+    assert!(gateway.wait_metric("gateway_relay_spliced_bytes_total", 1.0) >= 1.0);
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream); // RST
+    let (outcome, _read) = endings
+        .recv_timeout(Duration::from_secs(5))
+        .expect("backend saw the end");
+    assert_eq!(
+        outcome, "reset",
+        "a client reset reaches the upstream as a reset"
+    );
+}

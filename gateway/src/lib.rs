@@ -21,6 +21,7 @@ pub mod outcome;
 pub mod passfd;
 pub mod process_metrics;
 pub mod relay;
+pub mod relay_mode;
 pub mod ring_setup;
 pub mod route_source;
 pub mod run;

@@ -6,6 +6,12 @@
 //! relay with half-close and backpressure, idle and write-stall timeouts) is unit-tested
 //! below without a socket.
 //!
+//! Bulk flows are spliced: once a receive fills a whole buffer (the readiness engine's rule,
+//! [`Mode::splices`]), that direction stops receiving and moves bytes socket -> pipe -> socket
+//! with splice(2) calls the shell makes on readiness polls the machine asks for; when the
+//! source has been quiet for a tick, the direction goes back to receives and its pipe is
+//! closed, so an idle connection holds no pipe either.
+//!
 //! Bytes are never copied on the relay path: a received buffer `B` (in the shell, a buffer of
 //! the worker's provided-buffer ring) is queued as is for the opposite side and dropped, which
 //! gives it back, once sent. Only a ClientHello split over several receives is gathered into
@@ -20,11 +26,17 @@ use crate::balance::{EndpointOrder, WorkerSnapshot};
 use crate::clienthello::{self, Verdict};
 use crate::metrics::ConnectFailure;
 use crate::outcome::{Close, HelloOutcome, Reason, Side};
+use crate::relay_mode::{Mode, SPLICE_CHUNK};
 use crate::routes::Lookup;
 
 /// Buffers queued for one side before the machine stops receiving from the other: a peer
 /// that reads slowly holds at most this many of the worker's shared buffers.
 pub const MAX_QUEUED: usize = 4;
+
+/// Full splices into a pipe one direction makes in a row before it waits on a readiness poll
+/// again, so that one bulk flow cannot starve the worker's other connections (the readiness
+/// engine's `READS_PER_WAKE`).
+pub const SPLICES_PER_WAKE: u8 = 8;
 
 /// Load balancing and passive health, as the machine sees them (their one owner is the
 /// worker: round-robin cursors per snapshot, held-out endpoints by address).
@@ -56,6 +68,23 @@ pub enum Input<B> {
     Connected(Result<(), ConnectFailure>),
     /// The worker's periodic tick: deadlines are checked here (no timer per connection).
     Tick,
+    /// The readiness poll on `side` asked for by [`Action::PollIn`] fired (bytes, a FIN or an
+    /// error wait: the next splice says which).
+    Readable(Side),
+    /// The poll for room on `side` asked for by [`Action::PollOut`] fired.
+    Writable(Side),
+    /// A splice from `side` into its direction's pipe moved this many bytes (never 0: an
+    /// empty splice is [`Input::Eof`]).
+    SplicedIn(Side, usize),
+    /// A splice from `side` found nothing to move.
+    Drained(Side),
+    /// A splice from the pipe to `side` moved this many bytes.
+    SplicedOut(Side, usize),
+    /// `side` took no byte of a splice from the pipe (its send buffer is full).
+    Full(Side),
+    /// No pipe could be made for the direction reading `side` (out of descriptors): it stays
+    /// on receives.
+    NoPipe(Side),
 }
 
 /// What the machine asks the shell to do, in order.
@@ -76,6 +105,22 @@ pub enum Action {
     Send(Side),
     /// Half-close: `shutdown(SHUT_WR)` on `side` (everything for it was sent).
     Shutdown(Side),
+    /// Arm a one-shot readiness poll for bytes on `side`; answer with [`Input::Readable`].
+    /// Only once `side`'s receive has stopped (the shell waits for its last completion), so
+    /// no received buffer can come after spliced bytes.
+    PollIn(Side),
+    /// Arm a one-shot poll for room on `side`; answer with [`Input::Writable`].
+    PollOut(Side),
+    /// splice(2) up to [`SPLICE_CHUNK`] bytes from `side` into the pipe of the direction that
+    /// reads it (made on first use); answer with [`Input::SplicedIn`], [`Input::Eof`],
+    /// [`Input::Drained`], [`Input::Failed`] or [`Input::NoPipe`].
+    SpliceIn(Side),
+    /// splice(2) [`Machine::piped`]`(side)` bytes from the pipe to `side`; answer with
+    /// [`Input::SplicedOut`], [`Input::Full`] or [`Input::Failed`].
+    SpliceOut(Side),
+    /// The direction reading `side` stops splicing: cancel its poll on `side` and close its
+    /// (empty) pipe. A [`Action::Receive`] follows.
+    Unsplice(Side),
     /// The connection is over: close both sockets. With [`Close::resets`], with `SO_LINGER`
     /// 0 (a reset is passed on as a reset); for the idle timeout, after a FIN both ways.
     Close(Close),
@@ -97,6 +142,8 @@ pub enum Note {
     Connected { address: SocketAddr, took: Duration },
     /// Bytes handed to a side's socket.
     Relayed { to: Side, bytes: usize },
+    /// Of those, bytes spliced through a pipe.
+    Spliced { bytes: usize },
 }
 
 impl Close {
@@ -134,8 +181,28 @@ struct Queue<B> {
     shut: bool,
     /// Since when a send has waited with no byte taken (write-stall clock).
     stalled_since: Option<Instant>,
-    /// Receiving from the source is paused for backpressure.
+    /// Receiving from the source is paused for backpressure (or because it splices).
     paused: bool,
+    /// The source is spliced through a pipe (a bulk flow). Boxed: only a bulk flow pays for
+    /// it, and every idle connection's machine stays as small as before splicing existed.
+    bulk: Option<Box<Bulk>>,
+}
+
+/// A spliced direction's state.
+#[derive(Debug, Default)]
+struct Bulk {
+    /// Bytes in the pipe, not yet spliced to the destination.
+    piped: usize,
+    /// A readiness poll on the source is armed.
+    polling: bool,
+    /// A splice from the source was asked for and has not answered.
+    reading: bool,
+    /// The last splice from the source filled a whole chunk (more is likely waiting).
+    last_full: bool,
+    /// Splices from the source since the last readiness poll.
+    burst: u8,
+    /// Bytes moved since the last tick (a direction quiet for a tick leaves splicing).
+    moved: bool,
 }
 
 impl<B> Queue<B> {
@@ -147,6 +214,7 @@ impl<B> Queue<B> {
             shut: false,
             stalled_since: None,
             paused: false,
+            bulk: None,
         }
     }
 }
@@ -182,6 +250,9 @@ pub struct Machine<B> {
     server_name: Option<String>,
     /// The first input was handled (it starts the receive from the client).
     begun: bool,
+    /// Copy, splice, or splice once a receive fills a buffer of `full_receive` bytes.
+    mode: Mode,
+    full_receive: u32,
 }
 
 /// Where [`Machine::handle_with`] puts what a machine asks for.
@@ -222,7 +293,31 @@ impl<B: AsRef<[u8]>> Machine<B> {
             begun: false,
             names,
             server_name: None,
+            mode: Mode::Copy,
+            full_receive: u32::MAX,
         }
+    }
+
+    /// Relay in `mode` ([`Mode::Copy`] unless this is called): with [`Mode::Auto`], a
+    /// direction turns to splice once one receive brings `full_receive` bytes (the shell's
+    /// whole buffer).
+    pub fn with_relay_mode(mut self, mode: Mode, full_receive: usize) -> Machine<B> {
+        self.mode = mode;
+        self.full_receive = u32::try_from(full_receive).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// The bytes waiting in the pipe of the direction that writes to `side`.
+    pub fn piped(&self, side: Side) -> usize {
+        self.queues[slot(side)]
+            .bulk
+            .as_ref()
+            .map_or(0, |bulk| bulk.piped)
+    }
+
+    /// Whether the direction that reads `side` is spliced.
+    pub fn splicing(&self, side: Side) -> bool {
+        self.queues[slot(other(side))].bulk.is_some()
     }
 
     /// [`Machine::handle`], with the actions and notes going to `out` (the shell's one
@@ -296,6 +391,13 @@ impl<B: AsRef<[u8]>> Machine<B> {
             Input::Sent(side, bytes) => self.sent(side, bytes, now),
             Input::Connected(result) => self.connected(result, now, balance),
             Input::Tick => self.tick(now),
+            Input::Readable(side) => self.readable(side),
+            Input::Writable(side) => self.writable(side),
+            Input::SplicedIn(side, bytes) => self.spliced_in(side, bytes, now),
+            Input::Drained(side) => self.drained(side),
+            Input::SplicedOut(side, bytes) => self.spliced_out(side, bytes, now),
+            Input::Full(side) => self.actions.push_back(Action::PollOut(side)),
+            Input::NoPipe(side) => self.leave_bulk(side),
         }
     }
 
@@ -367,6 +469,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
             return;
         }
         self.last_activity = now;
+        let filled = buffer.as_ref().len() >= self.full_receive as usize;
         let queue = &mut self.queues[slot(other(side))];
         queue.buffers.push_back((Data::Received(buffer), 0));
         if queue.buffers.len() >= MAX_QUEUED && !queue.paused {
@@ -374,7 +477,127 @@ impl<B: AsRef<[u8]>> Machine<B> {
             self.actions.push_back(Action::Pause(side));
         }
         if matches!(self.phase, Phase::Relaying) {
+            if queue.bulk.is_none() && !queue.eof && self.mode.splices(filled) {
+                self.enter_bulk(side);
+            }
             self.start_send(other(side), now);
+        }
+    }
+
+    /// The direction reading `source` turns to splice: its receive stops (buffers it already
+    /// received are sent first), and a readiness poll waits for the next bytes.
+    fn enter_bulk(&mut self, source: Side) {
+        let queue = &mut self.queues[slot(other(source))];
+        queue.bulk = Some(Box::new(Bulk {
+            polling: true,
+            ..Bulk::default()
+        }));
+        if !queue.paused {
+            queue.paused = true;
+            self.actions.push_back(Action::Pause(source));
+        }
+        self.actions.push_back(Action::PollIn(source));
+    }
+
+    /// The direction reading `source` goes back to receives (its source was quiet for a
+    /// tick, or no pipe could be made): its pipe is closed.
+    fn leave_bulk(&mut self, source: Side) {
+        let queue = &mut self.queues[slot(other(source))];
+        if queue.bulk.take().is_none() {
+            return;
+        }
+        self.actions.push_back(Action::Unsplice(source));
+        if queue.buffers.len() < MAX_QUEUED && !queue.eof {
+            queue.paused = false;
+            self.actions.push_back(Action::Receive(source));
+        }
+    }
+
+    fn readable(&mut self, source: Side) {
+        let queue = &mut self.queues[slot(other(source))];
+        let eof = queue.eof;
+        let Some(bulk) = queue.bulk.as_mut() else {
+            // A poll that finished after its direction left splicing.
+            return;
+        };
+        bulk.polling = false;
+        if !bulk.reading && bulk.piped == 0 && !eof {
+            bulk.reading = true;
+            bulk.burst = 0;
+            self.actions.push_back(Action::SpliceIn(source));
+        }
+    }
+
+    fn spliced_in(&mut self, source: Side, bytes: usize, now: Instant) {
+        let to = other(source);
+        let Some(bulk) = self.queues[slot(to)].bulk.as_mut() else {
+            return;
+        };
+        bulk.reading = false;
+        bulk.piped += bytes;
+        bulk.last_full = bytes >= SPLICE_CHUNK;
+        bulk.moved = true;
+        self.last_activity = now;
+        self.start_send(to, now);
+    }
+
+    fn drained(&mut self, source: Side) {
+        let Some(bulk) = self.queues[slot(other(source))].bulk.as_mut() else {
+            return;
+        };
+        bulk.reading = false;
+        if !bulk.polling {
+            bulk.polling = true;
+            self.actions.push_back(Action::PollIn(source));
+        }
+    }
+
+    /// The pipe of the direction reading `source` is empty: splice more at once while the
+    /// source keeps filling chunks (up to [`SPLICES_PER_WAKE`]), else wait for readiness.
+    fn next_splice_in(&mut self, source: Side) {
+        let queue = &mut self.queues[slot(other(source))];
+        let eof = queue.eof;
+        let Some(bulk) = queue.bulk.as_mut() else {
+            return;
+        };
+        if eof || bulk.reading || bulk.polling || bulk.piped > 0 {
+            return;
+        }
+        if bulk.last_full && bulk.burst < SPLICES_PER_WAKE {
+            bulk.burst += 1;
+            bulk.reading = true;
+            self.actions.push_back(Action::SpliceIn(source));
+        } else {
+            bulk.polling = true;
+            self.actions.push_back(Action::PollIn(source));
+        }
+    }
+
+    fn spliced_out(&mut self, to: Side, bytes: usize, now: Instant) {
+        let queue = &mut self.queues[slot(to)];
+        let Some(bulk) = queue.bulk.as_mut() else {
+            return;
+        };
+        queue.sending = false;
+        bulk.piped = bulk.piped.saturating_sub(bytes);
+        let drained = bulk.piped == 0;
+        if bytes > 0 {
+            queue.stalled_since = None;
+            self.last_activity = now;
+            self.notes.push(Note::Relayed { to, bytes });
+            self.notes.push(Note::Spliced { bytes });
+        }
+        if drained {
+            self.next_splice_in(other(to));
+        }
+        // More of the pipe, or (drained after the source's FIN) the shutdown.
+        self.start_send(to, now);
+    }
+
+    fn writable(&mut self, to: Side) {
+        let queue = &self.queues[slot(to)];
+        if queue.sending && queue.buffers.is_empty() && self.piped(to) > 0 {
+            self.actions.push_back(Action::SpliceOut(to));
         }
     }
 
@@ -476,6 +699,16 @@ impl<B: AsRef<[u8]>> Machine<B> {
             return;
         }
         if queue.buffers.is_empty() {
+            if queue.bulk.as_ref().is_some_and(|bulk| bulk.piped > 0) {
+                // Spliced bytes come after every received buffer (the receive stopped before
+                // the first splice), and before the FIN.
+                queue.sending = true;
+                if queue.stalled_since.is_none() {
+                    queue.stalled_since = Some(now);
+                }
+                self.actions.push_back(Action::SpliceOut(to));
+                return;
+            }
             if queue.eof && !queue.shut {
                 queue.shut = true;
                 self.actions.push_back(Action::Shutdown(to));
@@ -509,7 +742,7 @@ impl<B: AsRef<[u8]>> Machine<B> {
                 }
             }
         }
-        if queue.paused && queue.buffers.len() < MAX_QUEUED && !queue.eof {
+        if queue.paused && queue.buffers.len() < MAX_QUEUED && !queue.eof && queue.bulk.is_none() {
             queue.paused = false;
             self.actions.push_back(Action::Receive(other(to)));
         }
@@ -526,7 +759,11 @@ impl<B: AsRef<[u8]>> Machine<B> {
         if self.first_eof.is_none() {
             self.first_eof = Some(from);
         }
-        self.queues[slot(other(from))].eof = true;
+        let queue = &mut self.queues[slot(other(from))];
+        queue.eof = true;
+        if let Some(bulk) = queue.bulk.as_mut() {
+            bulk.reading = false;
+        }
         if matches!(self.phase, Phase::Relaying) {
             self.start_send(other(from), now);
         }
@@ -579,6 +816,22 @@ impl<B: AsRef<[u8]>> Machine<B> {
                 }
                 if now.saturating_duration_since(self.last_activity) >= idle {
                     self.finish(Close::new(Side::Gateway, Reason::Idle));
+                    return;
+                }
+                for source in [Side::Downstream, Side::Upstream] {
+                    let queue = &mut self.queues[slot(other(source))];
+                    let (empty, sending, eof) =
+                        (queue.buffers.is_empty(), queue.sending, queue.eof);
+                    let Some(bulk) = queue.bulk.as_mut() else {
+                        continue;
+                    };
+                    // Quiet for a whole tick, with nothing in flight: back to receives, so an
+                    // idle connection holds no pipe.
+                    let quiet = !bulk.moved && bulk.polling && bulk.piped == 0 && empty && !sending;
+                    bulk.moved = false;
+                    if quiet && !eof {
+                        self.leave_bulk(source);
+                    }
                 }
             }
         }
@@ -681,11 +934,17 @@ mod tests {
         now: Instant,
     }
 
+    /// A receive of this many bytes fills the shell's buffer, in the bulk tests.
+    const FULL: usize = 16;
+
     impl Harness {
         fn new(endpoints: Vec<SocketAddr>) -> Harness {
+            Harness::in_mode(endpoints, Mode::Copy)
+        }
+        fn in_mode(endpoints: Vec<SocketAddr>, mode: Mode) -> Harness {
             let now = Instant::now();
             Harness {
-                machine: Machine::new(snapshot(endpoints), now, false),
+                machine: Machine::new(snapshot(endpoints), now, false).with_relay_mode(mode, FULL),
                 health: Health::default(),
                 now,
             }
@@ -700,7 +959,10 @@ mod tests {
         }
         /// Hello, connect, replay: a relaying pair.
         fn relaying() -> Harness {
-            let mut harness = Harness::new(vec![endpoint(1)]);
+            Harness::relaying_in(Mode::Copy)
+        }
+        fn relaying_in(mode: Mode) -> Harness {
+            let mut harness = Harness::in_mode(vec![endpoint(1)], mode);
             assert_eq!(
                 harness.feed(Input::Tick),
                 vec![Action::Receive(Side::Downstream)]
@@ -718,6 +980,204 @@ mod tests {
             harness.feed(Input::Sent(Side::Upstream, HELLO.len()));
             harness
         }
+    }
+
+    /// A relaying pair whose upstream -> client direction turned to splice after a full
+    /// receive, that receive sent, and one readiness poll fired.
+    fn spliced_download() -> Harness {
+        let mut harness = Harness::relaying_in(Mode::Auto);
+        assert_eq!(
+            harness.feed(Input::Received(Side::Upstream, vec![1; FULL])),
+            vec![
+                Action::Pause(Side::Upstream),
+                Action::PollIn(Side::Upstream),
+                Action::Send(Side::Downstream)
+            ]
+        );
+        assert!(harness.machine.splicing(Side::Upstream));
+        assert!(!harness.machine.splicing(Side::Downstream));
+        assert!(harness.feed(Input::Sent(Side::Downstream, FULL)).is_empty());
+        assert_eq!(
+            harness.feed(Input::Readable(Side::Upstream)),
+            vec![Action::SpliceIn(Side::Upstream)]
+        );
+        harness
+    }
+
+    #[test]
+    fn small_receives_and_copy_mode_never_splice() {
+        let mut harness = Harness::relaying_in(Mode::Auto);
+        assert_eq!(
+            harness.feed(Input::Received(Side::Upstream, vec![1; FULL - 1])),
+            vec![Action::Send(Side::Downstream)]
+        );
+        let mut harness = Harness::relaying_in(Mode::Copy);
+        assert_eq!(
+            harness.feed(Input::Received(Side::Upstream, vec![1; FULL])),
+            vec![Action::Send(Side::Downstream)]
+        );
+        assert!(!harness.machine.splicing(Side::Upstream));
+    }
+
+    #[test]
+    fn a_bulk_flow_splices_after_its_received_bytes_and_leaves_when_quiet() {
+        let mut harness = Harness::relaying_in(Mode::Auto);
+        harness.feed(Input::Received(Side::Upstream, vec![1; FULL]));
+        assert_eq!(
+            harness.feed(Input::Readable(Side::Upstream)),
+            vec![Action::SpliceIn(Side::Upstream)]
+        );
+        // Spliced bytes wait while a received buffer is still being sent.
+        assert!(harness
+            .feed(Input::SplicedIn(Side::Upstream, 100))
+            .is_empty());
+        assert_eq!(harness.machine.piped(Side::Downstream), 100);
+        assert_eq!(
+            harness.feed(Input::Sent(Side::Downstream, FULL)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        // The client's buffer is full: wait for room, then go on.
+        assert_eq!(
+            harness.feed(Input::Full(Side::Downstream)),
+            vec![Action::PollOut(Side::Downstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::Writable(Side::Downstream)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::SplicedOut(Side::Downstream, 60)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        // A short splice in: the source is likely empty, so wait for readiness again.
+        assert_eq!(
+            harness.feed(Input::SplicedOut(Side::Downstream, 40)),
+            vec![Action::PollIn(Side::Upstream)]
+        );
+        let notes: Vec<Note> = harness.machine.take_notes().collect();
+        assert!(notes.contains(&Note::Spliced { bytes: 60 }));
+        assert!(notes.contains(&Note::Relayed {
+            to: Side::Downstream,
+            bytes: 40
+        }));
+        // Bytes moved during this tick: it stays spliced.
+        assert!(harness.later(TICK_FOR_TESTS).is_empty());
+        // A whole tick without a byte: back to receives, the pipe closed.
+        assert_eq!(
+            harness.later(TICK_FOR_TESTS),
+            vec![
+                Action::Unsplice(Side::Upstream),
+                Action::Receive(Side::Upstream)
+            ]
+        );
+        assert!(!harness.machine.splicing(Side::Upstream));
+        // A poll that fires afterwards changes nothing.
+        assert!(harness.feed(Input::Readable(Side::Upstream)).is_empty());
+    }
+
+    const TICK_FOR_TESTS: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn full_chunks_are_spliced_in_a_row_up_to_a_bound() {
+        let mut harness = spliced_download();
+        let mut splices_in = 1;
+        for _ in 0..2 * SPLICES_PER_WAKE {
+            assert_eq!(
+                harness.feed(Input::SplicedIn(Side::Upstream, SPLICE_CHUNK)),
+                vec![Action::SpliceOut(Side::Downstream)]
+            );
+            let next = harness.feed(Input::SplicedOut(Side::Downstream, SPLICE_CHUNK));
+            if next == vec![Action::SpliceIn(Side::Upstream)] {
+                splices_in += 1;
+                continue;
+            }
+            assert_eq!(next, vec![Action::PollIn(Side::Upstream)]);
+            break;
+        }
+        assert_eq!(splices_in, 1 + usize::from(SPLICES_PER_WAKE));
+    }
+
+    #[test]
+    fn a_spliced_direction_passes_its_fin_on_after_the_pipe_is_empty() {
+        let mut harness = spliced_download();
+        // The client half-closes: its FIN goes on; the spliced download keeps flowing.
+        assert_eq!(
+            harness.feed(Input::Eof(Side::Downstream)),
+            vec![Action::Shutdown(Side::Upstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::SplicedIn(Side::Upstream, SPLICE_CHUNK)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::SplicedOut(Side::Downstream, SPLICE_CHUNK)),
+            vec![Action::SpliceIn(Side::Upstream)]
+        );
+        // The upstream's FIN: nothing is piped, so it goes on at once and the pair is done.
+        assert_eq!(
+            harness.feed(Input::Eof(Side::Upstream)),
+            vec![
+                Action::Shutdown(Side::Downstream),
+                Action::Close(Close::new(Side::Downstream, Reason::Finished))
+            ]
+        );
+    }
+
+    #[test]
+    fn received_bytes_then_a_fin_wait_for_the_pipe() {
+        let mut harness = spliced_download();
+        assert_eq!(
+            harness.feed(Input::SplicedIn(Side::Upstream, 10)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::Full(Side::Downstream)),
+            vec![Action::PollOut(Side::Downstream)]
+        );
+        // A FIN while bytes are piped (as after a reset of the readiness poll): no shutdown yet.
+        assert!(harness.feed(Input::Eof(Side::Upstream)).is_empty());
+        assert_eq!(
+            harness.feed(Input::Writable(Side::Downstream)),
+            vec![Action::SpliceOut(Side::Downstream)]
+        );
+        assert_eq!(
+            harness.feed(Input::SplicedOut(Side::Downstream, 10)),
+            vec![Action::Shutdown(Side::Downstream)]
+        );
+    }
+
+    #[test]
+    fn a_spliced_peer_that_stops_reading_is_a_write_stall_and_errors_reset() {
+        let mut harness = spliced_download();
+        harness.feed(Input::SplicedIn(Side::Upstream, 10));
+        harness.feed(Input::Full(Side::Downstream));
+        assert!(harness.later(Duration::from_secs(9)).is_empty());
+        assert_eq!(
+            harness.later(Duration::from_secs(1)),
+            vec![Action::Close(Close::new(
+                Side::Downstream,
+                Reason::WriteStall
+            ))]
+        );
+
+        let mut harness = spliced_download();
+        assert_eq!(
+            harness.feed(Input::Failed(Side::Upstream)),
+            vec![Action::Close(Close::new(Side::Upstream, Reason::Error))]
+        );
+    }
+
+    #[test]
+    fn without_a_pipe_the_direction_stays_on_receives() {
+        let mut harness = spliced_download();
+        assert_eq!(
+            harness.feed(Input::NoPipe(Side::Upstream)),
+            vec![
+                Action::Unsplice(Side::Upstream),
+                Action::Receive(Side::Upstream)
+            ]
+        );
+        assert!(!harness.machine.splicing(Side::Upstream));
     }
 
     #[test]

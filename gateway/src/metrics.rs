@@ -219,6 +219,8 @@ pub struct WorkerStats {
     pub health_generation: AtomicU64,
     /// Panics caught at a connection boundary (a bug, never a network condition).
     pub connection_panics: AtomicU64,
+    /// Bytes the completion engine relayed by splice(2) through a pipe (bulk flows).
+    pub spliced_bytes: AtomicU64,
     /// Warnings left out by a rate limit (`logging::Throttle`).
     pub log_lines_suppressed: AtomicU64,
     pub listeners: Box<[ListenerStats]>,
@@ -235,6 +237,7 @@ impl WorkerStats {
             connections_active: AtomicU64::new(0),
             health_generation: AtomicU64::new(0),
             connection_panics: AtomicU64::new(0),
+            spliced_bytes: AtomicU64::new(0),
             log_lines_suppressed: AtomicU64::new(0),
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             destinations: (0..MAX_DESTINATIONS)

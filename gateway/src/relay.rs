@@ -67,39 +67,12 @@ impl Default for Scratch {
 /// readiness wait, so that one bulk flow cannot starve the worker's other connections.
 const READS_PER_WAKE: usize = 8;
 
-/// Bytes one splice moves at most, and the capacity asked of each pipe. 256 KiB pipes halve
-/// the syscalls of the default 64 KiB on bulk flows; their pages exist only while full.
-const SPLICE_CHUNK: usize = 256 * 1024;
-
 /// Idle pipes kept per worker (two descriptors each). A pipe is held only while a direction
 /// has spliced bytes in flight, so this bounds descriptors, not connections.
 const PIPE_POOL: usize = 64;
 
-/// How bytes are moved once the ClientHello was forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// recv/send through the worker's scratch buffer (two copies per byte).
-    Copy,
-    /// splice(2) through a pooled pipe (pages are moved, not copied).
-    Splice,
-    /// Copy, and switch a direction to splice once one read fills the scratch buffer: small
-    /// request/response traffic stays on the cheaper copy path, bulk flows move to splice
-    /// (HAProxy's `option splice-auto` works the same way).
-    Auto,
-}
-
-impl Mode {
-    /// The process-wide mode, read once from `GATEWAY_RELAY_MODE` (copy, splice, auto);
-    /// the default is [`Mode::Auto`].
-    pub fn current() -> Mode {
-        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-        *MODE.get_or_init(|| match std::env::var("GATEWAY_RELAY_MODE").as_deref() {
-            Ok("copy") => Mode::Copy,
-            Ok("splice") => Mode::Splice,
-            _ => Mode::Auto,
-        })
-    }
-}
+// The mode and its decision live in `relay_mode.rs`, shared with the completion engine.
+pub use crate::relay_mode::{Mode, SPLICE_CHUNK};
 
 /// How long after passing a reset on a pair may still be open before its write sides are
 /// shut down too (see [`Shared::abort`]).
@@ -363,7 +336,7 @@ pub async fn pump(
         Direction::ToUpstream => (&stats.bytes_to_upstream, &shared.bytes_to_upstream),
         Direction::ToDownstream => (&stats.bytes_to_downstream, &shared.bytes_to_downstream),
     };
-    let mut splicing = shared.mode == Mode::Splice;
+    let mut splicing = shared.mode.splices(false);
     loop {
         if source.readable(false).await.is_err() {
             shared.abort();
@@ -432,7 +405,7 @@ pub async fn pump(
                 Read::Drained => break,
                 Read::Sent { read, full } => {
                     account(shared, counter, total, read);
-                    if full && shared.mode == Mode::Auto {
+                    if shared.mode.splices(full) {
                         splicing = true;
                         break;
                     }

@@ -9,6 +9,12 @@
 //!   also the one wait.
 //! - The ring is `SINGLE_ISSUER|DEFER_TASKRUN`: completions raised by other CPUs wait for the
 //!   worker's own wait instead of interrupting it.
+//! - Bulk flows are spliced (`GATEWAY_RELAY_MODE`, as the readiness engine: auto by
+//!   default): once a receive fills a whole buffer, the machine stops that direction's
+//!   receive and asks for a one-shot readiness poll on its source, then for non-blocking
+//!   splice(2) calls socket -> pipe -> socket made here, on the worker thread (an
+//!   `IORING_OP_SPLICE` is always handed to an io-wq kernel thread). The pipe is made on the
+//!   first splice and closed when the direction goes back to receives.
 //! - Deadlines (ClientHello, idle, write stall) are checked on the worker's 100 ms tick, a
 //!   ring timeout; there is no timer per connection. Connect timeouts are linked timeouts.
 //!
@@ -38,6 +44,7 @@ use crate::context::{Shared, WorkerCommand, WorkerContext, TICK};
 use crate::machine::{Action, Input, Machine, Note, Output};
 use crate::metrics::{self, AcceptError, ConnectFailure};
 use crate::outcome::{Close, HelloOutcome, Reason, Side};
+use crate::relay_mode::{Mode, SPLICE_CHUNK};
 use crate::ring_setup::RingSetup;
 
 /// Size of one provided buffer. A receive takes a whole buffer whatever it reads, so a bulk
@@ -133,6 +140,12 @@ const TICK_TIMER: u64 = 9;
 const CANCEL: u64 = 10;
 /// Closes of sockets nothing refers to any more, and the listeners' cancellations.
 const UNTRACKED: u64 = 11;
+/// One-shot readiness polls of a spliced direction: bytes on its source, room on its
+/// destination.
+const POLL_IN_UPSTREAM: u64 = 12;
+const POLL_IN_DOWNSTREAM: u64 = 13;
+const POLL_OUT_UPSTREAM: u64 = 14;
+const POLL_OUT_DOWNSTREAM: u64 = 15;
 
 fn user_data(kind: u64, index: usize) -> u64 {
     (kind << KIND_SHIFT) | (index as u64 & 0xffff_ffff)
@@ -296,6 +309,17 @@ struct Conn {
     starved: [bool; 2],
     /// A send to this side is with the kernel (index: `side_index`).
     sending: [bool; 2],
+    /// A readiness poll for bytes on / room on this side is with the kernel.
+    polling_in: [bool; 2],
+    polling_out: [bool; 2],
+    /// The machine asked for a poll for bytes on this side while its receive was still
+    /// ending: armed when the receive's last completion arrives.
+    poll_after_receive: [bool; 2],
+    /// The pipe of the direction that reads each side, while it splices. Boxed: only a
+    /// connection that ever spliced pays for it (an idle connection's `Conn` stays small).
+    pipes: Option<Box<[Option<crate::sys::Pipe>; 2]>>,
+    /// Both sockets were made non-blocking (splice(2) needs it).
+    nonblocking: bool,
     /// The destination metric slot, once routed.
     slot: Option<usize>,
     /// Relaying started (destination gauge held).
@@ -724,7 +748,8 @@ impl Completion {
             None
         };
         let conn = Box::new(Conn {
-            machine: Machine::new(self.worker.snapshot(), now, names),
+            machine: Machine::new(self.worker.snapshot(), now, names)
+                .with_relay_mode(Mode::current(), self.pool.buffer_bytes),
             listener,
             client: Some(stream),
             upstream: None,
@@ -734,6 +759,11 @@ impl Completion {
             wanted: [false; 2],
             starved: [false; 2],
             sending: [false; 2],
+            polling_in: [false; 2],
+            polling_out: [false; 2],
+            poll_after_receive: [false; 2],
+            pipes: None,
+            nonblocking: false,
             slot: None,
             relaying: false,
             closed: false,
@@ -759,6 +789,7 @@ impl Completion {
             return;
         };
         let more = cqueue::more(flags);
+        let mut arm_poll_in = None;
         let input = match kind {
             RECV_UPSTREAM | RECV_DOWNSTREAM => {
                 let side = if kind == RECV_UPSTREAM {
@@ -775,6 +806,12 @@ impl Completion {
                 if !more {
                     conn.receiving[at] = false;
                     conn.in_flight -= 1;
+                    if conn.poll_after_receive[at] {
+                        conn.poll_after_receive[at] = false;
+                        if !conn.closed {
+                            arm_poll_in = Some(side);
+                        }
+                    }
                 }
                 if conn.closed {
                     None
@@ -837,8 +874,38 @@ impl Completion {
                 conn.in_flight -= 1;
                 None
             }
+            POLL_IN_UPSTREAM | POLL_IN_DOWNSTREAM | POLL_OUT_UPSTREAM | POLL_OUT_DOWNSTREAM => {
+                conn.in_flight -= 1;
+                let side = if kind == POLL_IN_UPSTREAM || kind == POLL_OUT_UPSTREAM {
+                    Side::Upstream
+                } else {
+                    Side::Downstream
+                };
+                let for_bytes = kind == POLL_IN_UPSTREAM || kind == POLL_IN_DOWNSTREAM;
+                if for_bytes {
+                    conn.polling_in[side_index(side)] = false;
+                } else {
+                    conn.polling_out[side_index(side)] = false;
+                }
+                if conn.closed || result == -libc::ECANCELED {
+                    None
+                } else if result >= 0 {
+                    // Bytes, a FIN or an error: the splice that follows tells which.
+                    Some(if for_bytes {
+                        Input::Readable(side)
+                    } else {
+                        Input::Writable(side)
+                    })
+                } else {
+                    tracing::debug!(?side, result, "poll failed");
+                    Some(Input::Failed(side))
+                }
+            }
             _ => None,
         };
+        if let Some(side) = arm_poll_in {
+            self.arm_poll(index, side, true);
+        }
         if let Some(Some(conn)) = self.conns.get(index) {
             for side in [Side::Upstream, Side::Downstream] {
                 let at = side_index(side);
@@ -877,7 +944,14 @@ impl Completion {
                 {
                     break;
                 }
-                self.act(index, action);
+                // A splice is made here and now: its result goes straight back to the
+                // machine, whose next actions join the queue.
+                if let Some(input) = self.act(index, action) {
+                    if let Some(Some(conn)) = self.conns.get_mut(index) {
+                        conn.machine.handle_with(input, now, &*worker, &mut out);
+                    }
+                    self.count_notes(index, &mut out.notes);
+                }
             }
             out.actions.clear();
             out.notes.clear();
@@ -907,9 +981,10 @@ impl Completion {
         self.maybe_free(index);
     }
 
-    fn act(&mut self, index: usize, action: Action) {
+    /// Carry out one action; a splice answers at once, with the input returned.
+    fn act(&mut self, index: usize, action: Action) -> Option<Input<RingBuffer>> {
         let Some(Some(conn)) = self.conns.get_mut(index) else {
-            return;
+            return None;
         };
         match action {
             Action::Receive(side) => {
@@ -934,9 +1009,7 @@ impl Completion {
                 }
             }
             Action::Send(side) => {
-                let Some(fd) = conn_fd(conn, side) else {
-                    return;
-                };
+                let fd = conn_fd(conn, side)?;
                 let pending = conn.machine.pending(side);
                 let (pointer, length) = (pending.as_ptr(), pending.len() as u32);
                 conn.in_flight += 1;
@@ -957,9 +1030,7 @@ impl Completion {
                 );
             }
             Action::Shutdown(side) => {
-                let Some(fd) = conn_fd(conn, side) else {
-                    return;
-                };
+                let fd = conn_fd(conn, side)?;
                 conn.in_flight += 1;
                 self.push(
                     opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
@@ -969,7 +1040,76 @@ impl Completion {
             }
             Action::Connect { address, timeout } => self.connect(index, address, timeout),
             Action::Close(close) => self.close(index, close),
+            Action::PollIn(side) => {
+                let at = side_index(side);
+                if conn.receiving[at] {
+                    // Its last completion may still carry bytes, which must reach the
+                    // machine before any spliced byte: the poll waits for it.
+                    conn.poll_after_receive[at] = true;
+                } else {
+                    self.arm_poll(index, side, true);
+                }
+            }
+            Action::PollOut(side) => self.arm_poll(index, side, false),
+            Action::SpliceIn(side) => return Some(splice_in(conn, side)),
+            Action::SpliceOut(side) => return Some(splice_out(conn, side)),
+            Action::Unsplice(side) => {
+                let at = side_index(side);
+                conn.poll_after_receive[at] = false;
+                // Empty (the machine leaves splicing only with nothing piped): closing it
+                // loses no byte.
+                if let Some(pipes) = conn.pipes.as_mut() {
+                    pipes[at] = None;
+                }
+                if conn.polling_in[at] {
+                    let kind = if side == Side::Upstream {
+                        POLL_IN_UPSTREAM
+                    } else {
+                        POLL_IN_DOWNSTREAM
+                    };
+                    conn.in_flight += 1;
+                    self.push(
+                        opcode::AsyncCancel::new(user_data(kind, index))
+                            .build()
+                            .user_data(user_data(CANCEL, index)),
+                    );
+                }
+            }
         }
+        None
+    }
+
+    /// Arm a one-shot poll on `side`: for bytes (`for_bytes`) or for room.
+    fn arm_poll(&mut self, index: usize, side: Side, for_bytes: bool) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let Some(fd) = conn_fd(conn, side) else {
+            return;
+        };
+        let at = side_index(side);
+        let (flag, mask, kind) = match (for_bytes, side) {
+            (true, Side::Upstream) => (&mut conn.polling_in[at], libc::POLLIN, POLL_IN_UPSTREAM),
+            (true, _) => (&mut conn.polling_in[at], libc::POLLIN, POLL_IN_DOWNSTREAM),
+            (false, Side::Upstream) => {
+                (&mut conn.polling_out[at], libc::POLLOUT, POLL_OUT_UPSTREAM)
+            }
+            (false, _) => (
+                &mut conn.polling_out[at],
+                libc::POLLOUT,
+                POLL_OUT_DOWNSTREAM,
+            ),
+        };
+        if *flag {
+            return;
+        }
+        *flag = true;
+        conn.in_flight += 1;
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), (mask | libc::POLLRDHUP) as u32)
+                .build()
+                .user_data(user_data(kind, index)),
+        );
     }
 
     fn arm_receive(&mut self, index: usize, side: Side) {
@@ -1128,10 +1268,27 @@ impl Completion {
                 }
             }
         }
-        let mut pending = [0u64; 5];
+        let mut pending = [0u64; 9];
         let mut count = 0;
         for side in [Side::Downstream, Side::Upstream] {
             let at = side_index(side);
+            let upstream = side == Side::Upstream;
+            if conn.polling_in[at] {
+                pending[count] = if upstream {
+                    POLL_IN_UPSTREAM
+                } else {
+                    POLL_IN_DOWNSTREAM
+                };
+                count += 1;
+            }
+            if conn.polling_out[at] {
+                pending[count] = if upstream {
+                    POLL_OUT_UPSTREAM
+                } else {
+                    POLL_OUT_DOWNSTREAM
+                };
+                count += 1;
+            }
             if conn.receiving[at] {
                 pending[count] = recv_kind(side);
                 count += 1;
@@ -1243,6 +1400,9 @@ impl Completion {
                         log.upstream = Some(address);
                         log.upstream_connect = Some(took);
                     }
+                }
+                Note::Spliced { bytes } => {
+                    metrics::add(&stats.spliced_bytes, bytes as u64);
                 }
                 Note::Relayed { to, bytes } => {
                     if let Some(slot) = conn.slot {
@@ -1373,6 +1533,97 @@ fn take_sockets(conn: &mut Conn) -> Vec<RawFd> {
         fds.push(upstream.into_raw_fd());
     }
     fds
+}
+
+/// Both sockets non-blocking, once: splice(2) on a blocking socket blocks whatever its flags
+/// say (io_uring's own receives and sends on them are unchanged: they still wait by polling).
+fn prepare_splice(conn: &mut Conn) -> io::Result<()> {
+    if !conn.nonblocking {
+        for side in [Side::Downstream, Side::Upstream] {
+            if let Some(fd) = conn_fd(conn, side) {
+                crate::sys::set_nonblocking(fd)?;
+            }
+        }
+        conn.nonblocking = true;
+    }
+    Ok(())
+}
+
+/// [`Action::SpliceIn`]: one non-blocking splice from `side` into its direction's pipe (made
+/// here on first use).
+fn splice_in(conn: &mut Conn, side: Side) -> Input<RingBuffer> {
+    let Some(fd) = conn_fd(conn, side) else {
+        return Input::Failed(side);
+    };
+    if prepare_splice(conn).is_err() {
+        return Input::NoPipe(side);
+    }
+    let pipes = conn.pipes.get_or_insert_with(|| Box::new([None, None]));
+    let pipe = &mut pipes[side_index(side)];
+    if pipe.is_none() {
+        match crate::sys::Pipe::new(SPLICE_CHUNK) {
+            Ok(made) => *pipe = Some(made),
+            Err(error) => {
+                tracing::debug!(%error, "no pipe for a bulk flow; it stays on receives");
+                return Input::NoPipe(side);
+            }
+        }
+    }
+    let Some(pipe) = pipe.as_ref() else {
+        return Input::NoPipe(side);
+    };
+    match crate::sys::splice(fd, pipe.write.as_raw_fd(), SPLICE_CHUNK) {
+        Ok(0) => Input::Eof(side),
+        Ok(moved) => Input::SplicedIn(side, moved),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Input::Drained(side)
+        }
+        Err(error) => {
+            tracing::debug!(?side, %error, "splice from a socket failed");
+            Input::Failed(side)
+        }
+    }
+}
+
+/// [`Action::SpliceOut`]: one non-blocking splice of what the pipe holds to `side`.
+fn splice_out(conn: &mut Conn, side: Side) -> Input<RingBuffer> {
+    let Some(fd) = conn_fd(conn, side) else {
+        return Input::Failed(side);
+    };
+    let source = if side == Side::Upstream {
+        Side::Downstream
+    } else {
+        Side::Upstream
+    };
+    let bytes = conn.machine.piped(side);
+    let Some(pipe) = conn
+        .pipes
+        .as_ref()
+        .and_then(|pipes| pipes[side_index(source)].as_ref())
+    else {
+        return Input::Failed(side);
+    };
+    match crate::sys::splice(pipe.read.as_raw_fd(), fd, bytes) {
+        Ok(0) => Input::Full(side),
+        Ok(moved) => Input::SplicedOut(side, moved),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Input::Full(side)
+        }
+        Err(error) => {
+            tracing::debug!(?side, %error, "splice to a socket failed");
+            Input::Failed(side)
+        }
+    }
 }
 
 fn classify_connect(errno: i32) -> ConnectFailure {

@@ -295,6 +295,12 @@ impl Metrics {
             sum(&|w| w.connection_panics.load(Ordering::Relaxed)),
         );
         w.single(
+            "gateway_relay_spliced_bytes_total",
+            Kind::Counter,
+            "Bytes the completion engine relayed by splice(2) through a pipe (bulk flows).",
+            sum(&|w| w.spliced_bytes.load(Ordering::Relaxed)),
+        );
+        w.single(
             "gateway_log_lines_suppressed_total",
             Kind::Counter,
             "Repeated warnings left out of the log by its rate limit.",
