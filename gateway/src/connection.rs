@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use monoio::net::TcpStream;
 
@@ -172,7 +172,7 @@ async fn establish(
     if server_name.is_some_and(|name| name.starts_with("stall.fault-injection."))
         && std::env::var_os("GATEWAY_FAULT_INJECTION").is_some()
     {
-        std::thread::sleep(Duration::from_secs(8));
+        std::thread::sleep(std::time::Duration::from_secs(8));
     }
 
     // 2. The route, from this connection's one snapshot.
