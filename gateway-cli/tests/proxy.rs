@@ -719,6 +719,15 @@ fn the_completion_engines_counted_wait_relays_every_byte() {
 
 #[test]
 fn the_completion_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
+    splices_a_bulk_stream_byte_exact_with_half_close("uring");
+}
+
+#[test]
+fn the_readiness_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
+    splices_a_bulk_stream_byte_exact_with_half_close("readiness");
+}
+
+fn splices_a_bulk_stream_byte_exact_with_half_close(engine: &str) {
     let backend = echo_backend();
     let config = format!(
         "[workers]\ncount = 1\n\n{}",
@@ -728,7 +737,7 @@ fn the_completion_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
     // environment it runs in.
     let gateway = Gateway::start_with_env(
         &config,
-        &[("GATEWAY_ENGINE", "uring"), ("GATEWAY_RELAY_MODE", "auto")],
+        &[("GATEWAY_ENGINE", engine), ("GATEWAY_RELAY_MODE", "auto")],
     );
     let hello = testdata(HELLO);
     // 32 MiB each way, then the client's FIN (echo_exchange half-closes and reads to the end).
@@ -748,7 +757,7 @@ fn the_completion_engine_splices_a_bulk_stream_byte_exact_with_half_close() {
     let spliced = gateway.metric("gateway_relay_spliced_bytes_total");
     assert!(
         spliced >= size as f64,
-        "at least half of the {} relayed bytes were spliced, saw {spliced}",
+        "{engine}: at least half of the {} relayed bytes were spliced, saw {spliced}",
         2 * size
     );
     for direction in ["to_upstream", "to_downstream"] {

@@ -55,7 +55,7 @@ pub struct Workers {
     pub pin: bool,
     /// `[workers] busy_poll`: how long a worker spins, watching its ring, before it sleeps in
     /// the kernel (HAProxy's `busy-polling`, but bounded). `None` (the default): it sleeps at
-    /// once. Only the completion engine (`GATEWAY_ENGINE=uring`) spins.
+    /// once. Only the completion engine (the default) spins.
     pub busy_poll: Option<Duration>,
 }
 

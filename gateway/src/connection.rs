@@ -83,7 +83,8 @@ pub fn serve(
                 &upstream,
                 &shared,
                 Direction::ToUpstream,
-                destination
+                destination,
+                &stats.spliced_bytes
             ),
             relay::pump(
                 &worker.scratch,
@@ -91,7 +92,8 @@ pub fn serve(
                 &client,
                 &shared,
                 Direction::ToDownstream,
-                destination
+                destination,
+                &stats.spliced_bytes
             ),
         );
         finish(

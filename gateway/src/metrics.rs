@@ -219,7 +219,7 @@ pub struct WorkerStats {
     pub health_generation: AtomicU64,
     /// Panics caught at a connection boundary (a bug, never a network condition).
     pub connection_panics: AtomicU64,
-    /// Bytes the completion engine relayed by splice(2) through a pipe (bulk flows).
+    /// Bytes relayed by splice(2) through a pipe (bulk flows), by either engine.
     pub spliced_bytes: AtomicU64,
     /// Warnings left out by a rate limit (`logging::Throttle`).
     pub log_lines_suppressed: AtomicU64,

@@ -330,6 +330,7 @@ pub async fn pump(
     shared: &Shared,
     direction: Direction,
     stats: &DestinationStats,
+    spliced: &std::sync::atomic::AtomicU64,
 ) -> End {
     let (source_fd, destination_fd) = (source.as_raw_fd(), destination.as_raw_fd());
     let (counter, total) = match direction {
@@ -356,8 +357,11 @@ pub async fn pump(
                     &pipe,
                     shared,
                     direction,
-                    counter,
-                    total,
+                    Counted {
+                        counter,
+                        total,
+                        spliced,
+                    },
                 ))
                 .await
                 {
@@ -429,6 +433,14 @@ pub async fn pump(
     }
 }
 
+/// Where a splice burst counts what it moved: the destination's byte counter, the
+/// connection's total (for the access log) and the worker's spliced-bytes counter.
+struct Counted<'a> {
+    counter: &'a std::sync::atomic::AtomicU64,
+    total: &'a Cell<u64>,
+    spliced: &'a std::sync::atomic::AtomicU64,
+}
+
 /// Move what the source has through `pipe` to the destination. `Ok` leaves the pipe empty
 /// (it can go back to the pool); `Err` ends the direction.
 async fn splice_burst(
@@ -437,9 +449,13 @@ async fn splice_burst(
     pipe: &sys::Pipe,
     shared: &Shared,
     direction: Direction,
-    counter: &std::sync::atomic::AtomicU64,
-    total: &Cell<u64>,
+    counted: Counted<'_>,
 ) -> Result<(), End> {
+    let Counted {
+        counter,
+        total,
+        spliced,
+    } = counted;
     let destination_fd = destination.as_raw_fd();
     for _ in 0..READS_PER_WAKE {
         let moved_in = match sys::splice(source_fd, pipe.write.as_raw_fd(), SPLICE_CHUNK) {
@@ -476,6 +492,7 @@ async fn splice_burst(
             }
         }
         account(shared, counter, total, moved_in);
+        metrics::add(spliced, moved_in as u64);
         if moved_in < SPLICE_CHUNK {
             // A short splice almost always means the socket is empty.
             return Ok(());

@@ -1,4 +1,5 @@
-//! The completion-driven engine (`GATEWAY_ENGINE=uring`): the worker's thread owns one
+//! The completion-driven engine (the default; `GATEWAY_ENGINE=readiness` selects the
+//! other): the worker's thread owns one
 //! io_uring and drives every connection's sans-IO [`Machine`] from its completions.
 //!
 //! - Accepting is one multishot accept per listening socket.
@@ -44,7 +45,7 @@ use crate::context::{Shared, WorkerCommand, WorkerContext, TICK};
 use crate::machine::{Action, Input, Machine, Note, Output};
 use crate::metrics::{self, AcceptError, ConnectFailure};
 use crate::outcome::{Close, HelloOutcome, Reason, Side};
-use crate::relay_mode::{Mode, SPLICE_CHUNK};
+use crate::relay_mode::{Mode, BULK_READ, SPLICE_CHUNK};
 use crate::ring_setup::RingSetup;
 
 /// Size of one provided buffer. A receive takes a whole buffer whatever it reads, so a bulk
@@ -113,12 +114,21 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// `GATEWAY_ENGINE=uring` selects the completion engine; anything else, or no variable,
-    /// the readiness engine (the default until the completion engine is measured better).
+    /// The completion engine is the default: it costs less CPU per connection and per
+    /// request/response than the readiness engine, and less memory per idle connection, and
+    /// bulk flows are level since it splices (perf/RESULTS.md, "Round 5").
+    /// `GATEWAY_ENGINE=readiness` selects the readiness engine (for comparison, or a kernel
+    /// whose io_uring misbehaves); `uring`, anything else or no variable, the completion
+    /// engine. Where the completion engine's ring cannot be set up, the worker logs it and
+    /// runs the readiness engine anyway (epoll where there is no io_uring at all).
     pub fn current() -> Engine {
-        match std::env::var("GATEWAY_ENGINE").as_deref() {
-            Ok("uring") => Engine::Completion,
-            _ => Engine::Readiness,
+        Engine::from_setting(std::env::var("GATEWAY_ENGINE").ok().as_deref())
+    }
+
+    fn from_setting(setting: Option<&str>) -> Engine {
+        match setting {
+            Some("readiness") => Engine::Readiness,
+            _ => Engine::Completion,
         }
     }
 }
@@ -749,7 +759,7 @@ impl Completion {
         };
         let conn = Box::new(Conn {
             machine: Machine::new(self.worker.snapshot(), now, names)
-                .with_relay_mode(Mode::current(), self.pool.buffer_bytes),
+                .with_relay_mode(Mode::current(), BULK_READ.min(self.pool.buffer_bytes)),
             listener,
             client: Some(stream),
             upstream: None,
@@ -1729,6 +1739,13 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_completion_engine_is_the_default_and_readiness_is_asked_for_by_name() {
+        assert_eq!(Engine::from_setting(None), Engine::Completion);
+        assert_eq!(Engine::from_setting(Some("uring")), Engine::Completion);
+        assert_eq!(Engine::from_setting(Some("readiness")), Engine::Readiness);
+    }
 
     #[test]
     fn the_buffer_size_knob_is_bounded_and_page_aligned() {

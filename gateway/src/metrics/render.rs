@@ -297,7 +297,7 @@ impl Metrics {
         w.single(
             "gateway_relay_spliced_bytes_total",
             Kind::Counter,
-            "Bytes the completion engine relayed by splice(2) through a pipe (bulk flows).",
+            "Bytes relayed by splice(2) through a pipe (bulk flows), both engines.",
             sum(&|w| w.spliced_bytes.load(Ordering::Relaxed)),
         );
         w.single(
