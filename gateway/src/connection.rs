@@ -17,6 +17,7 @@ use crate::access_log::Record;
 use crate::balance::WorkerSnapshot;
 use crate::clienthello::{self, ClientHello, Verdict};
 use crate::context::WorkerContext;
+use crate::machine::Balance;
 use crate::metrics::{self, ConnectFailure, DestinationStats};
 use crate::outcome::{Close, HelloOutcome, Reason, Side};
 use crate::relay::{self, Direction, End};

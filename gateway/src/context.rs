@@ -180,24 +180,6 @@ impl WorkerContext {
         Rc::clone(&current)
     }
 
-    /// See [`Balancer::endpoint_order`].
-    pub fn endpoint_order(
-        &self,
-        snapshot: &WorkerSnapshot,
-        cluster: usize,
-        now: Instant,
-    ) -> EndpointOrder {
-        self.balance.endpoint_order(snapshot, cluster, now)
-    }
-
-    pub fn hold_out(&self, address: SocketAddr, until: Instant) {
-        self.balance.hold_out(address, until);
-    }
-
-    pub fn mark_healthy(&self, address: SocketAddr) {
-        self.balance.mark_healthy(address);
-    }
-
     /// Publish which endpoints this worker holds out, for `gateway_cluster_endpoints` (see
     /// [`Balancer::publish_health`]). Called on the worker's tick.
     pub(crate) fn publish_health(&self, now: Instant) {
@@ -225,7 +207,8 @@ impl WorkerContext {
     }
 }
 
-/// The completion engine's state machines choose endpoints through this worker's balancer.
+/// Both engines choose endpoints through this worker's balancer: the completion engine's
+/// machines and the readiness engine's connections (`connection.rs`) alike.
 impl crate::machine::Balance for WorkerContext {
     fn endpoint_order(
         &self,
