@@ -43,17 +43,31 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// A worker's one copy buffer: every relay read lands here first (and the first ClientHello
 /// read, see `connection`). The relay defines it; the worker owns one and lends it to each
 /// [`pump`] and ClientHello read. It is borrowed only between awaits, never across one.
-pub struct Scratch(RefCell<Box<[u8]>>);
+///
+/// It is allocated on its first use: only the readiness engine reads into it, so a worker
+/// running the completion engine (which receives into its provided-buffer ring) never holds
+/// these 64 KiB.
+pub struct Scratch(RefCell<Vec<u8>>);
 
 impl Scratch {
     pub fn new() -> Scratch {
-        Scratch(RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()))
+        Scratch(RefCell::new(Vec::new()))
     }
 
-    /// The buffer, for one read and the send of what it read (panics if already borrowed,
-    /// which would mean a borrow held across an await: a bug).
-    pub fn borrow_mut(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
-        self.0.borrow_mut()
+    /// The buffer, `SCRATCH_BYTES` long, for one read and the send of what it read (panics if
+    /// already borrowed, which would mean a borrow held across an await: a bug).
+    pub fn borrow_mut(&self) -> std::cell::RefMut<'_, [u8]> {
+        let mut buffer = self.0.borrow_mut();
+        if buffer.is_empty() {
+            buffer.resize(SCRATCH_BYTES, 0);
+        }
+        std::cell::RefMut::map(buffer, |buffer| buffer.as_mut_slice())
+    }
+
+    /// Whether the buffer was ever used (allocated).
+    #[cfg(test)]
+    fn allocated(&self) -> bool {
+        !self.0.borrow().is_empty()
     }
 }
 
@@ -564,4 +578,19 @@ async fn wait_writable(
         return Err(shared.aborted_end());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scratch_buffer_is_allocated_on_its_first_use_only() {
+        let scratch = Scratch::new();
+        assert!(!scratch.allocated(), "a new worker holds no copy buffer");
+        assert_eq!(scratch.borrow_mut().len(), SCRATCH_BYTES);
+        assert!(scratch.allocated());
+        scratch.borrow_mut()[0] = 7;
+        assert_eq!(scratch.borrow_mut()[0], 7, "the same buffer is lent again");
+    }
 }

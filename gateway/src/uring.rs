@@ -40,7 +40,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::access_log::Record;
 use crate::context::{Shared, WorkerCommand, WorkerContext, TICK};
 use crate::machine::{Action, Input, Machine, Note, Output};
 use crate::metrics::{self, AcceptError, ConnectFailure};
@@ -1234,22 +1233,17 @@ impl Completion {
             stats.connection_duration[conn.listener].observe(conn.started.elapsed());
         }
         if let Some(facts) = conn.log.take() {
-            let record = Record {
-                listener: self.worker.listener_name(conn.listener),
-                worker: self.worker.id,
-                client: facts.client,
-                local: facts.local,
-                started: conn.started,
-                started_wall: facts.started_wall,
-                server_name: conn.machine.server_name().map(str::to_owned),
-                route: facts.route,
-                upstream: facts.upstream,
-                upstream_connect: facts.upstream_connect,
-                bytes_received: facts.bytes_received,
-                bytes_sent: facts.bytes_sent,
-                termination: close.termination(),
-                flags: close.flag(),
-            };
+            let mut record =
+                self.worker
+                    .access_record(conn.listener, facts.local, facts.client, conn.started);
+            record.started_wall = facts.started_wall;
+            record.server_name = conn.machine.server_name().map(str::to_owned);
+            record.route = facts.route;
+            record.upstream = facts.upstream;
+            record.upstream_connect = facts.upstream_connect;
+            record.bytes_received = facts.bytes_received;
+            record.bytes_sent = facts.bytes_sent;
+            record.end(close);
             self.worker.log_access(&record);
         }
         self.release_gauges(index);
