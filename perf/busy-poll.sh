@@ -13,6 +13,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+. "$ROOT/perf/lib.sh"
 REPS=${REPS:-3}
 DURATION=${DURATION:-2}
 RATES=${RATES:-500 2000}
@@ -25,7 +26,7 @@ mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
 
-BACKEND_PID="" RUNNING="" SPINNER_PID=""
+RUNNING="" SPINNER_PID=""
 cleanup() {
     [ -n "$SPINNER_PID" ] && kill "$SPINNER_PID" 2>/dev/null
     [ -n "$RUNNING" ] && scripts/peers stop "$RUNNING"
@@ -34,10 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-(exec taskset -c 1 "$BENCH" backend --listen 127.0.0.1:0) > "$OUT/backend.log" 2>&1 &
-BACKEND_PID=$!
-for _ in $(seq 1 100); do grep -q listening "$OUT/backend.log" && break; sleep 0.05; done
-BACKEND=$(sed -n 's/^listening on //p' "$OUT/backend.log" | head -1)
+start_backend "$BENCH" "$OUT/backend.log"
 SNI=$("$BENCH" hello --info "$HELLO" | cut -f1)
 # The proxies listen on a fixed loopback port (their configs need one), as in bench-compare.
 PORT=${PORT:-19511}

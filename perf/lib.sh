@@ -1,8 +1,18 @@
-# Shared by perf/callgrind.sh, perf/flamegraph.sh and scripts/bench-smoke: start a fake-TLS
-# backend and one gateway in front of it, and stop both on exit. Source it; it defines
-# functions and BACKEND_PID/GATEWAY_PID only.
+# Shared by perf/callgrind.sh, perf/flamegraph.sh, perf/busy-poll.sh, perf/uring-profile.sh,
+# perf/overhead-compare.sh and scripts/bench-smoke: start a fake-TLS backend and one gateway in
+# front of it, and stop both on exit. Source it; it defines functions and
+# BACKEND_PID/BACKEND/GATEWAY_PID only.
 
-BACKEND_PID="" GATEWAY_PID=""
+BACKEND_PID="" BACKEND="" GATEWAY_PID=""
+
+# start_backend BENCH LOG: `bench backend` on CPU 1, bound to port 0; sets BACKEND_PID, and
+# BACKEND to the address it reports (empty if it reported none within 5 s).
+start_backend() {
+    (exec taskset -c 1 "$1" backend --listen 127.0.0.1:0) > "$2" 2>&1 &
+    BACKEND_PID=$!
+    for _ in $(seq 1 100); do grep -q "^listening on " "$2" && break; sleep 0.05; done
+    BACKEND=$(sed -n 's/^listening on //p' "$2" | head -1)
+}
 
 # Stop a process: SIGTERM, up to 5 s to exit (the gateway drains), then SIGKILL.
 stop_pid() {

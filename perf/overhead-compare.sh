@@ -16,6 +16,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+. "$ROOT/perf/lib.sh"
 export GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/release/gateway}
 BENCH=${BENCH:-$ROOT/target/release/bench}
 PEERS=${PEERS:-gateway-uring haproxy nginx sniproxy}
@@ -25,19 +26,16 @@ PROXY_PORT=${PROXY_PORT:-19621}
 HELLO=$ROOT/bench/hellos/classic-curl.bin
 D=$(mktemp -d /tmp/overhead-compare.XXXXXX)
 export PEERS_DIR=$D/peers
-BPID="" RUNNING=""
+RUNNING=""
 cleanup() {
     [ -n "$RUNNING" ] && "$ROOT/scripts/peers" stop "$RUNNING" >/dev/null 2>&1
-    [ -n "$BPID" ] && kill "$BPID" 2>/dev/null
+    [ -n "$BACKEND_PID" ] && kill "$BACKEND_PID" 2>/dev/null
     wait 2>/dev/null || true
     if [ -n "${KEEP:-}" ]; then echo "overhead-compare: kept $D" >&2; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
 "$ROOT/scripts/peers" install
-(exec taskset -c 1 "$BENCH" backend --listen 127.0.0.1:0) > "$D/backend.log" 2>&1 &
-BPID=$!
-for _ in $(seq 1 100); do grep -q "listening on" "$D/backend.log" && break; sleep 0.05; done
-BACKEND=$(sed -n 's/^listening on //p' "$D/backend.log" | head -1)
+start_backend "$BENCH" "$D/backend.log"
 [ -n "$BACKEND" ] || { echo "overhead-compare: the backend did not start" >&2; exit 1; }
 SNI=$("$BENCH" hello --info "$HELLO" | cut -f1)
 echo "overhead-compare: $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg), peers: $PEERS"
@@ -59,8 +57,8 @@ for rep in $(seq 1 "$REPS"); do
                 taskset -c 1 "$BENCH" "${args[@]}" --target "127.0.0.1:$PROXY_PORT" --hello "$HELLO" \
                 --duration "$DURATION" --warmup 0 --json > "$data.json" 2>/dev/null
             ops=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['operations'])" "$data.json")
-            # TCP segments per operation (loopback: every segment sent is received once), to
-            # show the peers ask the kernel for the same protocol work.
+            # TCP segments per operation, counted machine-wide (loopback: every segment sent is
+            # received once), to show the peers ask the kernel for the same protocol work.
             segments=$(nstat -z TcpOutSegs | awk -v ops="$ops" '$1 == "TcpOutSegs" { printf "%.2f", $2 / ops }')
             perf script -i "$data.data" -F period,ip,sym 2>/dev/null |
                 "$ROOT/perf/overhead.py" --operations "$ops" \

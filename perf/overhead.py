@@ -2,7 +2,7 @@
 """Splits a proxy's profile into the socket work every proxy has to ask the kernel for and the
 proxy's own overhead, in CPU microseconds per operation (issue 9's floor argument).
 
-    perf script -i rr64.data -F period,sym | perf/overhead.py --operations 34425
+    perf script -i rr64.data -F period,ip,sym | perf/overhead.py --operations 34425
 
 A sample is *socket work* when any frame of its stack is one of the kernel's socket-layer
 entry points below: sending and receiving (`sock_sendmsg`, `sock_recvmsg`), connecting,
@@ -57,7 +57,9 @@ def main():
             close_sample()
             period, socket = None, False
             continue
-        match = header.match(line) if not line.startswith(("\t", " " * 8)) else None
+        # A sample starts with its period; its frames ("<address> <symbol>") are indented by
+        # a tab.
+        match = None if line.startswith("\t") else header.match(line)
         if match:
             close_sample()
             period, socket = int(match.group(1)), False

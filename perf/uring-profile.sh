@@ -10,23 +10,21 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+. "$ROOT/perf/lib.sh"
 GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/release/gateway}
 BENCH=${BENCH:-$ROOT/target/release/bench}
 export GATEWAY_ENGINE=${GATEWAY_ENGINE:-uring}
 HELLO=$ROOT/bench/hellos/classic-curl.bin
 D=$(mktemp -d /tmp/uring-profile.XXXXXX)
-BPID="" GPID=""
+GPID=""
 cleanup() {
     [ -n "$GPID" ] && kill "$GPID" 2>/dev/null && sleep 0.3 && kill "$GPID" 2>/dev/null
-    [ -n "$BPID" ] && kill "$BPID" 2>/dev/null
+    [ -n "$BACKEND_PID" ] && kill "$BACKEND_PID" 2>/dev/null
     wait 2>/dev/null || true
     if [ -n "${KEEP:-}" ]; then echo "uring-profile: kept $D" >&2; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
-(exec taskset -c 1 "$BENCH" backend --listen 127.0.0.1:0) > "$D/backend.log" 2>&1 &
-BPID=$!
-for _ in $(seq 1 100); do grep -q "listening on" "$D/backend.log" && break; sleep 0.05; done
-BACKEND=$(sed -n 's/^listening on //p' "$D/backend.log" | head -1)
+start_backend "$BENCH" "$D/backend.log"
 SNI=$("$BENCH" hello --info "$HELLO" | cut -f1)
 printf '[[listener]]\nname = "p"\naddress = "127.0.0.1:0"\n[workers]\ncount = 1\npin = false\n[[route]]\nsni = "%s"\nendpoints = ["%s"]\n' \
     "$SNI" "$BACKEND" > "$D/gateway.toml"

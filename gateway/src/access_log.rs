@@ -39,14 +39,16 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
-    /// The record of a connection accepted at `started` by worker `worker` on the listener
-    /// named `listener`; the rest is filled in as the connection goes on.
+    /// The record of a connection accepted at `started` (`started_wall` on the wall clock) by
+    /// worker `worker` on the listener named `listener`; the rest is filled in as the
+    /// connection goes on.
     pub fn new(
         listener: &'a str,
         worker: usize,
         client: SocketAddr,
         local: Option<SocketAddr>,
         started: Instant,
+        started_wall: SystemTime,
     ) -> Record<'a> {
         Record {
             listener,
@@ -54,7 +56,7 @@ impl<'a> Record<'a> {
             client,
             local,
             started,
-            started_wall: SystemTime::now(),
+            started_wall,
             server_name: None,
             route: None,
             upstream: None,

@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use monoio::net::TcpStream;
 
@@ -52,7 +52,7 @@ pub fn serve(
         // of every connection otherwise.
         let mut record = worker.access_log_enabled().then(|| {
             let local = client.local_addr().ok();
-            Box::new(worker.access_record(listener_index, local, peer, started))
+            Box::new(worker.access_record(listener_index, local, peer, started, SystemTime::now()))
         });
 
         // Phase 1, boxed: its state (the first flight, the deadline and connect timers) is freed

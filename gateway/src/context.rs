@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::cache::Cache;
 
@@ -130,13 +130,14 @@ impl WorkerContext {
     }
 
     /// The access-log record of a connection this worker accepted on listener
-    /// `listener_index` at `started`.
+    /// `listener_index` at `started` (`started_wall` on the wall clock).
     pub fn access_record(
         &self,
         listener_index: usize,
         local: Option<SocketAddr>,
         peer: SocketAddr,
         started: Instant,
+        started_wall: SystemTime,
     ) -> Record<'_> {
         Record::new(
             self.listener_name(listener_index),
@@ -144,6 +145,7 @@ impl WorkerContext {
             peer,
             local,
             started,
+            started_wall,
         )
     }
 
@@ -158,7 +160,13 @@ impl WorkerContext {
         close: Close,
     ) {
         if self.access_log.is_some() {
-            let mut record = self.access_record(listener_index, local, peer, Instant::now());
+            let mut record = self.access_record(
+                listener_index,
+                local,
+                peer,
+                Instant::now(),
+                SystemTime::now(),
+            );
             record.end(close);
             self.log_access(&record);
         }

@@ -1233,10 +1233,13 @@ impl Completion {
             stats.connection_duration[conn.listener].observe(conn.started.elapsed());
         }
         if let Some(facts) = conn.log.take() {
-            let mut record =
-                self.worker
-                    .access_record(conn.listener, facts.local, facts.client, conn.started);
-            record.started_wall = facts.started_wall;
+            let mut record = self.worker.access_record(
+                conn.listener,
+                facts.local,
+                facts.client,
+                conn.started,
+                facts.started_wall,
+            );
             record.server_name = conn.machine.server_name().map(str::to_owned);
             record.route = facts.route;
             record.upstream = facts.upstream;
